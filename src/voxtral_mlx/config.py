@@ -1,0 +1,202 @@
+"""Model and audio configuration, parsed once from `params.json` and `tekken.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Delays the model was trained for, in decoder tokens: 1..15 tokens and 30 (80..1200 ms, 2400 ms).
+TRAINED_DELAY_TOKENS = tuple(range(1, 16)) + (30,)
+
+
+class ConfigError(ValueError):
+    """A model configuration file is missing a key or holds an inconsistent value."""
+
+
+def _from_dict(cls, d: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = sorted(required - d.keys())
+    if missing:
+        raise ConfigError(f"{where} is missing {', '.join(repr(m) for m in missing)}")
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class AudioEncodingArgs:
+    sampling_rate: int = 16000
+    frame_rate: float = 12.5
+    num_mel_bins: int = 128
+    hop_length: int = 160
+    window_size: int = 400
+    global_log_mel_max: float = 1.5
+
+
+@dataclass
+class EncoderArgs:
+    dim: int
+    n_layers: int
+    head_dim: int
+    hidden_dim: int
+    n_heads: int
+    sliding_window: int
+    n_kv_heads: int | None = None
+    use_biases: bool = True
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-5
+    audio_encoding_args: AudioEncodingArgs = field(default_factory=AudioEncodingArgs)
+
+    def __post_init__(self):
+        if isinstance(self.audio_encoding_args, dict):
+            self.audio_encoding_args = _from_dict(
+                AudioEncodingArgs, self.audio_encoding_args, "params.json audio_encoding_args"
+            )
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+
+
+@dataclass
+class DecoderArgs:
+    dim: int
+    n_layers: int
+    head_dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    sliding_window: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    tied_embeddings: bool = True
+    ada_rms_norm_t_cond: bool = True
+    ada_rms_norm_t_cond_dim: int = 32
+
+
+@dataclass
+class ModelArgs:
+    """The network: decoder keys at the top of `params.json`, the encoder under `multimodal`."""
+
+    decoder: DecoderArgs
+    encoder: EncoderArgs
+    downsample_factor: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "ModelArgs":
+        try:
+            whisper = params["multimodal"]["whisper_model_args"]
+            enc = whisper["encoder_args"]
+            factor = whisper["downsample_args"]["downsample_factor"]
+        except (KeyError, TypeError) as e:
+            raise ConfigError(
+                f"params.json has no multimodal.whisper_model_args section ({e}); "
+                "is this a Voxtral Realtime checkpoint?"
+            ) from None
+        args = cls(
+            decoder=_from_dict(DecoderArgs, params, "params.json"),
+            encoder=_from_dict(EncoderArgs, enc, "params.json encoder_args"),
+            downsample_factor=factor,
+        )
+        if not args.decoder.tied_embeddings:
+            raise ConfigError("params.json: only tied embeddings are supported (tied_embeddings true)")
+        if not args.decoder.ada_rms_norm_t_cond:
+            raise ConfigError("params.json: ada_rms_norm_t_cond must be true for Voxtral Realtime")
+        for name, a in (("decoder", args.decoder), ("encoder", args.encoder)):
+            if a.n_heads % a.n_kv_heads:
+                raise ConfigError(f"params.json: {name} n_heads {a.n_heads} is not a multiple of n_kv_heads {a.n_kv_heads}")
+            if a.head_dim % 2:
+                raise ConfigError(f"params.json: {name} head_dim must be even for RoPE")
+        return args
+
+
+@dataclass
+class AudioArgs:
+    """The streaming contract: the `audio` section of `tekken.json` plus the encoder's front end."""
+
+    sampling_rate: int
+    frame_rate: float
+    num_mel_bins: int
+    hop_length: int
+    window_size: int
+    transcription_delay_ms: int
+    n_left_pad_tokens: int
+    global_log_mel_max: float
+    downsample_factor: int
+    samples_per_token: int = field(init=False)
+    mel_per_token: int = field(init=False)
+    frames_per_token: int = field(init=False)
+    look_ahead: int = field(init=False)
+
+    def __post_init__(self):
+        spt = self.sampling_rate / self.frame_rate
+        if spt != int(spt) or int(spt) % self.hop_length:
+            raise ConfigError(
+                f"audio: {self.sampling_rate} Hz at {self.frame_rate} tokens/s is not a whole "
+                f"number of {self.hop_length}-sample hops"
+            )
+        self.samples_per_token = int(spt)
+        self.mel_per_token = self.samples_per_token // self.hop_length
+        self.frames_per_token = self.downsample_factor
+        # The conv stem halves the mel rate; the adapter then groups `downsample_factor` frames.
+        if self.mel_per_token != 2 * self.downsample_factor:
+            raise ConfigError(
+                f"audio: {self.mel_per_token} mel frames per token do not match the stride-2 conv "
+                f"stem and downsample factor {self.downsample_factor}"
+            )
+        # The last mel frame of a token reaches this many samples past the token's end.
+        self.look_ahead = self.window_size // 2 - self.hop_length
+        if self.look_ahead < 0 or self.window_size // 2 > self.samples_per_token * self.n_left_pad_tokens:
+            raise ConfigError("audio: the STFT window does not fit the left padding")
+        self.delay_tokens(self.transcription_delay_ms)
+
+    @property
+    def token_ms(self) -> float:
+        return 1000.0 / self.frame_rate
+
+    @property
+    def allowed_delays_ms(self) -> list[int]:
+        return [round(n * self.token_ms) for n in TRAINED_DELAY_TOKENS]
+
+    def delay_tokens(self, delay_ms: int | float | None) -> int:
+        """Validated transcription delay in tokens (`None` means the tokenizer's default)."""
+        if delay_ms is None:
+            delay_ms = self.transcription_delay_ms
+        n = delay_ms / self.token_ms
+        if isinstance(delay_ms, bool) or not math.isfinite(n) or n != round(n) or round(n) not in TRAINED_DELAY_TOKENS:
+            allowed = self.allowed_delays_ms
+            raise ValueError(
+                f"delay_ms={delay_ms!r} is not a delay the model was trained for; use one of "
+                f"{allowed[0]}..{allowed[-2]} in steps of {round(self.token_ms)}, or {allowed[-1]}"
+            )
+        return int(round(n))
+
+    @classmethod
+    def from_files(cls, tekken_audio: dict[str, Any], model: ModelArgs) -> "AudioArgs":
+        enc = model.encoder.audio_encoding_args
+        try:
+            cfg = tekken_audio.get("audio_encoding_config", {})
+            args = cls(
+                sampling_rate=tekken_audio["sampling_rate"],
+                frame_rate=tekken_audio["frame_rate"],
+                num_mel_bins=cfg.get("num_mel_bins", enc.num_mel_bins),
+                hop_length=cfg.get("hop_length", enc.hop_length),
+                window_size=cfg.get("window_size", enc.window_size),
+                transcription_delay_ms=tekken_audio["transcription_delay_ms"],
+                n_left_pad_tokens=tekken_audio["streaming_n_left_pad_tokens"],
+                global_log_mel_max=enc.global_log_mel_max,
+                downsample_factor=model.downsample_factor,
+            )
+        except KeyError as e:
+            raise ConfigError(f"tekken.json audio section is missing {e}") from None
+        for key in ("sampling_rate", "frame_rate", "num_mel_bins", "hop_length", "window_size"):
+            if getattr(args, key) != getattr(enc, key):
+                raise ConfigError(
+                    f"tekken.json audio {key}={getattr(args, key)} disagrees with params.json "
+                    f"audio_encoding_args {key}={getattr(enc, key)}"
+                )
+        return args

@@ -1,0 +1,127 @@
+"""The causal audio encoder: conv stem and sliding-window transformer (MODEL.md section 4)."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import RingKVCache
+from .config import AudioArgs, EncoderArgs
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, interleaved RoPE and a ring cache."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
+                 biases: bool):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.rope_theta = rope_theta
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=biases)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=biases)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=biases)
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: RingKVCache) -> mx.array:
+        B, L, _ = x.shape
+        q = self.wq(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.wk(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.wv(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = mx.fast.rope(q, self.head_dim, traditional=True, base=self.rope_theta, scale=1.0, offset=cache.offset)
+        k = mx.fast.rope(k, self.head_dim, traditional=True, base=self.rope_theta, scale=1.0, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.wo(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: `(silu(x W1) * (x W3)) W2`."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, args: EncoderArgs):
+        super().__init__()
+        self.attention = Attention(args.dim, args.n_heads, args.n_kv_heads, args.head_dim,
+                                   args.rope_theta, biases=args.use_biases)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, bias=args.use_biases)
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: RingKVCache) -> mx.array:
+        x = x + self.attention(self.attention_norm(x), mask, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class EncoderTransformer(nn.Module):
+    def __init__(self, args: EncoderArgs):
+        super().__init__()
+        self.layers = [EncoderBlock(args) for _ in range(args.n_layers)]
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+
+    def __call__(self, x: mx.array, caches: list[RingKVCache]) -> mx.array:
+        mask = caches[0].make_mask(x.shape[1])
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, mask, cache)
+        return self.norm(x)
+
+
+class CausalConv(nn.Module):
+    """A conv1d whose left context comes from the carried tail of the previous chunk."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride)
+
+    @property
+    def tail(self) -> int:
+        """Input frames before a chunk that its first output reads (the causal left pad)."""
+        return self.conv.weight.shape[1] - self.conv.stride
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return nn.gelu(self.conv(x))
+
+
+class StemState:
+    """The conv stem's carried inputs; zeros before the first frame, as the causal left pad."""
+
+    def __init__(self, tails: list[mx.array]):
+        self.tails = tails
+
+
+class WhisperEncoder(nn.Module):
+    def __init__(self, args: EncoderArgs, audio: AudioArgs):
+        super().__init__()
+        n_mels = args.audio_encoding_args.num_mel_bins
+        self.conv_layers = [CausalConv(n_mels, args.dim, stride=1),
+                            CausalConv(args.dim, args.dim, stride=audio.mel_per_token // audio.frames_per_token)]
+        self.transformer = EncoderTransformer(args)
+        self.window = args.sliding_window
+
+    def make_stem_state(self, dtype: mx.Dtype) -> StemState:
+        return StemState([mx.zeros((1, c.tail, c.conv.weight.shape[2]), dtype) for c in self.conv_layers])
+
+    def make_cache(self) -> list[RingKVCache]:
+        return [RingKVCache(self.window) for _ in self.transformer.layers]
+
+    def __call__(self, mel: mx.array, stem: StemState, caches: list[RingKVCache]) -> mx.array:
+        """Encoder frames for consecutive mel frames [1, T, n_mels] -> [1, T / stride, dim]."""
+        x = mel
+        for i, conv in enumerate(self.conv_layers):
+            x = mx.concatenate([stem.tails[i], x], axis=1)
+            stem.tails[i] = x[:, x.shape[1] - conv.tail :]
+            x = conv(x)
+        return self.transformer(x, caches)

@@ -1,0 +1,80 @@
+import sys
+import wave
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+from reference import Reference  # noqa: E402
+from tiny_checkpoint import write_checkpoint  # noqa: E402
+
+AUDIO = TESTS.parent.parent / "shared" / "audio"
+if not AUDIO.is_dir():
+    AUDIO = Path("/work/shared/audio")
+
+
+def speech(name: str = "jfk") -> np.ndarray:
+    """A shared public-domain recording as float32 16 kHz mono."""
+    with wave.open(str(AUDIO / f"{name}.wav")) as w:
+        assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+
+
+def synthetic(seconds: float, seed: int = 0) -> np.ndarray:
+    """A chirp, a pause, and noise bursts: a signal whose every token differs."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    chirp = 0.3 * np.sin(2 * np.pi * (200 + 900 * t) * t)
+    bursts = rng.normal(0, 0.2, t.size) * (np.sin(2 * np.pi * 1.3 * t) > 0.4)
+    x = chirp + bursts
+    x[(t > seconds * 0.4) & (t < seconds * 0.5)] = 0
+    return x.astype(np.float32)
+
+
+_CHECKPOINTS: dict = {}
+
+
+def checkpoint(tmp_root: Path, **overrides) -> Path:
+    """A tiny random checkpoint for these overrides, written once per test session.
+
+    The adapter output is scaled up so that tokens follow the audio (at scale 1 the fed-back
+    token dominates and greedy decoding repeats it whatever the audio).
+    """
+    overrides.setdefault("audio_scale", 6.0)
+    key = tuple(sorted(overrides.items()))
+    if key not in _CHECKPOINTS:
+        path = tmp_root / f"ckpt{len(_CHECKPOINTS)}"
+        _CHECKPOINTS[key] = write_checkpoint(path, **overrides)
+    return _CHECKPOINTS[key]
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(ckpt_root) -> Path:
+    return checkpoint(ckpt_root)
+
+
+@pytest.fixture(scope="session")
+def small_windows_dir(ckpt_root) -> Path:
+    """Encoder window of 24 frames and decoder window of 20 positions: both are exceeded."""
+    return checkpoint(ckpt_root, enc_window=24, dec_window=20, seed=1)
+
+
+@lru_cache(maxsize=None)
+def load_model(path: Path, dtype: str = "float32"):
+    import voxtral_mlx
+
+    return voxtral_mlx.load(path, dtype=dtype)
+
+
+@lru_cache(maxsize=None)
+def reference(path: Path) -> Reference:
+    return Reference(path)

@@ -1,0 +1,51 @@
+"""The ring KV cache against attention over the full history with an explicit window."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from voxtral_mlx.cache import RingKVCache
+
+
+def windowed_attention(q, k, v, window):
+    """Numpy float64: query i (at position i of the full sequence) sees keys i-window+1..i."""
+    n = q.shape[2]
+    scores = np.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    pos = np.arange(n)
+    visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    scores = np.where(visible, scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+@pytest.mark.parametrize("chunks", [[1] * 40, [3, 1, 1, 7, 2, 1, 20, 1, 5], [40], [17, 17, 1, 1, 4]])
+def test_chunked_attention_matches_full_history(window, chunks):
+    rng = np.random.default_rng(window)
+    n = sum(chunks)
+    q, k, v = (rng.normal(size=(1, 2, n, 8)) * 2 for _ in range(3))
+    expected = windowed_attention(q, k, v, window)
+    cache = RingKVCache(window, step=4)
+    start, outs = 0, []
+    for c in chunks:
+        sl = slice(start, start + c)
+        mask = cache.make_mask(c)
+        keys, values = cache.update_and_fetch(mx.array(k[:, :, sl], mx.float32), mx.array(v[:, :, sl], mx.float32))
+        out = mx.fast.scaled_dot_product_attention(mx.array(q[:, :, sl], mx.float32), keys, values,
+                                                   scale=1 / math.sqrt(8), mask=mask)
+        outs.append(np.array(out))
+        start += c
+    np.testing.assert_allclose(np.concatenate(outs, axis=2), expected, atol=2e-5)
+    assert cache.offset == n
+    assert cache.keys.shape[2] == min(window, n)
+
+
+def test_ring_never_grows_past_the_window():
+    cache = RingKVCache(6, step=4)
+    for _ in range(50):
+        cache.update_and_fetch(mx.zeros((1, 1, 1, 2)), mx.zeros((1, 1, 1, 2)))
+    assert cache.keys.shape == (1, 1, 6, 2)
+    assert cache.offset == 50
+    assert sorted(np.array(cache.slot_positions()).tolist()) == list(range(44, 50))
