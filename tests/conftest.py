@@ -42,9 +42,11 @@ def checkpoint(tmp_root: Path, **overrides) -> Path:
     """A tiny random checkpoint for these overrides, written once per test session.
 
     The adapter output is scaled up so that tokens follow the audio (at scale 1 the fed-back
-    token dominates and greedy decoding repeats it whatever the audio).
+    token dominates and greedy decoding repeats it whatever the audio), and control tokens
+    the model never emits are scaled down so that the output is text.
     """
     overrides.setdefault("audio_scale", 6.0)
+    overrides.setdefault("control_scale", 0.3)
     key = tuple(sorted(overrides.items()))
     if key not in _CHECKPOINTS:
         path = tmp_root / f"ckpt{len(_CHECKPOINTS)}"

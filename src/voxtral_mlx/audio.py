@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -14,6 +17,7 @@ import numpy as np
 from .config import AudioArgs
 
 SAMPLE_RATE = 16000
+MAX_CHANNELS = 64
 
 
 class AudioError(ValueError):
@@ -51,10 +55,28 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        with _quiet_stderr():
+            data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise _NotSoundfile(str(e)) from None
     return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0], rate
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence libsndfile's decoders, which print notes about corrupt files straight to fd 2."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _read_ffmpeg(path: Path, sample_rate: int, reason: str) -> np.ndarray:
@@ -77,7 +99,8 @@ def prepare_audio(samples, rate: int = SAMPLE_RATE, sample_rate: int = SAMPLE_RA
                   name: str = "audio") -> np.ndarray:
     """Validate samples and return them as float32 mono at `sample_rate`.
 
-    Integer PCM is scaled to [-1, 1); 2-D input is (frames, channels) and is averaged.
+    Integer PCM is scaled to [-1, 1); the channels of 2-D input, (frames, channels) or
+    (channels, frames), are averaged.
     """
     samples = np.asarray(samples)
     if samples.dtype.kind in "iu":
@@ -86,7 +109,12 @@ def prepare_audio(samples, rate: int = SAMPLE_RATE, sample_rate: int = SAMPLE_RA
     elif samples.dtype.kind != "f":
         raise AudioError(f"{name}: expected float or integer PCM samples, got dtype {samples.dtype}")
     if samples.ndim == 2:
-        samples = samples.mean(axis=1)
+        # (frames, channels) as soundfile gives, or (channels, frames) as torchaudio and librosa do.
+        axis = 1 if samples.shape[1] <= MAX_CHANNELS and samples.shape[1] <= samples.shape[0] else 0
+        if samples.shape[axis] > MAX_CHANNELS:
+            raise AudioError(f"{name}: cannot tell channels from frames in an array of shape {samples.shape}; "
+                             "pass mono samples or (frames, channels)")
+        samples = samples.mean(axis=axis)
     elif samples.ndim != 1:
         raise AudioError(f"{name}: expected a 1-D array of mono samples, got shape {samples.shape}")
     if not np.isfinite(samples).all():
@@ -99,6 +127,109 @@ def prepare_audio(samples, rate: int = SAMPLE_RATE, sample_rate: int = SAMPLE_RA
 
         samples = soxr.resample(samples, rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
     return np.ascontiguousarray(samples)
+
+
+_WAV_PCM, _WAV_FLOAT, _WAV_EXTENSIBLE = 1, 3, 0xFFFE
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF)
+
+
+def read_pcm_stream(stream: BinaryIO, sample_rate: int = SAMPLE_RATE,
+                    block_bytes: int = 4096) -> Iterator[np.ndarray]:
+    """Float32 mono chunks at `sample_rate` from a pipe, as soon as bytes arrive.
+
+    A stream that starts with a RIFF/WAVE header is read per its format (PCM 8/16/24/32-bit
+    or float, any rate and channel count; a data size of 0 or 0xFFFFFFFF, as written by
+    ffmpeg into a pipe, means "until the end"); anything else is raw s16le 16 kHz mono.
+    """
+    head = _read_exactly(stream, 12)
+    if len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        kind, width, channels, rate, remaining = _wav_header(stream)
+        pending = b""
+    else:
+        kind, width, channels, rate, remaining = _WAV_PCM, 2, 1, sample_rate, None
+        pending = head
+    frame = width * channels
+    resampler = None
+    if rate != sample_rate:
+        import soxr
+
+        resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
+    while True:
+        want = block_bytes if remaining is None else min(block_bytes, remaining)
+        data = _read_some(stream, want) if want else b""
+        if remaining is not None:
+            remaining -= len(data)
+        pending += data
+        usable = len(pending) - len(pending) % frame
+        if usable:
+            samples = _decode_pcm(pending[:usable], kind, width, channels)
+            pending = pending[usable:]
+            if resampler is not None:
+                samples = resampler.resample_chunk(samples)
+            if samples.size:
+                yield samples
+        if not data:
+            break
+    if resampler is not None:
+        tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        if tail.size:
+            yield tail
+
+
+def _read_some(stream: BinaryIO, n: int) -> bytes:
+    read1 = getattr(stream, "read1", None)
+    return read1(n) if read1 is not None else stream.read(n)
+
+
+def _read_exactly(stream: BinaryIO, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        data = _read_some(stream, n - len(out))
+        if not data:
+            break
+        out += data
+    return out
+
+
+def _wav_header(stream: BinaryIO) -> tuple[int, int, int, int, int | None]:
+    fmt = None
+    while True:
+        chunk = _read_exactly(stream, 8)
+        if len(chunk) < 8:
+            raise AudioError("stdin: WAV stream ends before its data chunk")
+        cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+        if cid == b"data":
+            break
+        body = _read_exactly(stream, size + (size & 1))
+        if cid == b"fmt ":
+            if len(body) < 16:
+                raise AudioError("stdin: WAV fmt chunk is too short")
+            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+            if tag == _WAV_EXTENSIBLE and len(body) >= 26:
+                tag = struct.unpack("<H", body[24:26])[0]
+            fmt = (tag, bits, channels, rate)
+    if fmt is None:
+        raise AudioError("stdin: WAV stream has no fmt chunk before its data")
+    tag, bits, channels, rate = fmt
+    if (tag, bits) not in ((_WAV_PCM, 8), (_WAV_PCM, 16), (_WAV_PCM, 24), (_WAV_PCM, 32),
+                           (_WAV_FLOAT, 32), (_WAV_FLOAT, 64)) or channels < 1 or rate < 1:
+        raise AudioError(f"stdin: unsupported WAV format (tag {tag}, {bits} bits, {channels} channels, {rate} Hz)")
+    return tag, bits // 8, channels, rate, None if size in _UNKNOWN_SIZES else size
+
+
+def _decode_pcm(data: bytes, kind: int, width: int, channels: int) -> np.ndarray:
+    if kind == _WAV_FLOAT:
+        x = np.frombuffer(data, "<f4" if width == 4 else "<f8").astype(np.float32)
+    elif width == 1:
+        x = (np.frombuffer(data, np.uint8).astype(np.float32) - 128) / 128
+    elif width == 3:
+        b = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.int32)
+        x = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 2**23
+    else:
+        x = np.frombuffer(data, "<i2" if width == 2 else "<i4").astype(np.float32) / 2 ** (8 * width - 1)
+    if channels > 1:
+        x = x.reshape(-1, channels).mean(axis=1)
+    return x.astype(np.float32, copy=False)
 
 
 def mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:

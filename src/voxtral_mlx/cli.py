@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
-from .audio import AudioError, load_audio
+from .audio import AudioError, load_audio, read_pcm_stream
 from .config import ConfigError
 from .weights import DEFAULT_MODEL, ModelNotFoundError, WeightsError, load, load_config, resolve_model
 
@@ -55,10 +56,18 @@ class _Printer:
             sys.stdout.write(text)
             sys.stdout.flush()
 
+    def end(self) -> bool:
+        """End the transcript's line; whether it had any text."""
+        if self.started:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        return self.started
+
 
 @app.command()
 def transcribe(
-    files: List[str] = typer.Argument(..., help="Audio files (WAV, FLAC, OGG, MP3; others need ffmpeg)."),
+    files: List[str] = typer.Argument(..., help="Audio files (WAV, FLAC, OGG, MP3; others need ffmpeg), "
+                                                  "or - to stream raw s16le 16 kHz mono or WAV from stdin."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="Model directory or Hugging Face repo id."),
     delay_ms: Optional[int] = typer.Option(None, "--delay-ms", "-d",
@@ -67,50 +76,94 @@ def transcribe(
     dtype: Optional[str] = typer.Option(None, "--dtype",
                                         help="Compute dtype: float32, bfloat16 or float16 "
                                              "[default: float32 on CPU, bfloat16 on GPU]."),
+    interval_ms: Optional[float] = typer.Option(None, "--interval-ms",
+                                                help="With -: run the model once this much audio has "
+                                                     "arrived (higher = more throughput, more latency) "
+                                                     "[default: every 80 ms token]."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and timings on stderr."),
 ):
-    """Transcribe audio files; each transcript is printed as it is decoded."""
-    paths = []
-    failed = 0
+    """Transcribe audio files or a live stream; text is printed as it is decoded."""
+    inputs, failed = [], 0
     for name in files:
-        if not Path(name).exists():
+        if name != "-" and not Path(name).exists():
             _fail(f"{name}: no such file")
             failed += 1
         else:
-            paths.append(name)
-    if not paths:
+            inputs.append(name)
+    if files.count("-") > 1:
+        _fail("stdin (-) can be given only once")
+        raise typer.Exit(2)
+    if not inputs:
         raise typer.Exit(1)
     try:
         start = time.perf_counter()
         path = resolve_model(model)
         _, _, audio_args = load_config(path)
-        audio_args.delay_tokens(delay_ms)
+        try:
+            audio_args.delay_tokens(delay_ms)
+        except ValueError as e:
+            raise ValueError(f"--delay-ms: {e}") from None
         voxtral = load(path, dtype=dtype)
-        _status(verbose, f"loaded {path} ({voxtral.dtype}) in {time.perf_counter() - start:.1f} s")
+        _status(verbose, f"loaded {path} ({str(voxtral.dtype).rsplit('.', 1)[-1]}) in {time.perf_counter() - start:.1f} s")
     except USER_ERRORS as e:
         _fail(str(e))
         raise typer.Exit(1)
-    for name in paths:
+    for name in inputs:
+        printer = _Printer()
+        start = time.perf_counter()
         try:
-            samples = load_audio(name, voxtral.sample_rate)
-            _status(verbose, f"{name}: {samples.size / voxtral.sample_rate:.2f} s of audio")
-            start = time.perf_counter()
-            printer = _Printer()
-            result = voxtral.transcribe(samples, delay_ms=delay_ms, on_text=printer)
+            if name == "-":
+                tokens, seconds = _transcribe_stdin(voxtral, delay_ms, interval_ms, printer)
+            else:
+                samples = load_audio(name, voxtral.sample_rate)
+                _status(verbose, f"{name}: {samples.size / voxtral.sample_rate:.2f} s of audio")
+                result = voxtral.transcribe(samples, delay_ms=delay_ms, on_text=printer)
+                tokens, seconds = len(result.tokens), result.duration
         except AudioError as e:
+            printer.end()
             _fail(str(e))
             failed += 1
             continue
-        if printer.started:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        else:
-            typer.echo(f"voxtral-mlx: no speech recognized in {name}", err=True)
+        if not printer.end():
+            typer.echo(f"voxtral-mlx: no speech recognized in {'stdin' if name == '-' else name}", err=True)
         wall = time.perf_counter() - start
-        _status(verbose, f"{name}: {len(result.tokens)} tokens in {wall:.2f} s "
-                         f"({result.duration / wall:.2f}x real time, delay {result.delay_ms} ms)")
+        _status(verbose, f"{name}: {seconds:.2f} s of audio, {tokens} tokens in {wall:.2f} s "
+                         f"({seconds / wall:.2f}x real time)")
     if failed:
         raise typer.Exit(1)
+
+
+def _transcribe_stdin(voxtral, delay_ms, interval_ms, printer) -> tuple[int, float]:
+    """Stream stdin into a session; Ctrl+C or end of input flushes the rest (a second Ctrl+C aborts)."""
+    session = voxtral.stream(delay_ms=delay_ms, interval_ms=interval_ms, on_text=printer)
+    state = {"reading": False, "stop": False}
+
+    def on_sigint(signum, frame):
+        if state["reading"] or state["stop"]:
+            raise KeyboardInterrupt
+        state["stop"] = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        chunks = read_pcm_stream(sys.stdin.buffer)
+        while not state["stop"]:
+            state["reading"] = True
+            try:
+                chunk = next(chunks, None)
+            except KeyboardInterrupt:
+                state["stop"] = True
+                break
+            finally:
+                state["reading"] = False
+            if chunk is None:
+                break
+            session.feed(chunk)
+        if session.audio_seconds == 0:
+            raise AudioError("stdin: no audio received")
+        session.finish()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return len(session.tokens), session.audio_seconds
 
 
 def main():

@@ -170,7 +170,7 @@ class AudioArgs:
         if isinstance(delay_ms, bool) or not math.isfinite(n) or n != round(n) or round(n) not in TRAINED_DELAY_TOKENS:
             allowed = self.allowed_delays_ms
             raise ValueError(
-                f"delay_ms={delay_ms!r} is not a delay the model was trained for; use one of "
+                f"a delay of {delay_ms!r} ms is not one the model was trained for; use "
                 f"{allowed[0]}..{allowed[-2]} in steps of {round(self.token_ms)}, or {allowed[-1]}"
             )
         return int(round(n))
@@ -178,9 +178,9 @@ class AudioArgs:
     @classmethod
     def from_files(cls, tekken_audio: dict[str, Any], model: ModelArgs) -> "AudioArgs":
         enc = model.encoder.audio_encoding_args
+        cfg = tekken_audio.get("audio_encoding_config", {})
         try:
-            cfg = tekken_audio.get("audio_encoding_config", {})
-            args = cls(
+            values = dict(
                 sampling_rate=tekken_audio["sampling_rate"],
                 frame_rate=tekken_audio["frame_rate"],
                 num_mel_bins=cfg.get("num_mel_bins", enc.num_mel_bins),
@@ -188,15 +188,19 @@ class AudioArgs:
                 window_size=cfg.get("window_size", enc.window_size),
                 transcription_delay_ms=tekken_audio["transcription_delay_ms"],
                 n_left_pad_tokens=tekken_audio["streaming_n_left_pad_tokens"],
-                global_log_mel_max=enc.global_log_mel_max,
-                downsample_factor=model.downsample_factor,
             )
         except KeyError as e:
             raise ConfigError(f"tekken.json audio section is missing {e}") from None
         for key in ("sampling_rate", "frame_rate", "num_mel_bins", "hop_length", "window_size"):
-            if getattr(args, key) != getattr(enc, key):
+            if values[key] != getattr(enc, key):
                 raise ConfigError(
-                    f"tekken.json audio {key}={getattr(args, key)} disagrees with params.json "
+                    f"tekken.json audio {key}={values[key]} disagrees with params.json "
                     f"audio_encoding_args {key}={getattr(enc, key)}"
                 )
-        return args
+        try:
+            return cls(**values, global_log_mel_max=enc.global_log_mel_max,
+                       downsample_factor=model.downsample_factor)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(f"tekken.json audio transcription_delay_ms: {e}") from None

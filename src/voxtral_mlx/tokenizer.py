@@ -92,6 +92,8 @@ class Tekken:
         )
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([AddedToken(name, special=True) for name in sorted(specials, key=specials.get)])
+        # "<s>" typed in text is text: control ids come only from the engine.
+        tok.encode_special_tokens = True
         return tok
 
     def encode(self, text: str) -> list[int]:

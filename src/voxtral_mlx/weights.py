@@ -76,7 +76,8 @@ def _download(repo: str) -> Path:
     missing = [f for f in MODEL_FILES if not (path / f).is_file()]
     if missing:
         raise ModelNotFoundError(
-            f"{repo} has no {', '.join(missing)}: it is not a Voxtral Realtime checkpoint in the official layout"
+            f"{repo} has no {', '.join(missing)}: its download is incomplete, or it is not a Voxtral Realtime "
+            f"checkpoint in the official layout; {_get_instructions(repo)}"
         )
     return path
 

@@ -1,0 +1,190 @@
+"""The installed `voxtral-mlx` console script, run as a user would run it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import AUDIO, checkpoint, load_model
+
+import voxtral_mlx
+
+SCRIPT = Path(sys.executable).parent / "voxtral-mlx"
+JFK = AUDIO / "jfk.wav"
+NIGHT = AUDIO / "night1968_5s.wav"
+ERROR = "voxtral-mlx: error: "
+
+
+def run(*args, timeout=60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="100", NO_COLOR="1")
+    proc = subprocess.run([str(SCRIPT), *map(str, args)], stdin=subprocess.DEVNULL, capture_output=True,
+                          env=env, timeout=timeout)
+    proc.out, proc.err = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+    return proc
+
+
+def one_error_line(proc, message_start: str):
+    assert proc.err.startswith(ERROR + message_start), proc.err
+    assert proc.err.endswith("\n") and proc.err.count("\n") == 1, proc.err
+    assert "Traceback" not in proc.err
+
+
+@pytest.fixture(scope="module")
+def model_dir(ckpt_root):
+    # Smaller embeddings give varied text with a leading space for this audio.
+    return checkpoint(ckpt_root, embed_std=0.5)
+
+
+def library_text(path, audio, delay_ms=None) -> str:
+    return load_model(path).transcribe(audio, delay_ms=delay_ms).text
+
+
+def test_the_console_script_is_installed():
+    assert SCRIPT.is_file() and os.access(SCRIPT, os.X_OK)
+
+
+def test_transcribe_prints_the_library_text(model_dir):
+    text = library_text(model_dir, JFK)
+    assert text.startswith(" ") and len(set(text.strip())) > 3  # the comparison can fail
+    proc = run("transcribe", JFK, "--model", model_dir)
+    assert (proc.returncode, proc.out, proc.err) == (0, text.strip() + "\n", "")
+
+
+def test_delay_option(model_dir):
+    text = library_text(model_dir, JFK, delay_ms=960)
+    assert text.strip() != library_text(model_dir, JFK).strip()
+    proc = run("transcribe", JFK, "--model", model_dir, "--delay-ms", "960")
+    assert (proc.returncode, proc.out, proc.err) == (0, text.strip() + "\n", "")
+    short = run("transcribe", JFK, "-m", model_dir, "-d", "960")
+    assert (short.returncode, short.out) == (0, proc.out)
+
+
+def test_dtype_option(model_dir):
+    proc = run("transcribe", JFK, "--model", model_dir, "--dtype", "float32")
+    assert (proc.returncode, proc.out, proc.err) == (0, library_text(model_dir, JFK).strip() + "\n", "")
+
+
+def test_verbose_status_goes_to_stderr_only(model_dir):
+    proc = run("transcribe", JFK, "--model", model_dir, "--verbose")
+    assert (proc.returncode, proc.out) == (0, library_text(model_dir, JFK).strip() + "\n")
+    lines = proc.err.splitlines()
+    assert len(lines) >= 2 and proc.err.endswith("\n")
+    assert lines[0].startswith(f"loaded {model_dir} ")
+    assert any(str(JFK) in line and "11.00 s" in line for line in lines), proc.err
+    assert "Traceback" not in proc.err and ERROR not in proc.err
+
+
+def test_no_text_is_reported_on_stderr(ckpt_root):
+    # Unscaled, the tiny model's fed-back pad dominates: it emits only [STREAMING_PAD] here.
+    silent = checkpoint(ckpt_root, audio_scale=1.0, control_scale=1.0)
+    assert library_text(silent, NIGHT) == ""
+    proc = run("transcribe", NIGHT, "--model", silent)
+    assert (proc.returncode, proc.out, proc.err) == (0, "", f"voxtral-mlx: no speech recognized in {NIGHT}\n")
+
+
+def test_missing_audio_file(tmp_path, model_dir):
+    proc = run("transcribe", tmp_path / "nope.wav", "--model", model_dir)
+    assert (proc.returncode, proc.out, proc.err) == (1, "", f"{ERROR}{tmp_path / 'nope.wav'}: no such file\n")
+
+
+def test_unreadable_audio_file(tmp_path, model_dir):
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio\n")
+    proc = run("transcribe", bad, "--model", model_dir)
+    assert (proc.returncode, proc.out) == (1, "")
+    one_error_line(proc, f"{bad}: ")
+
+
+def test_empty_audio_file(tmp_path, model_dir):
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.int16), 16000)
+    proc = run("transcribe", tmp_path / "empty.wav", "--model", model_dir)
+    assert (proc.returncode, proc.out, proc.err) == (1, "", f"{ERROR}{tmp_path / 'empty.wav'}: contains no audio samples\n")
+
+
+def test_bad_model_directory(tmp_path):
+    proc = run("transcribe", JFK, "--model", tmp_path)
+    assert (proc.returncode, proc.out) == (1, "")
+    one_error_line(proc, f"{tmp_path} is not a Voxtral Realtime model directory: ")
+    assert "hf download" in proc.err
+
+
+def test_model_that_does_not_exist(tmp_path):
+    proc = run("transcribe", JFK, "--model", tmp_path / "nope")
+    assert (proc.returncode, proc.out) == (1, "")
+    one_error_line(proc, f"{tmp_path / 'nope'}: no such model directory")
+
+
+def test_unknown_repo_id_offline():
+    proc = run("transcribe", JFK, "--model", "owner/no-such-model")
+    assert (proc.returncode, proc.out) == (1, "")
+    one_error_line(proc, "owner/no-such-model is not in the local Hugging Face cache")
+    assert "`hf download owner/no-such-model " in proc.err
+
+
+@pytest.mark.parametrize("delay", ["100", "0", "2480"])
+def test_bad_delay(model_dir, delay):
+    proc = run("transcribe", JFK, "--model", model_dir, "--delay-ms", delay)
+    assert (proc.returncode, proc.out) == (1, "")
+    one_error_line(proc, f"--delay-ms: a delay of {delay} ms is not one the model was trained for; "
+                         "use 80..1200 in steps of 80, or 2400")
+
+
+def test_bad_dtype(model_dir):
+    proc = run("transcribe", JFK, "--model", model_dir, "--dtype", "int8")
+    assert (proc.returncode, proc.out, proc.err) == (
+        1, "", f"{ERROR}dtype 'int8' is not supported; use float32, bfloat16 or float16\n")
+
+
+def test_several_files_with_bad_ones(tmp_path, model_dir):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"\x00" * 100)
+    missing = tmp_path / "missing.wav"
+    proc = run("transcribe", JFK, bad, missing, NIGHT, "--model", model_dir)
+    assert proc.returncode == 1
+    assert proc.out == library_text(model_dir, JFK).strip() + "\n" + library_text(model_dir, NIGHT).strip() + "\n"
+    errors = proc.err.splitlines()
+    assert len(errors) == 2 and "Traceback" not in proc.err
+    assert f"{ERROR}{missing}: no such file" in errors
+    assert any(e.startswith(f"{ERROR}{bad}: ") for e in errors)
+
+
+def test_corrupt_mp3_gives_one_error_line(tmp_path, model_dir):
+    bad = tmp_path / "bad.mp3"
+    bad.write_bytes(b"\x00" * 100)
+    proc = run("transcribe", bad, "--model", model_dir)
+    assert (proc.returncode, proc.out) == (1, "")
+    one_error_line(proc, f"{bad}: ")
+
+
+def test_only_missing_files(tmp_path, model_dir):
+    proc = run("transcribe", tmp_path / "a.wav", tmp_path / "b.wav", "--model", model_dir)
+    assert (proc.returncode, proc.out) == (1, "")
+    assert proc.err == f"{ERROR}{tmp_path / 'a.wav'}: no such file\n{ERROR}{tmp_path / 'b.wav'}: no such file\n"
+
+
+def test_version():
+    proc = run("--version")
+    assert (proc.returncode, proc.out, proc.err) == (0, f"voxtral-mlx {voxtral_mlx.__version__}\n", "")
+
+
+def test_help():
+    proc = run("--help")
+    assert proc.returncode == 0 and proc.err == ""
+    assert "Usage: voxtral-mlx" in proc.out and "transcribe" in proc.out and "--version" in proc.out
+    sub = run("transcribe", "--help")
+    assert sub.returncode == 0 and sub.err == ""
+    for option in ("--model", "--delay-ms", "--dtype", "--verbose"):
+        assert option in sub.out, option
+
+
+def test_usage_errors_exit_2(model_dir):
+    proc = run("transcribe", JFK, "--model", model_dir, "--delay-ms", "abc")
+    assert proc.returncode == 2 and proc.out == ""
+    assert "--delay-ms" in proc.err and "Traceback" not in proc.err
+    assert run("transcribe").returncode == 2
+    assert run("no-such-command").returncode == 2

@@ -1,0 +1,154 @@
+"""Streaming: any chunking gives exactly the offline tokens (MODEL.md section 8)."""
+
+import numpy as np
+import pytest
+
+from conftest import load_model, reference, speech, synthetic
+
+import voxtral_mlx
+
+
+def stream_tokens(model, audio, sizes, delay_ms=None, **kw):
+    session = model.stream(delay_ms=delay_ms, **kw)
+    text, start, i = "", 0, 0
+    while start < audio.size:
+        n = sizes[i % len(sizes)]
+        text += session.feed(audio[start : start + n])
+        start += n
+        i += 1
+    text += session.finish()
+    return session.tokens, text
+
+
+def random_sizes(seed, high=5000):
+    return list(np.random.default_rng(seed).integers(1, high, 200))
+
+
+@pytest.mark.parametrize("sizes", [[7], [159], [160], [161], [399], [1280], [1281], [4000], [10**9],
+                                   random_sizes(0), random_sizes(1, 300)],
+                         ids=lambda s: f"random{len(set(s))}" if len(s) > 1 else str(s[0]))
+@pytest.mark.parametrize("delay_ms", [80, 480, 2400])
+def test_any_chunking_equals_offline_with_both_rings_wrapping(small_windows_dir, sizes, delay_ms):
+    model = load_model(small_windows_dir)
+    audio = speech("night1968_5s")
+    offline = model.transcribe(audio, delay_ms=delay_ms)
+    tokens, text = stream_tokens(model, audio, sizes, delay_ms)
+    assert tokens == offline.tokens
+    assert text == offline.text
+    assert min(reference(small_windows_dir).transcribe(audio, delay_ms)[1]) > 1e-3
+
+
+def test_one_sample_at_a_time(small_windows_dir):
+    model = load_model(small_windows_dir)
+    audio = synthetic(1.5)
+    expected, margins = reference(small_windows_dir).transcribe(audio, 480)
+    tokens, _ = stream_tokens(model, audio, [1])
+    assert tokens == expected and min(margins) > 1e-3
+
+
+def test_real_speech_at_full_windows_in_random_chunks(tiny_dir):
+    model = load_model(tiny_dir)
+    audio = speech("jfk")
+    tokens, text = stream_tokens(model, audio, random_sizes(7))
+    offline = model.transcribe(audio)
+    assert tokens == offline.tokens and text == offline.text
+
+
+def test_tokens_come_out_as_soon_as_their_audio_is_in(small_windows_dir):
+    model = load_model(small_windows_dir)
+    audio = speech("jfk")
+    session = model.stream()
+    pieces = []
+    for k, start in enumerate(range(0, audio.size, 1280), start=1):
+        pieces.append(session.feed(audio[start : start + 1280]))
+        if start + 1280 <= audio.size:
+            # Token t needs its 1280 samples plus 40 of look-ahead, and comes n_delay tokens late.
+            assert len(session.tokens) == max(0, k - 1 - session.n_delay)
+    pieces.append(session.finish())
+    assert len(session.tokens) == -(-audio.size // 1280) + 11
+    assert "".join(pieces) == model.transcribe(audio).text
+    assert sum(p != "" for p in pieces[:-1]) > 10
+
+
+def test_flush_continues_on_the_same_timeline(small_windows_dir):
+    model = load_model(small_windows_dir)
+    a1, a2 = speech("night1968_5s")[:50000], synthetic(2.0, seed=5)
+    session = model.stream()
+    text1 = session.feed(a1) + session.flush()
+    after_flush = list(session.tokens)
+    text2 = session.feed(a2) + session.finish()
+    pad = np.zeros(-a1.size % 1280 + (session.n_delay + 11) * 1280, np.float32)
+    offline = model.transcribe(np.concatenate([a1, pad, a2]))
+    assert session.tokens == offline.tokens
+    assert text1 + text2 == offline.text
+    # Everything up to the padding's last token is out after flush().
+    assert after_flush == offline.tokens[: -(-a1.size // 1280) + 10]
+    assert text1 == model.tokenizer.decode(after_flush)
+
+
+def test_flush_then_finish_equals_finish(small_windows_dir):
+    model = load_model(small_windows_dir)
+    audio = speech("night1968_5s")
+    session = model.stream()
+    session.feed(audio)
+    session.flush()
+    assert session.flush() == ""  # nothing new to flush
+    session.finish()
+    assert session.tokens == model.transcribe(audio).tokens
+
+
+def test_session_lifecycle(tiny_dir):
+    model = load_model(tiny_dir)
+    with model.stream() as session:
+        session.feed(np.zeros(100, np.float32))
+    assert session.finished and len(session.tokens) == 12
+    with pytest.raises(voxtral_mlx.SessionClosed, match="start a new one"):
+        session.feed(np.zeros(10, np.float32))
+    empty = model.stream()
+    assert empty.finish() == "" and empty.tokens == []
+    with pytest.raises(voxtral_mlx.AudioError, match="1-D"):
+        model.stream().feed(np.zeros((2, 2, 2), np.float32))
+
+
+def test_interval_batches_work_without_changing_tokens(small_windows_dir):
+    model = load_model(small_windows_dir)
+    audio = speech("night1968_5s")
+    session = model.stream(interval_ms=800)
+    counts = []
+    for i in range(0, audio.size, 1280):
+        session.feed(audio[i : i + 1280])
+        counts.append(len(session.tokens))
+    session.finish()
+    assert session.tokens == model.transcribe(audio).tokens
+    # The model runs only once ten tokens of audio are ready: tokens arrive in batches of 10.
+    steps = [b - a for a, b in zip(counts, counts[1:]) if b != a]
+    assert steps and all(s >= 10 for s in steps[1:])
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 1e6
+
+
+def test_thirty_minutes_in_bounded_memory_equal_offline(small_windows_dir):
+    model = load_model(small_windows_dir)
+    minute = 60 * 16000
+    base = synthetic(7.3, seed=2)
+    audio = np.concatenate([np.roll(base, i * 977)[:4000] for i in range(30 * minute // 4000)])
+    session = model.stream()
+    rss = []
+    for start in range(0, audio.size, 4000):
+        session.feed(audio[start : start + 4000])
+        if (start + 4000) % minute == 0:
+            rss.append(rss_mb())
+    session.finish()
+    assert len(rss) == 30
+    # Bound: after the first minute, resident memory grows by less than 16 MB over 29 minutes
+    # (the token list alone is about 0.2 MB); the rings hold exactly their windows.
+    assert max(rss[1:]) - rss[0] < 16, rss
+    assert all(c.keys.shape[2] == 24 for c in session.caches.encoder)
+    assert all(c.keys.shape[2] == 20 for c in session.caches.decoder)
+    assert session._buf.size < 2 * 1280
+    offline = model.transcribe(audio)
+    assert len(session.tokens) == 30 * minute // 1280 + 11
+    assert session.tokens == offline.tokens
