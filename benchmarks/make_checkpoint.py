@@ -6,7 +6,7 @@ fixture (`tests/tiny_checkpoint.py`) builds on it; run as a script it writes a r
 checkpoint of any size, up to the real 4B geometry, for benchmarks:
 
     python benchmarks/make_checkpoint.py /work/models/full --preset full
-    python benchmarks/make_checkpoint.py /tmp/small --preset full --layers-decoder 2 --layers-encoder 2
+    python benchmarks/make_checkpoint.py /tmp/small --layers-decoder 2 --layers-encoder 2
 
 The safetensors file is streamed to disk one block at a time, so writing the 8.9 GB
 checkpoint needs well under 1 GB of memory. Only numpy is needed (numpy has no bfloat16,
@@ -282,11 +282,14 @@ def tensor_specs(cfg: CheckpointConfig) -> list[tuple[str, tuple[int, ...], str]
 
 
 def init_std(shape: tuple[int, ...], kind: str, qk_scale: float = 1.0) -> float:
-    """Standard deviation of a random weight of this kind (norms: of `weight - 1`)."""
+    """Standard deviation of a random weight of this kind (norms: of `weight - 1`).
+
+    The embedding is scaled like the output head it is tied to (1/sqrt(dim)): much larger
+    and the fed-back token dominates the logits, so greedy decoding repeats the prompt's
+    [STREAMING_PAD] forever and no text is ever produced.
+    """
     if kind in ("bias", "norm"):
         return 0.1
-    if kind == "embed":
-        return 1.0
     if kind == "conv":
         return 1.0 / math.sqrt(max(1, math.prod(shape[1:])))
     std = 1.0 / math.sqrt(shape[-1])
