@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 import voxtral_mlx
+from voxtral_mlx.weights import blas_backend
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 
@@ -39,23 +40,7 @@ def machine() -> dict:
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
             "ram_gb": round(mem_gb, 1) if mem_gb else None, "mlx": mx.__version__,
-            "device": str(mx.default_device()), "blas": blas()}
-
-
-def blas() -> str:
-    """The BLAS serving MLX's matmuls: a preloaded OpenBLAS/MKL, else the wheel's reference BLAS."""
-    if sys.platform == "darwin":
-        return "accelerate"
-    try:
-        libs = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if ".so" in line}
-    except OSError:
-        return "unknown"
-    preload = os.environ.get("LD_PRELOAD", "")
-    for lib in libs:
-        if lib in preload and any(n in lib for n in ("openblas", "mkl", "blis")):
-            return f"preloaded {Path(lib).parent.name}/{Path(lib).name}"
-    # numpy's own scipy_openblas does not serve MLX.
-    return "reference BLAS (mlx-cpu wheel)"
+            "device": str(mx.default_device()), "blas": blas_backend()}
 
 
 def peak_rss_mb() -> float:

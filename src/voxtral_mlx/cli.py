@@ -8,16 +8,21 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import mlx.core as mx
 import typer
 
 from . import __version__
 from .audio import AudioError, load_audio, read_pcm_stream
 from .config import ConfigError
-from .weights import DEFAULT_MODEL, ModelNotFoundError, WeightsError, load, load_config, resolve_model
+from .weights import (DEFAULT_MODEL, ModelNotFoundError, WeightsError, blas_backend, load, load_config,
+                      resolve_model)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Voxtral Realtime speech-to-text with MLX.")
 
+OPENBLAS_HINT = ("; on Linux, preloading OpenBLAS makes them several times faster: "
+                 "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 (Debian/Ubuntu package "
+                 "libopenblas0-pthread)")
 USER_ERRORS = (AudioError, ConfigError, ModelNotFoundError, WeightsError, ValueError, OSError)
 
 
@@ -104,7 +109,10 @@ def transcribe(
         except ValueError as e:
             raise ValueError(f"--delay-ms: {e}") from None
         voxtral = load(path, dtype=dtype)
-        _status(verbose, f"loaded {path} ({str(voxtral.dtype).rsplit('.', 1)[-1]}) in {time.perf_counter() - start:.1f} s")
+        _status(verbose, f"loaded {path} ({str(voxtral.dtype).rsplit('.', 1)[-1]}) in "
+                         f"{time.perf_counter() - start:.1f} s on the {'GPU' if mx.default_device() == mx.gpu else 'CPU'}")
+        if mx.default_device() == mx.cpu:
+            _status(verbose, f"CPU matmuls: {blas_backend()}" + (OPENBLAS_HINT if "reference" in blas_backend() else ""))
     except USER_ERRORS as e:
         _fail(str(e))
         raise typer.Exit(1)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -85,6 +87,22 @@ def _download(repo: str) -> Path:
 def default_dtype() -> mx.Dtype:
     """float32 on the CPU (half-precision matmuls are slow loops there), bfloat16 on a GPU."""
     return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def blas_backend() -> str:
+    """What serves MLX's CPU matmuls: a preloaded OpenBLAS/MKL/BLIS, or the mlx-cpu wheel's reference BLAS."""
+    if sys.platform == "darwin":
+        return "Accelerate"
+    preload = os.environ.get("LD_PRELOAD", "")
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if ".so" in line}
+    except OSError:
+        return "unknown"
+    for lib in sorted(libs):
+        if lib in preload and any(name in lib for name in ("openblas", "mkl", "blis")):
+            return f"{Path(lib).parent.name}/{Path(lib).name} (preloaded)"
+    return "reference BLAS of the mlx-cpu wheel"
 
 
 def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
