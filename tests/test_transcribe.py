@@ -72,6 +72,11 @@ def test_eos_is_fed_back_and_decoding_continues(ckpt_root):
     result = model.transcribe(audio)
     assert expected.count(eos) >= 2 and expected.index(eos) < len(expected) - 5
     assert_same_tokens(result.tokens, expected, margins)
+    session = model.stream()
+    for start in range(0, audio.size, 999):  # and inside a stream
+        session.feed(audio[start : start + 999])
+    session.finish()
+    assert session.tokens == expected
 
 
 def test_delay_option_is_validated(tiny_dir):
