@@ -70,6 +70,13 @@ def small_windows_dir(ckpt_root) -> Path:
     return checkpoint(ckpt_root, enc_window=24, dec_window=20, seed=1)
 
 
+@pytest.fixture(scope="session")
+def timed_dir(ckpt_root) -> Path:
+    """Emits pad runs, word markers and text: [STREAMING_PAD] and [STREAMING_WORD] take the
+    embedding rows of " " and "l", two frequent tokens of the plain model on this audio."""
+    return checkpoint(ckpt_root, embed_std=0.5, swap_rows=((32, 1032), (33, 1108)))
+
+
 @lru_cache(maxsize=None)
 def load_model(path: Path, dtype: str = "float32"):
     import voxtral_mlx

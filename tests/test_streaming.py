@@ -144,7 +144,7 @@ def test_thirty_minutes_in_bounded_memory_equal_offline(small_windows_dir):
     session.finish()
     assert len(rss) == 30
     # Bound: after the first minute, resident memory grows by less than 16 MB over 29 minutes
-    # (the token list alone is about 0.2 MB); the rings hold exactly their windows.
+    # (the tokens, their records and the words take about 5 MB); the rings hold exactly their windows.
     assert max(rss[1:]) - rss[0] < 16, rss
     assert all(c.keys.shape[2] == 24 for c in session.caches.encoder)
     assert all(c.keys.shape[2] == 20 for c in session.caches.decoder)

@@ -83,7 +83,7 @@ def write_checkpoint(path, *, seed=0, enc_dim=64, enc_layers=2, enc_heads=4, enc
                      n_kv_heads=2, head_dim=16, hidden_dim=128, dec_window=8192, cond_dim=8,
                      delay_ms=480, qk_scale=4.0, num_mel_bins=128, downsample_factor=4,
                      extra_tensors=None, drop_tensors=(), reshape_tensors=None,
-                     embed_std=1.0, audio_scale=1.0, control_scale=1.0) -> pathlib.Path:
+                     embed_std=1.0, audio_scale=1.0, control_scale=1.0, swap_rows=()) -> pathlib.Path:
     """Write a tiny random checkpoint (params.json, tekken.json, consolidated.safetensors).
 
     Args:
@@ -100,6 +100,10 @@ def write_checkpoint(path, *, seed=0, enc_dim=64, enc_layers=2, enc_heads=4, enc
         control_scale: multiplies the embedding rows of the control tokens the model never
             emits (all ids below 1000 except EOS, [STREAMING_PAD] and [STREAMING_WORD]), so
             that greedy decoding picks text, pads and word markers as the real model does.
+        swap_rows: pairs of token ids whose embedding rows are exchanged. Swapping a control
+            id with a frequent text id makes the model emit the control token where it would
+            emit that text (through the tied output head): with [STREAMING_PAD] and
+            [STREAMING_WORD] this gives a mix of pad runs, word markers and text.
 
     Returns:
         The directory as a `pathlib.Path`.
@@ -125,6 +129,8 @@ def write_checkpoint(path, *, seed=0, enc_dim=64, enc_layers=2, enc_heads=4, enc
             w = w * embed_std
             emitted = [2, 32, 33]  # EOS, [STREAMING_PAD], [STREAMING_WORD]
             w[[i for i in range(N_SPECIAL) if i not in emitted]] *= control_scale
+            for a, b in swap_rows:
+                w[[a, b]] = w[[b, a]]
         if name == P + "audio_language_projection.2.weight":
             w = w * audio_scale
         if name not in drop:

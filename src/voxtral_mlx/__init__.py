@@ -7,13 +7,18 @@
 
 from .audio import AudioError, load_audio
 from .config import ConfigError
+from .convert import Conversion, convert
+from .mic import MicError, mic
 from .streaming import SessionClosed, StreamingSession
-from .transcribe import Transcription, Voxtral
+from .timestamps import Alternative, Segment, Timeline, TokenRecord, Word
+from .transcribe import FORMATS, Transcription, Voxtral, write_outputs
 from .weights import DEFAULT_MODEL, ModelNotFoundError, WeightsError, load
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AudioError", "ConfigError", "DEFAULT_MODEL", "ModelNotFoundError", "SessionClosed",
-    "StreamingSession", "Transcription", "Voxtral", "WeightsError", "load", "load_audio",
+    "Alternative", "AudioError", "ConfigError", "DEFAULT_MODEL", "FORMATS", "ModelNotFoundError",
+    "Segment", "SessionClosed", "StreamingSession", "Timeline", "TokenRecord", "Transcription", "Voxtral",
+    "WeightsError", "Word", "load", "load_audio", "write_outputs",
+    "MicError", "mic", "Conversion", "convert",
 ]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 import time
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,6 +17,8 @@ import typer
 from . import __version__
 from .audio import AudioError, load_audio, read_pcm_stream
 from .config import ConfigError
+from .timestamps import DEFAULT_PAUSE_MS
+from .transcribe import FORMATS, Transcription, write_outputs
 from .weights import (DEFAULT_MODEL, ModelNotFoundError, WeightsError, blas_backend, load, load_config,
                       resolve_model)
 
@@ -48,25 +53,55 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 class _Printer:
-    """Writes text to stdout as it arrives, without the transcript's leading space."""
+    """Writes text to stdout as it arrives, without the transcript's leading space; with `hold`,
+    keeps it until `end` and hands it over whole (progress bars share the terminal)."""
 
-    def __init__(self):
+    def __init__(self, hold=None):
         self.started = False
+        self.hold = hold
+        self.parts: list[str] = []
 
     def __call__(self, text: str):
         if not self.started:
             text = text.lstrip()
             self.started = bool(text)
-        if text:
+        if not text:
+            return
+        if self.hold is not None:
+            self.parts.append(text)
+        else:
             sys.stdout.write(text)
             sys.stdout.flush()
 
     def end(self) -> bool:
         """End the transcript's line; whether it had any text."""
         if self.started:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+            if self.hold is not None:
+                self.hold("".join(self.parts))
+            else:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
         return self.started
+
+
+def _check_model(model: str, delay_ms: int | None) -> Path:
+    """The model directory, after the cheap checks (config files, delay) that precede the weights."""
+    path = resolve_model(model)
+    _, _, audio_args = load_config(path)
+    try:
+        audio_args.delay_tokens(delay_ms)
+    except ValueError as e:
+        raise ValueError(f"--delay-ms: {e}") from None
+    return path
+
+
+class OutputFormat(str, Enum):
+    txt = "txt"
+    json = "json"
+    srt = "srt"
+    vtt = "vtt"
+    tsv = "tsv"
+    all = "all"
 
 
 @app.command()
@@ -77,17 +112,35 @@ def transcribe(
                               help="Model directory or Hugging Face repo id."),
     delay_ms: Optional[int] = typer.Option(None, "--delay-ms", "-d",
                                            help="Transcription delay: 80..1200 in steps of 80, or 2400 "
-                                                "[default: from the model, 480]."),
+                                                "(default: from the model, 480)."),
     dtype: Optional[str] = typer.Option(None, "--dtype",
                                         help="Compute dtype: float32, bfloat16 or float16 "
-                                             "[default: float32 on CPU, bfloat16 on GPU]."),
+                                             "(default: float32 on CPU, bfloat16 on GPU)."),
     interval_ms: Optional[float] = typer.Option(None, "--interval-ms",
                                                 help="With -: run the model once this much audio has "
                                                      "arrived (higher = more throughput, more latency) "
-                                                     "[default: every 80 ms token]."),
+                                                     "(default: every 80 ms token)."),
+    output_format: Optional[OutputFormat] = typer.Option(
+        None, "--output-format", "-f", case_sensitive=False,
+        help="Also write each transcript in this format (all: every one) to --output-dir, named after "
+             "its input: talk.mp3 -> talk.srt; stdin -> stdin.srt (default: all, with --output-dir)."),
+    output_dir: Optional[Path] = typer.Option(
+        None, "--output-dir", "-o", file_okay=False,
+        help="Directory for the --output-format files, created if needed (default: the current directory)."),
+    alt: int = typer.Option(0, "--alt", min=0, metavar="K",
+                            help="Record the K most probable tokens and their probabilities at every "
+                                 "step (in the json output)."),
+    pause_ms: float = typer.Option(DEFAULT_PAUSE_MS, "--pause-ms", min=0,
+                                   help="A segment (subtitle) ends at the end of a sentence or after a "
+                                        "pause longer than this."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and timings on stderr."),
 ):
-    """Transcribe audio files or a live stream; text is printed as it is decoded."""
+    """Transcribe audio files or a live stream; text is printed as it is decoded.
+
+    With --output-format or --output-dir, each transcript is also written to files: txt (one
+    segment per line), json (segments, words and tokens with times and probabilities), srt,
+    vtt and tsv. On a terminal, progress bars are shown on stderr.
+    """
     inputs, failed = [], 0
     for name in files:
         if name != "-" and not Path(name).exists():
@@ -98,16 +151,29 @@ def transcribe(
     if files.count("-") > 1:
         _fail("stdin (-) can be given only once")
         raise typer.Exit(2)
+    formats = _output_formats(output_format, output_dir)
+    if alt and "json" not in formats:
+        _fail("--alt: the alternatives are written in the json output; add -f json (or -f all)")
+        raise typer.Exit(2)
+    if formats:
+        by_name = {}
+        for name in inputs:
+            other = by_name.setdefault(_output_name(name), name)
+            if other != name:
+                _fail(f"{other} and {name} would write the same files {_output_name(name)}.*; "
+                      "rename one or transcribe them separately")
+                raise typer.Exit(2)
+        output_dir = output_dir or Path(".")
     if not inputs:
         raise typer.Exit(1)
     try:
+        if formats:
+            try:
+                output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OSError(f"--output-dir {output_dir}: {e.strerror or e}") from None
         start = time.perf_counter()
-        path = resolve_model(model)
-        _, _, audio_args = load_config(path)
-        try:
-            audio_args.delay_tokens(delay_ms)
-        except ValueError as e:
-            raise ValueError(f"--delay-ms: {e}") from None
+        path = _check_model(model, delay_ms)
         voxtral = load(path, dtype=dtype)
         _status(verbose, f"loaded {path} ({str(voxtral.dtype).rsplit('.', 1)[-1]}) in "
                          f"{time.perf_counter() - start:.1f} s on the {'GPU' if mx.default_device() == mx.gpu else 'CPU'}")
@@ -116,34 +182,130 @@ def transcribe(
     except USER_ERRORS as e:
         _fail(str(e))
         raise typer.Exit(1)
-    for name in inputs:
-        printer = _Printer()
-        start = time.perf_counter()
-        try:
-            if name == "-":
-                tokens, seconds = _transcribe_stdin(voxtral, delay_ms, interval_ms, printer)
-            else:
-                samples = load_audio(name, voxtral.sample_rate)
-                _status(verbose, f"{name}: {samples.size / voxtral.sample_rate:.2f} s of audio")
-                result = voxtral.transcribe(samples, delay_ms=delay_ms, on_text=printer)
-                tokens, seconds = len(result.tokens), result.duration
-        except AudioError as e:
-            printer.end()
-            _fail(str(e))
-            failed += 1
-            continue
-        if not printer.end():
-            typer.echo(f"voxtral-mlx: no speech recognized in {'stdin' if name == '-' else name}", err=True)
-        wall = time.perf_counter() - start
-        _status(verbose, f"{name}: {seconds:.2f} s of audio, {tokens} tokens in {wall:.2f} s "
-                         f"({seconds / wall:.2f}x real time)")
+    options = dict(delay_ms=delay_ms, alternatives=alt, pause_ms=pause_ms)
+    with _Display(len(inputs), verbose) as display:
+        for name in inputs:
+            printer = display.printer()
+            start = time.perf_counter()
+            try:
+                if name == "-":
+                    display.start_file("stdin", None)
+                    result = _transcribe_stdin(voxtral, interval_ms, printer, on_token=display.on_token, **options)
+                else:
+                    samples = load_audio(name, voxtral.sample_rate)
+                    seconds = samples.size / voxtral.sample_rate
+                    display.status(f"{name}: {seconds:.2f} s of audio")
+                    display.start_file(name, seconds)
+                    result = voxtral.transcribe(samples, on_text=printer, on_token=display.on_token, **options)
+            except AudioError as e:
+                printer.end()
+                display.fail(str(e))
+                display.end_file()
+                failed += 1
+                continue
+            if not printer.end():
+                display.echo(f"voxtral-mlx: no speech recognized in {'stdin' if name == '-' else name}")
+            if formats:
+                try:
+                    paths = write_outputs(result, output_dir, _output_name(name), formats)
+                    display.status(f"{name}: wrote {', '.join(str(p) for p in paths)}")
+                except OSError as e:
+                    display.fail(f"{name}: cannot write the transcript: {e}")
+                    failed += 1
+            wall = time.perf_counter() - start
+            display.status(f"{name}: {result.duration:.2f} s of audio, {len(result.tokens)} tokens in {wall:.2f} s "
+                           f"({result.duration / wall:.2f}x real time)")
+            display.end_file()
     if failed:
         raise typer.Exit(1)
 
 
-def _transcribe_stdin(voxtral, delay_ms, interval_ms, printer) -> tuple[int, float]:
+def _output_formats(output_format: OutputFormat | None, output_dir: Path | None) -> list[str]:
+    if output_format is None:
+        return list(FORMATS) if output_dir is not None else []
+    return list(FORMATS) if output_format == OutputFormat.all else [output_format.value]
+
+
+def _output_name(name: str) -> str:
+    """Output files are named after the input, as whisper tools do: dir/talk.mp3 -> talk."""
+    return "stdin" if name == "-" else Path(name).stem
+
+
+class _Display:
+    """Messages on stderr and, when stderr is a terminal, progress bars: the file being
+    decoded (seconds of audio) and, for several inputs, the files done. While the bars are
+    up, messages are printed above them, and so is each transcript if stdout is the same
+    terminal (stdout going elsewhere gets the text as it is decoded, as without bars)."""
+
+    def __init__(self, n_files: int, verbose: bool):
+        self.n_files, self.verbose, self.done = n_files, verbose, 0
+        self.progress = self._file = self._overall = None
+        self.shared_terminal = False
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                                     TaskProgressColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                                     transient=True, redirect_stdout=False, redirect_stderr=False)
+            try:
+                self.shared_terminal = sys.stdout.isatty() and os.path.samestat(
+                    os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+            except (OSError, ValueError):
+                self.shared_terminal = False
+            if n_files > 1:
+                self._overall = self.progress.add_task(self._files_done(), total=n_files)
+
+    def __enter__(self) -> "_Display":
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+
+    def _files_done(self) -> str:
+        return f"{self.done}/{self.n_files} files"
+
+    def echo(self, message: str):
+        if self.progress is None:
+            typer.echo(message, err=True)
+        else:
+            self.progress.console.print(message, markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+    def fail(self, message: str):
+        self.echo(f"voxtral-mlx: error: {message}")
+
+    def status(self, message: str):
+        if self.verbose:
+            self.echo(message)
+
+    def printer(self) -> _Printer:
+        if self.progress is not None and self.shared_terminal:
+            return _Printer(hold=self.echo)
+        return _Printer()
+
+    def start_file(self, name: str, seconds: float | None):
+        if self.progress is not None:
+            self._file = self.progress.add_task(name, total=seconds)
+
+    def on_token(self, record):
+        if self._file is not None:
+            self.progress.update(self._file, completed=record.time)
+
+    def end_file(self):
+        self.done += 1
+        if self._file is not None:
+            self.progress.remove_task(self._file)
+            self._file = None
+        if self._overall is not None:
+            self.progress.update(self._overall, completed=self.done, description=self._files_done())
+
+
+def _transcribe_stdin(voxtral, interval_ms, printer, **options) -> Transcription:
     """Stream stdin into a session; Ctrl+C or end of input flushes the rest (a second Ctrl+C aborts)."""
-    session = voxtral.stream(delay_ms=delay_ms, interval_ms=interval_ms, on_text=printer)
+    session = voxtral.stream(interval_ms=interval_ms, on_text=printer, **options)
     state = {"reading": False, "stop": False}
 
     def on_sigint(signum, frame):
@@ -171,7 +333,120 @@ def _transcribe_stdin(voxtral, delay_ms, interval_ms, printer) -> tuple[int, flo
         session.finish()
     finally:
         signal.signal(signal.SIGINT, previous)
-    return len(session.tokens), session.audio_seconds
+    return Transcription.from_session(session)
+
+
+@app.command()
+def mic(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
+    device: Optional[str] = typer.Option(None, "--device", help="Input device: index or (part of) its name "
+                                                                "(default: the system's default input)."),
+    list_devices: bool = typer.Option(False, "--list-devices", help="List input devices and exit."),
+    delay_ms: Optional[int] = typer.Option(None, "--delay-ms", "-d",
+                                           help="Transcription delay: 80..1200 in steps of 80, or 2400 "
+                                                "(default: from the model, 480)."),
+    interval: Optional[float] = typer.Option(None, "--interval",
+                                             help="Seconds of new audio between model runs "
+                                                  "(default: every 80 ms token)."),
+    vad: bool = typer.Option(True, "--vad/--no-vad", help="Skip long silences (after flushing the utterance)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the transcript to this file."),
+    duration: Optional[float] = typer.Option(None, "--duration", help="Stop after this many seconds."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float32, bfloat16 or float16."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and timings on stderr."),
+):
+    """Live captions from a microphone; Ctrl+C stops and prints what was still being decoded."""
+    from .mic import MicError, Microphone, list_input_devices, transcribe_live
+
+    try:
+        if list_devices:
+            for d in list_input_devices():
+                typer.echo(f"{'*' if d['default'] else ' '} {d['index']:3d}  {d['name']}  "
+                           f"({d['channels']} ch, {d['default_samplerate']:.0f} Hz)")
+            return
+        path = _check_model(model, delay_ms)
+        if duration is not None and duration <= 0:
+            raise ValueError("--duration must be positive")
+        out = open(output, "w", encoding="utf-8") if output is not None else None
+    except (MicError, *USER_ERRORS) as e:
+        _fail(str(e))
+        raise typer.Exit(1)
+    device_id = int(device) if device is not None and device.isdigit() else device
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    printer, stats, failed = _Printer(), {}, False
+    try:
+        voxtral = load(path, dtype=dtype)
+        with Microphone(device_id, duration=duration) as source:
+            _status(verbose, f"listening on {source.name!r} at {source.rate} Hz; Ctrl+C to stop")
+            previous = signal.signal(signal.SIGINT, on_sigint)
+            try:
+                for text in transcribe_live(voxtral, source, delay_ms=delay_ms,
+                                            interval_ms=None if interval is None else interval * 1000,
+                                            vad=vad, stop=stop, stats=stats,
+                                            on_status=lambda m: typer.echo(f"voxtral-mlx: {m}", err=True)):
+                    printer(text)
+                    if out is not None:
+                        out.write(text)
+                        out.flush()
+            finally:
+                signal.signal(signal.SIGINT, previous)
+    except (MicError, *USER_ERRORS) as e:
+        failed = True
+        printer.end()
+        _fail(str(e))
+    finally:
+        if out is not None:
+            out.close()
+    if not failed:
+        printer.end()
+    if stats:
+        _status(verbose, f"heard {stats['heard']:.1f} s, transcribed {stats['fed']:.1f} s "
+                         f"(silence skipped {stats['skipped']:.1f} s, dropped behind real time "
+                         f"{stats['dropped']:.1f} s)")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Model directory (any supported layout) or Hugging Face repo id."),
+    out: Path = typer.Argument(..., help="Directory to write the converted model to."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Dtype of float weights and quantization scales: "
+                                                          "bfloat16, float16 or float32."),
+    q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Quantize the linear layers and the tied "
+                                                                "embedding to 4, 6 or 8 bits [default: no quantization]."),
+    q_group_size: int = typer.Option(64, "--q-group-size", help="Weights per quantization scale: 32, 64 or 128."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it holds a model written by this command."),
+):
+    """Convert a model to the voxtral-mlx layout (cast or quantized), which --model and load() read directly."""
+    from .convert import convert as convert_model
+
+    try:
+        result = convert_model(src, out, dtype=dtype, q_bits=q_bits, q_group_size=q_group_size, force=force)
+    except USER_ERRORS as e:
+        message = str(e)
+        for option in ("q_bits", "q_group_size"):
+            if message.startswith(option + " "):
+                message = "--" + option.replace("_", "-") + message[len(option):].split(" (or None")[0]
+        _fail(message)
+        raise typer.Exit(1)
+    if result.bits is None:
+        kind = result.dtype
+    else:
+        kind = (f"{result.bits}-bit, group size {result.group_size}, on {len(result.quantized)} layers "
+                f"(scales and other weights {result.dtype})")
+    size = result.file_bytes
+    size_text = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.2f} MB"
+    files = "1 file" if len(result.files) == 1 else f"{len(result.files)} shards"
+    n = result.parameters
+    params = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
+    typer.echo(f"converted {src} ({result.source_layout} layout) to {result.path}: {kind}; {size_text} in {files}, "
+               f"{result.bits_per_weight:.2f} bits per weight, {params} parameters, {result.seconds:.1f} s")
 
 
 def main():

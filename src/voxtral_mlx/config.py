@@ -87,31 +87,131 @@ class ModelArgs:
     downsample_factor: int
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "ModelArgs":
+    def from_params(cls, params: dict[str, Any], source: str = "params.json") -> "ModelArgs":
+        """Parse the official `params.json` layout (also what voxmlx keeps in its config.json)."""
         try:
             whisper = params["multimodal"]["whisper_model_args"]
             enc = whisper["encoder_args"]
             factor = whisper["downsample_args"]["downsample_factor"]
         except (KeyError, TypeError) as e:
             raise ConfigError(
-                f"params.json has no multimodal.whisper_model_args section ({e}); "
+                f"{source} has no multimodal.whisper_model_args section ({e}); "
                 "is this a Voxtral Realtime checkpoint?"
             ) from None
-        args = cls(
-            decoder=_from_dict(DecoderArgs, params, "params.json"),
-            encoder=_from_dict(EncoderArgs, enc, "params.json encoder_args"),
+        return cls(
+            decoder=_from_dict(DecoderArgs, params, source),
+            encoder=_from_dict(EncoderArgs, enc, f"{source} encoder_args"),
             downsample_factor=factor,
+        ).checked(source)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelArgs":
+        """The inverse of `to_dict`: the `model` section of a converted model's config.json."""
+        try:
+            return cls(
+                decoder=_from_dict(DecoderArgs, d["decoder"], f"{source} model.decoder"),
+                encoder=_from_dict(EncoderArgs, d["encoder"], f"{source} model.encoder"),
+                downsample_factor=d["downsample_factor"],
+            ).checked(source)
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{source} model section is missing {e}") from None
+
+    @classmethod
+    def from_mlx_audio(cls, config: dict[str, Any], source: str = "config.json") -> "ModelArgs":
+        """mlx-audio's config.json: the decoder keys under `decoder`, the encoder's under `encoder_args`."""
+        try:
+            enc = dict(config["encoder_args"])
+            params = dict(config["decoder"])
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{source} has no {e} section; is this an mlx-audio Voxtral Realtime model?") from None
+        if "audio_encoding_args" not in enc and isinstance(config.get("audio_encoding_args"), dict):
+            enc["audio_encoding_args"] = config["audio_encoding_args"]
+        factor = enc.pop("downsample_factor", config.get("downsample_factor", 4))
+        params["multimodal"] = {"whisper_model_args": {"encoder_args": enc,
+                                                       "downsample_args": {"downsample_factor": factor}}}
+        return cls.from_params(params, source)
+
+    @classmethod
+    def from_transformers(cls, config: dict[str, Any], preprocessor: dict[str, Any] | None = None,
+                          source: str = "config.json") -> "ModelArgs":
+        """Hugging Face transformers' `VoxtralRealtimeConfig` (and its preprocessor_config.json, if any)."""
+        text, audio = config.get("text_config"), config.get("audio_config")
+        if not isinstance(text, dict) or not isinstance(audio, dict):
+            raise ConfigError(f"{source} has no text_config and audio_config sections; "
+                              "is this a transformers VoxtralRealtimeForConditionalGeneration model?")
+
+        def pick(d: dict, where: str, *keys: str, default: Any = dataclasses.MISSING):
+            for key in keys:
+                if d.get(key) is not None:
+                    return d[key]
+            if default is dataclasses.MISSING:
+                raise ConfigError(f"{source} {where} is missing {keys[0]!r}")
+            return default
+
+        def rope_theta(d: dict) -> float:
+            rope = d.get("rope_parameters") or {}
+            return d.get("rope_theta") or rope.get("rope_theta") or DecoderArgs.rope_theta
+
+        n_heads = pick(text, "text_config", "num_attention_heads")
+        decoder = dict(
+            dim=pick(text, "text_config", "hidden_size"),
+            n_layers=pick(text, "text_config", "num_hidden_layers"),
+            head_dim=pick(text, "text_config", "head_dim",
+                          default=pick(text, "text_config", "hidden_size") // n_heads),
+            hidden_dim=pick(text, "text_config", "intermediate_size"),
+            n_heads=n_heads,
+            n_kv_heads=pick(text, "text_config", "num_key_value_heads", default=n_heads),
+            vocab_size=pick(text, "text_config", "vocab_size"),
+            sliding_window=pick(text, "text_config", "sliding_window"),
+            norm_eps=pick(text, "text_config", "rms_norm_eps", default=DecoderArgs.norm_eps),
+            rope_theta=rope_theta(text),
+            tied_embeddings=pick(text, "text_config", "tie_word_embeddings",
+                                 default=config.get("tie_word_embeddings", True)),
+            # transformers builds the ada-norm bottleneck as Linear(hidden_size, 32).
+            ada_rms_norm_t_cond_dim=pick(text, "text_config", "ada_rms_norm_t_cond_dim", default=32),
         )
-        if not args.decoder.tied_embeddings:
-            raise ConfigError("params.json: only tied embeddings are supported (tied_embeddings true)")
-        if not args.decoder.ada_rms_norm_t_cond:
-            raise ConfigError("params.json: ada_rms_norm_t_cond must be true for Voxtral Realtime")
-        for name, a in (("decoder", args.decoder), ("encoder", args.encoder)):
+        pre = preprocessor or {}
+        encoding = AudioEncodingArgs(
+            num_mel_bins=pick(audio, "audio_config", "num_mel_bins", default=AudioEncodingArgs.num_mel_bins),
+            sampling_rate=pre.get("sampling_rate", AudioEncodingArgs.sampling_rate),
+            hop_length=pre.get("hop_length", AudioEncodingArgs.hop_length),
+            window_size=pre.get("win_length", pre.get("n_fft", AudioEncodingArgs.window_size)),
+            global_log_mel_max=pre.get("global_log_mel_max", AudioEncodingArgs.global_log_mel_max),
+        )
+        if "audio_length_per_tok" in config:
+            encoding.frame_rate = encoding.sampling_rate / (encoding.hop_length * config["audio_length_per_tok"])
+        enc_heads = pick(audio, "audio_config", "num_attention_heads", "encoder_attention_heads")
+        encoder = dict(
+            dim=pick(audio, "audio_config", "hidden_size", "d_model"),
+            n_layers=pick(audio, "audio_config", "num_hidden_layers", "encoder_layers"),
+            head_dim=pick(audio, "audio_config", "head_dim"),
+            hidden_dim=pick(audio, "audio_config", "intermediate_size", "encoder_ffn_dim"),
+            n_heads=enc_heads,
+            n_kv_heads=pick(audio, "audio_config", "num_key_value_heads", default=enc_heads),
+            sliding_window=pick(audio, "audio_config", "sliding_window"),
+            norm_eps=pick(audio, "audio_config", "rms_norm_eps", default=EncoderArgs.norm_eps),
+            rope_theta=rope_theta(audio),
+            audio_encoding_args=dataclasses.asdict(encoding),
+        )
+        params = {**decoder, "multimodal": {"whisper_model_args": {
+            "encoder_args": encoder,
+            "downsample_args": {"downsample_factor": pick(config, "top level", "downsample_factor")}}}}
+        return cls.from_params(params, source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def checked(self, source: str) -> "ModelArgs":
+        if not self.decoder.tied_embeddings:
+            raise ConfigError(f"{source}: only tied embeddings are supported (tied_embeddings true)")
+        if not self.decoder.ada_rms_norm_t_cond:
+            raise ConfigError(f"{source}: ada_rms_norm_t_cond must be true for Voxtral Realtime")
+        for name, a in (("decoder", self.decoder), ("encoder", self.encoder)):
             if a.n_heads % a.n_kv_heads:
-                raise ConfigError(f"params.json: {name} n_heads {a.n_heads} is not a multiple of n_kv_heads {a.n_kv_heads}")
+                raise ConfigError(f"{source}: {name} n_heads {a.n_heads} is not a multiple of n_kv_heads {a.n_kv_heads}")
             if a.head_dim % 2:
-                raise ConfigError(f"params.json: {name} head_dim must be even for RoPE")
-        return args
+                raise ConfigError(f"{source}: {name} head_dim must be even for RoPE")
+        return self
 
 
 @dataclass
@@ -175,8 +275,24 @@ class AudioArgs:
             )
         return int(round(n))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
     @classmethod
-    def from_files(cls, tekken_audio: dict[str, Any], model: ModelArgs) -> "AudioArgs":
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "AudioArgs":
+        """The inverse of `to_dict`: the `audio` section of a converted model's config.json."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} has no audio section")
+        try:
+            return _from_dict(cls, d, f"{source} audio")
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(f"{source} audio: {e}") from None
+
+    @classmethod
+    def from_files(cls, tekken_audio: dict[str, Any], model: ModelArgs,
+                   model_source: str = "params.json") -> "AudioArgs":
         enc = model.encoder.audio_encoding_args
         cfg = tekken_audio.get("audio_encoding_config", {})
         try:
@@ -194,7 +310,7 @@ class AudioArgs:
         for key in ("sampling_rate", "frame_rate", "num_mel_bins", "hop_length", "window_size"):
             if values[key] != getattr(enc, key):
                 raise ConfigError(
-                    f"tekken.json audio {key}={values[key]} disagrees with params.json "
+                    f"tekken.json audio {key}={values[key]} disagrees with {model_source} "
                     f"audio_encoding_args {key}={getattr(enc, key)}"
                 )
         try:

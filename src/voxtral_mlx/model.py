@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -12,6 +13,10 @@ from .cache import RingKVCache
 from .config import AudioArgs, ModelArgs
 from .decoder import DecoderBlock, delay_embedding
 from .encoder import StemState, WhisperEncoder
+
+# Official name prefixes of the audio side: the adapter and embedding (P), the encoder (E).
+P = "mm_streams_embeddings.embedding_module."
+E = P + "whisper_encoder."
 
 
 class EmbeddingModule(nn.Module):
@@ -93,12 +98,103 @@ class VoxtralRealtime(nn.Module):
         return tok.as_linear(self.norm(x[0, -1]))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Official checkpoint -> module layout (idempotent): conv kernels [out, in, k] -> [out, k, in]."""
+        """Any supported layout -> module layout (idempotent; see `rename` for the name tables).
+
+        Conv kernels [out, in, k] -> [out, k, in]; the query/key rows of Hugging Face
+        transformers checkpoints, permuted there for rotate-half RoPE, are put back in the
+        interleaved order `mx.fast.rope(traditional=True)` expects. Quantized layers
+        (`.scales`, `.biases`) are renamed like their weights.
+        """
         expected = dict(tree_flatten(self.parameters()))
         out = {}
         for name, w in weights.items():
-            want = expected.get(name)
+            new, rotate_half = rename(name)
+            if new is None:
+                continue
+            if rotate_half:
+                head_dim = (self.args.encoder if new.startswith(E) else self.args.decoder).head_dim
+                w = interleave_rope_rows(w, head_dim)
+            want = expected.get(new)
             if want is not None and w.ndim == 3 and w.shape != want.shape and w.swapaxes(1, 2).shape == want.shape:
                 w = w.swapaxes(1, 2)
-            out[name] = w
+            out[new] = w
         return out
+
+
+# Containers of the other layouts -> official prefixes. Hugging Face transformers:
+# `[model.]audio_tower`, `[model.]multi_modal_projector`, `[model.]language_model[.model]`;
+# voxmlx: `encoder`, `adapter`, `language_model`; mlx-audio: `encoder`, `decoder`.
+_PREFIXES = [(re.compile(pattern), replacement) for pattern, replacement in [
+    (r"(?:model\.)?audio_tower\.embedder\.conv1\.", E + "conv_layers.0.conv."),
+    (r"(?:model\.)?audio_tower\.embedder\.conv2\.", E + "conv_layers.1.conv."),
+    (r"(?:model\.)?audio_tower\.layers\.", E + "transformer.layers."),
+    (r"(?:model\.)?audio_tower\.norm\.", E + "transformer.norm."),
+    (r"(?:model\.)?multi_modal_projector\.linear_1\.", P + "audio_language_projection.0."),
+    (r"(?:model\.)?multi_modal_projector\.linear_2\.", P + "audio_language_projection.2."),
+    (r"(?:model\.)?language_model\.(?:model\.)?embed_tokens\.", P + "tok_embeddings."),
+    (r"(?:model\.)?language_model\.(?:model\.)?layers\.", "layers."),
+    (r"(?:model\.)?language_model\.(?:model\.)?norm\.", "norm."),
+    (r"encoder\.conv1\.", E + "conv_layers.0.conv."),
+    (r"encoder\.conv2\.", E + "conv_layers.1.conv."),
+    (r"encoder\.conv_layers_(\d+)_conv\.conv\.", E + r"conv_layers.\1.conv."),
+    (r"encoder\.(?:transformer_)?layers\.", E + "transformer.layers."),
+    (r"encoder\.(?:transformer_)?norm\.", E + "transformer.norm."),
+    (r"encoder\.audio_language_projection_(\d+)\.", P + r"audio_language_projection.\1."),
+    (r"adapter\.w_in\.", P + "audio_language_projection.0."),
+    (r"adapter\.w_out\.", P + "audio_language_projection.2."),
+    (r"decoder\.tok_embeddings\.", P + "tok_embeddings."),
+    (r"decoder\.layers\.", "layers."),
+    (r"decoder\.norm\.", "norm."),
+]]
+
+# Modules inside an encoder or decoder layer -> official names.
+_IN_LAYER = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+    "attention.q_proj": "attention.wq", "attention.k_proj": "attention.wk",
+    "attention.v_proj": "attention.wv", "attention.o_proj": "attention.wo",
+    "self_attn_layer_norm": "attention_norm", "input_layernorm": "attention_norm", "attn_norm": "attention_norm",
+    "final_layer_norm": "ffn_norm", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+    "feed_forward_w1": "feed_forward.w1", "feed_forward_w2": "feed_forward.w2", "feed_forward_w3": "feed_forward.w3",
+    "ada_rms_norm.linear1": "ada_rms_norm_t_cond.0", "ada_rms_norm.linear2": "ada_rms_norm_t_cond.2",
+    "ada_norm.linear_in": "ada_rms_norm_t_cond.0", "ada_norm.linear_out": "ada_rms_norm_t_cond.2",
+    "ada_rms_norm_t_cond.ada_down": "ada_rms_norm_t_cond.0", "ada_rms_norm_t_cond.ada_up": "ada_rms_norm_t_cond.2",
+}
+_LAYER = re.compile(r"((?:" + re.escape(E) + r"transformer\.)?layers\.\d+\.)(.+)\.(\w+)$")
+# Derived or duplicated tensors of the transformers layout: the output head is tied to the
+# embedding, and the delay embedding's frequencies are recomputed.
+_DROP = re.compile(r"(?:model\.)?(?:language_model\.)?lm_head\.weight$|(?:model\.)?time_embedding\.inv_freq$")
+
+
+def rename(name: str) -> tuple[str | None, bool]:
+    """(official name or None to drop it, whether its rows are in rotate-half order)."""
+    if _DROP.match(name):
+        return None, False
+    for pattern, replacement in _PREFIXES:
+        m = pattern.match(name)
+        if m:
+            name = m.expand(replacement) + name[m.end():]
+            break
+    m = _LAYER.match(name)
+    if m and m[2] in _IN_LAYER:
+        return f"{m[1]}{_IN_LAYER[m[2]]}.{m[3]}", m[2] in ("self_attn.q_proj", "self_attn.k_proj")
+    return name, False
+
+
+def interleave_rope_rows(w: mx.array, head_dim: int) -> mx.array:
+    """Undo transformers' q/k permutation: per head, rows [x0, x2, .., x1, x3, ..] -> [x0, x1, x2, ..].
+
+    Rows are independent, so this applies alike to weights, biases and quantized
+    weights, scales and biases.
+    """
+    rows = w.shape[0]
+    return w.reshape(rows // head_dim, 2, head_dim // 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def should_quantize(path: str, module: nn.Module, group_size: int) -> bool:
+    """The layers a conversion quantizes: every linear layer and the tied embedding whose
+    input dimension is a multiple of the group size, except the tiny delay-conditioning MLP."""
+    if not isinstance(module, (nn.Linear, nn.Embedding)) or "ada_rms_norm_t_cond" in path:
+        return False
+    return module.weight.shape[1] % group_size == 0

@@ -11,8 +11,9 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import LogMel, prepare_audio
-from .config import AudioArgs
+from .config import AudioArgs, ConfigError
 from .model import VoxtralRealtime
+from .timestamps import Alternative, Segment, Timeline, TokenRecord, Word
 from .tokenizer import Tekken
 
 # The offline right pad: after the delay, one more token and ten of margin to finish the last word.
@@ -30,13 +31,22 @@ class StreamingSession:
 
     `feed` accepts float32 16 kHz mono samples in chunks of any size and returns the text
     that became final; `flush` ends an utterance (the offline right padding is fed, later
-    audio continues on the same timeline); `finish` ends the stream. The generated ids are
-    in `tokens`. Use it as a context manager to finish on exit.
+    audio continues on the same timeline); `finish` ends the stream. Use it as a context
+    manager to finish on exit.
+
+    What is final so far: `text`, the generated ids in `tokens`, one `TokenRecord` per id in
+    `token_records`, and `words` and `segments` (see `timestamps`). These lists only grow,
+    so `session.words[n:]` are the words that became final since there were n; the `on_*`
+    callbacks are called with each item as it becomes final. Times are seconds on the
+    stream's timeline, which includes the padding that `flush` inserts.
     """
 
     def __init__(self, net: VoxtralRealtime, tokenizer: Tekken, audio: AudioArgs,
                  delay_ms: int | None = None, interval_ms: float | None = None,
-                 on_text: Callable[[str], None] | None = None):
+                 on_text: Callable[[str], None] | None = None, alternatives: int = 0,
+                 pause_ms: float | None = None, on_token: Callable[[TokenRecord], None] | None = None,
+                 on_word: Callable[[Word], None] | None = None,
+                 on_segment: Callable[[Segment], None] | None = None):
         self.net = net
         self.tokenizer = tokenizer
         self.audio = audio
@@ -45,11 +55,17 @@ class StreamingSession:
         self.prompt = [tokenizer.bos] + [tokenizer.pad] * (audio.n_left_pad_tokens + self.n_delay)
         self.min_tokens = max(1, round((interval_ms or 0) / audio.token_ms))
         self.on_text = on_text
+        if net.args.decoder.vocab_size > 2**24:
+            raise ConfigError("a vocabulary over 2**24 ids is not supported (ids are read back as float32)")
+        if isinstance(alternatives, bool) or not isinstance(alternatives, int) or alternatives < 0:
+            raise ValueError(f"alternatives must be a whole number of tokens, 0 or more, not {alternatives!r}")
+        self.alternatives = min(alternatives, net.args.decoder.vocab_size)
         self.tokens: list[int] = []
+        self.timeline = Timeline(tokenizer, audio.token_ms, pause_ms, on_token=on_token, on_word=on_word,
+                                 on_segment=on_segment)
         self.caches = net.make_cache()
         self.scales = net.ffn_scales(self.n_delay)
         self._mel = LogMel(audio)
-        self._text = tokenizer.text_stream()
         spt, half = audio.samples_per_token, audio.window_size // 2
         # Samples of the padded stream from `_buf_start` on; the left pad and its reflection are zeros.
         self._buf = np.zeros(half + audio.n_left_pad_tokens * spt, np.float32)
@@ -79,6 +95,22 @@ class StreamingSession:
         """Seconds of input audio fed so far (padding excluded)."""
         return self._audio_samples / self.audio.sampling_rate
 
+    @property
+    def text(self) -> str:
+        return self.timeline.text
+
+    @property
+    def token_records(self) -> list[TokenRecord]:
+        return self.timeline.records
+
+    @property
+    def words(self) -> list[Word]:
+        return self.timeline.words
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self.timeline.segments
+
     def feed(self, samples) -> str:
         """Add samples (float32, 16 kHz, mono, any length); return the text that became final."""
         self._check_open()
@@ -94,7 +126,9 @@ class StreamingSession:
         if self._since_flush == 0:
             return ""
         self._append_padding()
-        return self._advance(force=True)
+        text = self._advance(force=True)
+        self.timeline.close()
+        return text
 
     def finish(self) -> str:
         """End the stream: pad as offline, decode everything, return the remaining text."""
@@ -106,7 +140,7 @@ class StreamingSession:
             # The STFT reflects the final padding zeros: the last token sees zeros beyond the end.
             self._append(np.zeros(self.audio.look_ahead, np.float32), count=False)
             text = self._advance(force=True)
-        text += self._say(self._text.end())
+        text += self._say(self.timeline.end())
         self._closed = True
         return text
 
@@ -163,26 +197,48 @@ class StreamingSession:
             logits = self.net.decode(emb[:row], prompt, self.caches, self.scales)
             self._n_decoded += row
             if self._n_decoded == L:
-                text += self._queue(mx.argmax(logits))
+                text += self._queue(logits)
             else:
                 mx.eval([c.state for c in self.caches.decoder])
         for r in range(row, emb.shape[0]):
             logits = self.net.decode(emb[r : r + 1], self._last.reshape(1), self.caches, self.scales)
             self._n_decoded += 1
-            text += self._queue(mx.argmax(logits))
+            text += self._queue(logits)
         return text
 
-    def _queue(self, token: mx.array) -> str:
-        """Start computing `token`, then read the one before it while this one runs."""
-        mx.async_eval(token)
+    def _queue(self, logits: mx.array) -> str:
+        """Start computing the next token and its record, then read the previous one while this one runs."""
+        token = mx.argmax(logits)
+        step = self._step_values(logits, token)
+        mx.async_eval(token, step)
         self._last = token
-        previous, self._unread = self._unread, token
+        previous, self._unread = self._unread, step
         return "" if previous is None else self._read(previous)
 
-    def _read(self, token: mx.array) -> str:
-        tid = token.item()
+    def _step_values(self, logits: mx.array, token: mx.array) -> mx.array:
+        """What the host reads per step, in one array: [id, p(id), K alternative ids, their p].
+
+        float32 holds ids below 2**24 exactly, so one read returns ids and probabilities.
+        """
+        logits = logits.astype(mx.float32)
+        log_z = mx.logsumexp(logits)
+        values = [token.astype(mx.float32)[None], mx.exp(logits[token] - log_z)[None]]
+        if self.alternatives:
+            top = mx.argpartition(-logits, self.alternatives - 1)[: self.alternatives]
+            top = top[mx.argsort(-logits[top])]
+            values += [top.astype(mx.float32), mx.exp(logits[top] - log_z)]
+        return mx.concatenate(values)
+
+    def _read(self, step: mx.array) -> str:
+        values = step.tolist()
+        tid = int(values[0])
         self.tokens.append(tid)
-        return self._say(self._text.push(tid))
+        alternatives = None
+        if self.alternatives:
+            k = self.alternatives
+            alternatives = [Alternative(int(i), self.tokenizer.token_str(int(i)), p)
+                            for i, p in zip(values[2 : 2 + k], values[2 + k :])]
+        return self._say(self.timeline.push(tid, values[1], alternatives))
 
     def _say(self, text: str) -> str:
         if text and self.on_text is not None:

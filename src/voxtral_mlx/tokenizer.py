@@ -65,6 +65,19 @@ class Tekken:
     def decode(self, ids) -> str:
         return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
 
+    def token_str(self, token_id: int) -> str:
+        """One token for display: a control token by name, text as its bytes (broken UTF-8 as U+FFFD)."""
+        names = self._token_strs
+        if token_id not in names:
+            # Cached so that a record per generated token shares one string per id.
+            names[token_id] = (f"<control {token_id}>" if token_id < self.n_special
+                               else self.token_bytes(token_id).decode("utf-8", errors="replace"))
+        return names[token_id]
+
+    @cached_property
+    def _token_strs(self) -> dict[int, str]:
+        return {i: name for name, i in self.specials.items() if i < self.n_special}
+
     def text_stream(self) -> "TextStream":
         return TextStream(self)
 

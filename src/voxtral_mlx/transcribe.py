@@ -1,11 +1,12 @@
-"""The user-facing model: transcribe audio offline or open a streaming session."""
+"""The user-facing model: transcribe audio offline or open a streaming session; results and writers."""
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import mlx.core as mx
 import numpy as np
@@ -14,6 +15,7 @@ from .audio import SAMPLE_RATE, AudioError, load_audio, prepare_audio
 from .config import AudioArgs
 from .model import VoxtralRealtime
 from .streaming import StreamingSession
+from .timestamps import Alternative, Segment, TokenRecord, Word
 from .tokenizer import Tekken
 
 
@@ -26,12 +28,68 @@ class Transcription:
         tokens: every generated id after the prompt, control tokens included, one per 80 ms.
         delay_ms: the transcription delay used.
         duration: seconds of input audio.
+        segments: sentences or stretches of speech between pauses, with their words.
+        token_records: one `TokenRecord` (id, text, time, probability, alternatives) per token.
+        words: (property) the words of all segments, in order.
+
+    Times are seconds; `timestamps` has the rules that make words and segments.
     """
 
     text: str
     tokens: list[int]
     delay_ms: int
     duration: float
+    segments: list[Segment] = field(default_factory=list)
+    token_records: list[TokenRecord] = field(default_factory=list)
+
+    @property
+    def words(self) -> list[Word]:
+        return [w for s in self.segments for w in s.words]
+
+    @classmethod
+    def from_session(cls, session: StreamingSession) -> "Transcription":
+        """The result so far of a streaming session (all of it once finished)."""
+        return cls(text=session.text, tokens=list(session.tokens), delay_ms=session.delay_ms,
+                   duration=session.audio_seconds, segments=list(session.segments),
+                   token_records=list(session.token_records))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-ready data; words use whisper's keys (`word`, `start`, `end`, `probability`)."""
+        return {
+            "text": self.text,
+            "duration": self.duration,
+            "delay_ms": self.delay_ms,
+            "segments": [
+                {"id": i, "start": s.start, "end": s.end, "text": s.text,
+                 "words": [{"word": w.text, "start": w.start, "end": w.end, "probability": w.probability}
+                           for w in s.words]}
+                for i, s in enumerate(self.segments)
+            ],
+            "tokens": [_token_dict(r) for r in self.token_records],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Transcription":
+        """The inverse of `to_dict` (reads a JSON file written by `write_outputs`)."""
+        records = [
+            TokenRecord(t["id"], t["text"], t["time"], t["probability"],
+                        None if "alternatives" not in t else [Alternative(**a) for a in t["alternatives"]])
+            for t in data["tokens"]
+        ]
+        segments = [
+            Segment(s["start"], s["end"], s["text"],
+                    [Word(w["start"], w["end"], w["word"], w["probability"]) for w in s["words"]])
+            for s in data["segments"]
+        ]
+        return cls(text=data["text"], tokens=[r.id for r in records], delay_ms=data["delay_ms"],
+                   duration=data["duration"], segments=segments, token_records=records)
+
+
+def _token_dict(r: TokenRecord) -> dict[str, Any]:
+    d = {"id": r.id, "text": r.text, "time": r.time, "probability": r.probability}
+    if r.alternatives is not None:
+        d["alternatives"] = [{"id": a.id, "text": a.text, "probability": a.probability} for a in r.alternatives]
+    return d
 
 
 class Voxtral:
@@ -52,20 +110,31 @@ class Voxtral:
         return self.audio.sampling_rate
 
     def stream(self, delay_ms: int | None = None, interval_ms: float | None = None,
-               on_text: Callable[[str], None] | None = None) -> StreamingSession:
+               on_text: Callable[[str], None] | None = None, alternatives: int = 0,
+               pause_ms: float | None = None, on_token: Callable[[TokenRecord], None] | None = None,
+               on_word: Callable[[Word], None] | None = None,
+               on_segment: Callable[[Segment], None] | None = None) -> StreamingSession:
         """Open a streaming session.
 
         Args:
             delay_ms: transcription delay, 80..1200 in steps of 80, or 2400; default from tekken.json.
             interval_ms: run the model only once this much new audio is ready (default: every token).
             on_text: called with each piece of text as soon as it is final.
+            alternatives: also record this many most probable tokens per step (default 0: none).
+            pause_ms: a segment ends after more than this much time without text (default 1000).
+            on_token, on_word, on_segment: called with each token record, word and segment as
+                soon as it is final.
         """
         return StreamingSession(self.net, self.tokenizer, self.audio, delay_ms=delay_ms,
-                                interval_ms=interval_ms, on_text=on_text)
+                                interval_ms=interval_ms, on_text=on_text, alternatives=alternatives,
+                                pause_ms=pause_ms, on_token=on_token, on_word=on_word,
+                                on_segment=on_segment)
 
     def transcribe(self, audio: str | os.PathLike | np.ndarray, delay_ms: int | None = None,
                    sample_rate: int = SAMPLE_RATE,
-                   on_text: Callable[[str], None] | None = None) -> Transcription:
+                   on_text: Callable[[str], None] | None = None, alternatives: int = 0,
+                   pause_ms: float | None = None,
+                   on_token: Callable[[TokenRecord], None] | None = None) -> Transcription:
         """Transcribe a whole recording.
 
         Args:
@@ -73,6 +142,9 @@ class Voxtral:
             delay_ms: transcription delay, 80..1200 in steps of 80, or 2400; default from tekken.json.
             sample_rate: the rate of an array `audio` (resampled to 16 kHz); ignored for files.
             on_text: called with each piece of text as soon as it is decoded.
+            alternatives: also record this many most probable tokens per step (default 0: none).
+            pause_ms: a segment ends after more than this much time without text (default 1000).
+            on_token: called with each token record as it is decoded (progress, for instance).
         """
         if isinstance(audio, (str, os.PathLike)):
             samples = load_audio(audio, self.sample_rate)
@@ -80,7 +152,86 @@ class Voxtral:
             samples = prepare_audio(audio, sample_rate, self.sample_rate)
         if samples.size == 0:
             raise AudioError("audio: contains no samples")
-        session = self.stream(delay_ms=delay_ms, on_text=on_text)
-        text = session.feed(samples) + session.finish()
-        return Transcription(text=text, tokens=list(session.tokens), delay_ms=session.delay_ms,
-                             duration=samples.size / self.sample_rate)
+        session = self.stream(delay_ms=delay_ms, on_text=on_text, alternatives=alternatives,
+                              pause_ms=pause_ms, on_token=on_token)
+        session.feed(samples)
+        session.finish()
+        return Transcription.from_session(session)
+
+
+# Writers: each renders a whole transcription as the text of one file.
+
+FORMATS = ("txt", "json", "srt", "vtt", "tsv")
+
+
+def _timestamp(seconds: float, decimal: str) -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{decimal}{ms % 1000:03d}"
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _cues(result: Transcription) -> Iterable[tuple[Segment, list[str]]]:
+    for segment in result.segments:
+        lines = _lines(segment.text)
+        if lines:
+            yield segment, lines
+
+
+def to_txt(result: Transcription) -> str:
+    """One segment per line."""
+    return "".join(" ".join(lines) + "\n" for _, lines in _cues(result))
+
+
+def to_json(result: Transcription) -> str:
+    return json.dumps(result.to_dict(), ensure_ascii=False) + "\n"
+
+
+def to_srt(result: Transcription) -> str:
+    """SubRip: numbered cues, `HH:MM:SS,mmm` times; `-->` in the text becomes `->`."""
+    out = []
+    for n, (s, lines) in enumerate(_cues(result), start=1):
+        text = "\n".join(lines).replace("-->", "->")
+        out.append(f"{n}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{text}\n\n")
+    return "".join(out)
+
+
+def to_vtt(result: Transcription) -> str:
+    """WebVTT: `HH:MM:SS.mmm` times; `&`, `<` and `>` escaped as the format requires."""
+    out = ["WEBVTT\n\n"]
+    for s, lines in _cues(result):
+        text = "\n".join(lines).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        out.append(f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{text}\n\n")
+    return "".join(out)
+
+
+def to_tsv(result: Transcription) -> str:
+    """Tab-separated `start`, `end` (integer milliseconds) and `text`, with a header."""
+    rows = ["start\tend\ttext\n"]
+    for s, lines in _cues(result):
+        text = " ".join(lines).replace("\t", " ")
+        rows.append(f"{round(s.start * 1000)}\t{round(s.end * 1000)}\t{text}\n")
+    return "".join(rows)
+
+
+WRITERS: dict[str, Callable[[Transcription], str]] = {
+    "txt": to_txt, "json": to_json, "srt": to_srt, "vtt": to_vtt, "tsv": to_tsv,
+}
+
+
+def write_outputs(result: Transcription, output_dir: str | os.PathLike, name: str,
+                  formats: Iterable[str] = FORMATS) -> list[Path]:
+    """Write `output_dir/name.<format>` for each format (created if needed); return the paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        if fmt not in WRITERS:
+            raise ValueError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
+        path = output_dir / f"{name}.{fmt}"
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            f.write(WRITERS[fmt](result))
+        paths.append(path)
+    return paths

@@ -1,4 +1,19 @@
-"""Finding a model directory, reading its configuration and loading its weights."""
+"""Finding a model directory in any supported layout, reading its configuration and loading its weights.
+
+Layouts, told apart by their files (see `find_checkpoint`):
+
+- official (Mistral): params.json + consolidated.safetensors + tekken.json;
+- voxtral-mlx (written by `voxtral-mlx convert`): config.json with `"format": "voxtral-mlx"`
+  + model.safetensors (or shards and model.safetensors.index.json) + tekken.json;
+- Hugging Face transformers (`VoxtralRealtimeForConditionalGeneration`): config.json with
+  `text_config` and `audio_config`;
+- voxmlx: config.json holding params.json's keys (`multimodal`), optionally `quantization`;
+- mlx-audio: config.json with `decoder` and `encoder_args`, optionally `quantization`.
+
+Whatever the layout, `VoxtralRealtime.sanitize` maps the tensor names onto the official ones,
+and layers stored quantized (with `.scales`) are quantized with the bits and group size their
+shapes imply.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +21,11 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import AudioArgs, ConfigError, ModelArgs
@@ -18,9 +35,19 @@ from .transcribe import Voxtral
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
 MODEL_FILES = ("params.json", "consolidated.safetensors", "tekken.json")
+# What `voxtral-mlx convert` writes; a reader refuses versions newer than its own.
+FORMAT = "voxtral-mlx"
+FORMAT_VERSION = 1
+LAYOUT_NAMES = {"official": "official Mistral", "voxtral-mlx": "voxtral-mlx", "transformers": "Hugging Face transformers",
+                "voxmlx": "voxmlx", "mlx-audio": "mlx-audio"}
+SUPPORTED_LAYOUTS = ("params.json + consolidated.safetensors + tekken.json (official), or config.json + "
+                     "model.safetensors + tekken.json (voxtral-mlx, Hugging Face transformers, voxmlx, mlx-audio)")
 DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
           "float16": mx.float16, "fp16": mx.float16}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Files of every layout but the weights: fetched first, to tell which weights a repo needs.
+_CONFIG_FILES = ("params.json", "config.json", "tekken.json", "model.safetensors.index.json",
+                 "preprocessor_config.json")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -28,25 +55,120 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 class WeightsError(ValueError):
-    """The weights file is unreadable or does not match `params.json`."""
+    """The weights file is unreadable or does not match the configuration."""
 
 
-def _get_instructions(repo: str) -> str:
-    files = " ".join(MODEL_FILES)
-    return (f"download it with `hf download {repo} {files} --local-dir DIR` and pass that "
+@dataclass
+class Checkpoint:
+    """A model directory and its layout (a key of `LAYOUT_NAMES`)."""
+
+    path: Path
+    layout: str
+    config_file: str
+    config: dict = field(repr=False)
+    weight_files: list[Path]
+
+    @property
+    def weights_name(self) -> str:
+        """How messages name the weights: the file, or the index of the shards."""
+        if len(self.weight_files) == 1:
+            return self.weight_files[0].name
+        return "model.safetensors.index.json"
+
+
+def _get_instructions(repo: str, files: tuple[str, ...] | None = MODEL_FILES) -> str:
+    files = " ".join(files or ())
+    return (f"download it with `hf download {repo} {files + ' ' if files else ''}--local-dir DIR` and pass that "
             f"directory (voxtral-mlx --model DIR, or voxtral_mlx.load(DIR))")
 
 
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {file}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} does not hold a JSON object")
+    return data
+
+
+def _config_layout(config: dict, file: Path) -> str:
+    if config.get("format") == FORMAT:
+        version = config.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ConfigError(f"{file} has format version {version!r}; this voxtral-mlx reads version "
+                              f"{FORMAT_VERSION} and older: upgrade voxtral-mlx, or convert the model again")
+        return "voxtral-mlx"
+    if "text_config" in config and "audio_config" in config:
+        return "transformers"
+    if "multimodal" in config:
+        return "voxmlx"
+    if "decoder" in config and "encoder_args" in config:
+        return "mlx-audio"
+    keys = ", ".join(sorted(config)[:8]) + (", ..." if len(config) > 8 else "")
+    raise ModelNotFoundError(
+        f"{file} is not the configuration of a Voxtral Realtime model in a layout this package reads "
+        f"(model_type {config.get('model_type')!r}; keys: {keys or 'none'}); it reads {SUPPORTED_LAYOUTS}")
+
+
+def find_checkpoint(path: Path, repo: str | None = None) -> Checkpoint:
+    """The layout of a model directory, from its files (`repo`: the repo id it was fetched from)."""
+    files = sorted(f.name for f in path.iterdir() if f.is_file()) if path.is_dir() else []
+    if all(f in files for f in MODEL_FILES):
+        return Checkpoint(path, "official", "params.json", _read_json(path / "params.json"),
+                          [path / "consolidated.safetensors"])
+    if "config.json" in files:
+        return _config_checkpoint(path, files, repo)
+    if "params.json" in files or "consolidated.safetensors" in files:
+        missing = ", ".join(f for f in MODEL_FILES if f not in files)
+        if repo is not None:
+            raise ModelNotFoundError(
+                f"{repo} has no {missing}: its download is incomplete, or it is not a Voxtral Realtime "
+                f"checkpoint in the official layout; {_get_instructions(repo)}")
+        raise ModelNotFoundError(
+            f"{path} is not a Voxtral Realtime model directory: {missing} missing "
+            f"(it needs {', '.join(MODEL_FILES)}); to get the official model, {_get_instructions(DEFAULT_MODEL)}")
+    found = ", ".join(files[:8]) + (f" and {len(files) - 8} more files" if len(files) > 8 else "")
+    where = repo if repo is not None else f"{path}"
+    how = _get_instructions(repo, None) if repo is not None else (
+        f"to get the official model, {_get_instructions(DEFAULT_MODEL)}")
+    raise ModelNotFoundError(
+        f"{where} is not a Voxtral Realtime model directory: it holds {found or 'no files'}, but a model needs "
+        f"{SUPPORTED_LAYOUTS}; {how}")
+
+
+def _config_checkpoint(path: Path, files: list[str], repo: str | None) -> Checkpoint:
+    config = _read_json(path / "config.json")
+    layout = _config_layout(config, path / "config.json")
+    where = repo if repo is not None else str(path)
+    name = LAYOUT_NAMES[layout]
+    if "model.safetensors.index.json" in files:
+        index = _read_json(path / "model.safetensors.index.json")
+        shards = sorted(set((index.get("weight_map") or {}).values()))
+        missing = [s for s in shards if s not in files]
+        if not shards or missing:
+            raise ModelNotFoundError(
+                f"{where}: model.safetensors.index.json lists {'no shards' if not shards else 'missing shards'}"
+                f"{': ' + ', '.join(missing) if missing else ''}; the download is incomplete")
+        weight_files = [path / s for s in shards]
+    elif "model.safetensors" in files:
+        weight_files = [path / "model.safetensors"]
+    else:
+        raise ModelNotFoundError(f"{where} holds a config.json of the {name} layout but no model.safetensors (nor "
+                                 "model.safetensors.index.json with its shards); the download is incomplete")
+    if "tekken.json" not in files:
+        raise ModelNotFoundError(
+            f"{where} holds a model in the {name} layout without tekken.json, Mistral's tokenizer file that "
+            f"also holds the audio settings; copy it from the official model ({_get_instructions(DEFAULT_MODEL, ('tekken.json',))})")
+    return Checkpoint(path, layout, "config.json", config, weight_files)
+
+
 def resolve_model(path_or_repo: str | Path = DEFAULT_MODEL) -> Path:
-    """A local model directory, or a Hugging Face repo id fetched (three files) into the hub cache."""
+    """A local model directory in any supported layout, or a Hugging Face repo id fetched into the
+    hub cache (only the files its layout needs)."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
-        missing = [f for f in MODEL_FILES if not (path / f).is_file()]
-        if missing:
-            raise ModelNotFoundError(
-                f"{path} is not a Voxtral Realtime model directory: {', '.join(missing)} missing "
-                f"(it needs {', '.join(MODEL_FILES)}); to get the official model, {_get_instructions(DEFAULT_MODEL)}"
-            )
+        find_checkpoint(path)
         return path
     if path.exists():
         raise ModelNotFoundError(f"{path} is a file; pass the directory that holds {', '.join(MODEL_FILES)}")
@@ -57,11 +179,22 @@ def resolve_model(path_or_repo: str | Path = DEFAULT_MODEL) -> Path:
 
 
 def _download(repo: str) -> Path:
+    path = _snapshot(repo, _CONFIG_FILES)
+    # The official repo also holds transformers weights: fetch only the ones the layout reads.
+    official = (path / "params.json").is_file()
+    path = _snapshot(repo, _CONFIG_FILES + ("consolidated.safetensors" if official else "model*.safetensors",))
+    if official and not (path / "consolidated.safetensors").is_file() and (path / "config.json").is_file():
+        path = _snapshot(repo, _CONFIG_FILES + ("model*.safetensors",))
+    find_checkpoint(path, repo)
+    return path
+
+
+def _snapshot(repo: str, patterns: tuple[str, ...]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        path = Path(snapshot_download(repo, allow_patterns=list(MODEL_FILES)))
+        return Path(snapshot_download(repo, allow_patterns=list(patterns)))
     except GatedRepoError:
         raise ModelNotFoundError(
             f"{repo} is gated: accept its terms at https://huggingface.co/{repo} and log in with `hf auth login`"
@@ -75,13 +208,6 @@ def _download(repo: str) -> Path:
             f"{repo} is not in the local Hugging Face cache and could not be downloaded "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); {_get_instructions(repo)}"
         ) from None
-    missing = [f for f in MODEL_FILES if not (path / f).is_file()]
-    if missing:
-        raise ModelNotFoundError(
-            f"{repo} has no {', '.join(missing)}: its download is incomplete, or it is not a Voxtral Realtime "
-            f"checkpoint in the official layout; {_get_instructions(repo)}"
-        )
-    return path
 
 
 def default_dtype() -> mx.Dtype:
@@ -130,8 +256,45 @@ def read_safetensors(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def check_weights(net: VoxtralRealtime, weights: dict[str, mx.array], raw_shapes: dict[str, tuple],
-                  source: str):
+def read_weights(ckpt: Checkpoint) -> dict[str, mx.array]:
+    """All tensors of a checkpoint, from one file or its shards, mapped lazily."""
+    weights: dict[str, mx.array] = {}
+    for file in ckpt.weight_files:
+        for name, w in read_safetensors(file).items():
+            if name in weights:
+                raise WeightsError(f"{file}: tensor {name} is also in another shard")
+            weights[name] = w
+    return weights
+
+
+def quantize_like(net: VoxtralRealtime, weights: dict[str, mx.array], mode: str = "affine",
+                  source: str = "the weights") -> dict[str, dict]:
+    """Quantize the layers the weights hold quantized (those with `.scales`), with the bits and
+    group size their shapes imply. Returns the parameters of each quantized layer by path."""
+    layers = {}
+    for path, module in tree_flatten(net.leaf_modules(), is_leaf=nn.Module.is_module):
+        scales = weights.get(f"{path}.scales")
+        if scales is None:
+            continue
+        packed = weights.get(f"{path}.weight")
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise WeightsError(f"{source}: {path} is stored quantized, but it is a {type(module).__name__}")
+        if packed is None:
+            raise WeightsError(f"{source}: {path} has scales but no weight")
+        in_dims = module.weight.shape[1]
+        bits, bits_rest = divmod(packed.shape[-1] * 32, in_dims)
+        group_size, group_rest = divmod(in_dims, max(1, scales.shape[-1]))
+        if packed.ndim != 2 or bits_rest or group_rest or bits not in (2, 3, 4, 5, 6, 8):
+            raise WeightsError(
+                f"{source}: tensors {path}.weight {list(packed.shape)} and {path}.scales {list(scales.shape)} "
+                f"are no quantization of a layer with {in_dims} inputs")
+        layers[path] = {"group_size": group_size, "bits": bits, "mode": mode}
+    if layers:
+        nn.quantize(net, class_predicate=lambda path, _: dict(layers[path]) if path in layers else False)
+    return layers
+
+
+def check_weights(net: VoxtralRealtime, weights: dict[str, mx.array], source: str, config: str = "params.json"):
     """Missing, unexpected or misshapen tensors are errors that name the tensors."""
     expected = dict(tree_flatten(net.parameters()))
     problems = []
@@ -143,11 +306,11 @@ def check_weights(net: VoxtralRealtime, weights: dict[str, mx.array], raw_shapes
         problems.append(f"unexpected tensor {name}")
     for name, w in weights.items():
         if name in expected and w.shape != expected[name].shape:
-            problems.append(f"tensor {name} has shape {list(raw_shapes[name])}, but params.json implies "
+            problems.append(f"tensor {name} has shape {list(w.shape)}, but {config} implies "
                             f"{_checkpoint_shape(expected[name].shape)}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise WeightsError(f"{source} does not match params.json: {'; '.join(problems[:5])}{more}")
+        raise WeightsError(f"{source} does not match {config}: {'; '.join(problems[:5])}{more}")
 
 
 def _checkpoint_shape(shape) -> list[int]:
@@ -155,52 +318,74 @@ def _checkpoint_shape(shape) -> list[int]:
     return [shape[0], shape[2], shape[1]] if len(shape) == 3 else list(shape)
 
 
-def load_config(path: Path) -> tuple[ModelArgs, Tekken, AudioArgs]:
-    """The network, tokenizer and audio settings of a model directory, checked against each other."""
-    try:
-        params = json.loads((path / "params.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path / 'params.json'}: {e}") from None
-    args = ModelArgs.from_params(params)
-    tokenizer = Tekken.from_file(path / "tekken.json")
-    if tokenizer.audio is None:
-        raise ConfigError(f"{path / 'tekken.json'} has no audio section: not a Voxtral Realtime tokenizer")
-    audio = AudioArgs.from_files(tokenizer.audio, args)
+def read_config(ckpt: Checkpoint) -> tuple[ModelArgs, Tekken, AudioArgs]:
+    """The network, tokenizer and audio settings of a checkpoint, checked against each other."""
+    source, config = ckpt.config_file, ckpt.config
+    if ckpt.layout in ("official", "voxmlx"):
+        args = ModelArgs.from_params(config, source)
+    elif ckpt.layout == "mlx-audio":
+        args = ModelArgs.from_mlx_audio(config, source)
+    elif ckpt.layout == "transformers":
+        pre = ckpt.path / "preprocessor_config.json"
+        args = ModelArgs.from_transformers(config, _read_json(pre) if pre.is_file() else None, source)
+    else:
+        args = ModelArgs.from_dict(config.get("model") or {}, source)
+    tokenizer = Tekken.from_file(ckpt.path / "tekken.json")
+    if ckpt.layout == "voxtral-mlx":
+        audio = AudioArgs.from_dict(config.get("audio"), source)
+    else:
+        if tokenizer.audio is None:
+            raise ConfigError(f"{ckpt.path / 'tekken.json'} has no audio section: not a Voxtral Realtime tokenizer")
+        audio = AudioArgs.from_files(tokenizer.audio, args, source)
     if tokenizer.vocab_size != args.decoder.vocab_size:
-        raise ConfigError(f"tekken.json has {tokenizer.vocab_size} tokens, params.json vocab_size is "
+        raise ConfigError(f"tekken.json has {tokenizer.vocab_size} tokens, {source} vocab_size is "
                           f"{args.decoder.vocab_size}")
     return args, tokenizer, audio
+
+
+def load_config(path: Path) -> tuple[ModelArgs, Tekken, AudioArgs]:
+    """The network, tokenizer and audio settings of a model directory in any supported layout."""
+    return read_config(find_checkpoint(Path(path)))
+
+
+def load_network(ckpt: Checkpoint) -> tuple[VoxtralRealtime, dict[str, mx.array], Tekken, AudioArgs]:
+    """The network (quantized as stored) and its checked weights, mapped lazily, not yet loaded."""
+    args, tokenizer, audio = read_config(ckpt)
+    net = VoxtralRealtime(args, audio)
+    weights = net.sanitize(read_weights(ckpt))
+    quantization = ckpt.config.get("quantization") if isinstance(ckpt.config.get("quantization"), dict) else {}
+    quantize_like(net, weights, quantization.get("mode", "affine"), ckpt.weights_name)
+    check_weights(net, weights, ckpt.weights_name, ckpt.config_file)
+    return net, weights, tokenizer, audio
 
 
 def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None = None) -> Voxtral:
     """Load Voxtral Realtime.
 
     Args:
-        path_or_repo: a directory with params.json, consolidated.safetensors and tekken.json,
-            or a Hugging Face repo id (default: the official model; only those three files
-            are downloaded, into the Hugging Face cache).
+        path_or_repo: a model directory or a Hugging Face repo id (default: the official
+            model; only the files its layout needs are downloaded, into the Hugging Face
+            cache). Layouts: the official one (params.json, consolidated.safetensors,
+            tekken.json), one written by `voxtral-mlx convert`, Hugging Face transformers,
+            voxmlx and mlx-audio (config.json, model.safetensors, tekken.json).
         dtype: compute dtype: "float32" (default on CPU), "bfloat16" (default on GPU) or "float16".
-            The weights stay in their stored dtype on disk and are cast while loading.
+            Float weights are cast while loading; quantized layers stay quantized, their
+            scales in this dtype.
     """
     path = resolve_model(path_or_repo)
     dtype = parse_dtype(dtype)
-    args, tokenizer, audio = load_config(path)
-
-    net = VoxtralRealtime(args, audio)
-    source = path / "consolidated.safetensors"
-    raw = read_safetensors(source)
-    raw_shapes = {name: tuple(w.shape) for name, w in raw.items()}
-    weights = net.sanitize(raw)
-    del raw
-    check_weights(net, weights, raw_shapes, source.name)
+    ckpt = find_checkpoint(path)
+    net, weights, tokenizer, audio = load_network(ckpt)
     # Cast one tensor at a time so the stored and compute copies never coexist in full.
     loaded = []
     for name in list(weights):
-        w = weights.pop(name).astype(dtype)
+        w = weights.pop(name)
+        if mx.issubdtype(w.dtype, mx.floating):
+            w = w.astype(dtype)
         try:
             mx.eval(w)
         except RuntimeError as e:
-            raise WeightsError(f"{source}: cannot read tensor {name} ({e})") from None
+            raise WeightsError(f"{ckpt.path / ckpt.weights_name}: cannot read tensor {name} ({e})") from None
         loaded.append((name, w))
     net.load_weights(loaded, strict=True)
     return Voxtral(net, tokenizer, audio, path)
