@@ -229,3 +229,23 @@ def test_missing_portaudio_or_sounddevice_is_explained(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_module)
     with pytest.raises(MicError, match=r"pip install 'voxtral-mlx\[mic\]'"):
         _sounddevice()
+
+
+@needs_portaudio
+def test_python_mic_helper_yields_the_offline_text(fakemic, tiny_dir, monkeypatch):
+    import voxtral_mlx
+
+    audio = quantized(speech("night1968_5s"))
+    monkeypatch.setenv("ALSA_CONFIG_PATH", fakemic(audio)["ALSA_CONFIG_PATH"])
+    sd = _sounddevice()
+    sd._terminate()
+    sd._initialize()
+    try:
+        model = load_model(tiny_dir)
+        with pytest.warns(UserWarning, match="falling behind real time"):  # the fake delivers at once
+            pieces = list(voxtral_mlx.mic(model, device="fakemic", duration=5, vad=False))
+        assert "".join(pieces) == model.transcribe(audio).text
+        assert len(pieces) >= 1
+    finally:
+        sd._terminate()
+        sd._initialize()
