@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -174,13 +173,27 @@ def test_stream_stopping_mid_recording_is_an_error(fakemic, tiny_dir, monkeypatc
     sd._initialize()
     from voxtral_mlx.mic import Microphone
 
-    with Microphone("silence") as source:
-        threading.Timer(0.3, source.stream.abort).start()
-        with pytest.raises(MicError, match="recording from 'silence' stopped"):
-            for _ in transcribe_live(load_model(tiny_dir), source, vad=True):
-                pass
-    sd._terminate()
-    sd._initialize()
+    calls = []
+    real = Microphone._callback
+
+    def failing(self, indata, frames, time_, status):
+        # A device that goes away: PortAudio stops the stream from its own thread.
+        calls.append(frames)
+        if len(calls) > 20:
+            raise sd.CallbackAbort
+        real(self, indata, frames, time_, status)
+
+    monkeypatch.setattr(Microphone, "_callback", failing)
+    try:
+        texts = []
+        with Microphone("silence") as source:
+            with pytest.raises(MicError, match="recording from 'silence' stopped"):
+                for text in transcribe_live(load_model(tiny_dir), source, vad=False):
+                    texts.append(text)
+        assert len(calls) == 21
+    finally:
+        sd._terminate()
+        sd._initialize()
 
 
 @needs_portaudio
