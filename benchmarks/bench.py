@@ -1,11 +1,17 @@
 """Offline and streaming transcription speed, latency and memory.
 
-    python benchmarks/bench.py --model DIR [--audio FILE ...] [--dtype float32] [--chunk-ms 80]
+    python benchmarks/bench.py --model DIR [--audio FILE ...] [--dtype float32]
+        [--chunk-ms 80] [--compare voxmlx --compare-python PY] [--json OUT]
 
-Prints one JSON record per run, then a table. Streaming feeds the clip in chunks as fast as
-the engine takes them; a token's latency is the time from the call that delivered the last
-sample it needs to the moment its text is returned, on top of the model's own delay
-(`delay_ms` plus 2.5 ms of STFT look-ahead).
+Prints one JSON record per run, then a table. Besides end-to-end runs (offline, and
+streaming in `--chunk-ms` chunks as fast as the engine takes them), it times the parts: the
+encoder (ms per second of audio), the prompt prefill, and decoder steps (double-buffered, as
+in transcription), whose weight traffic it compares with the memory-bandwidth floor. A
+streamed token's latency is the time from the call that delivered the last sample it needs to
+the moment its text is returned, on top of the model's own delay (`delay_ms` + 2.5 ms).
+
+`--compare voxmlx` runs the `voxmlx` package (PyPI) on the same checkpoint and clip, at its
+default settings, in a child process (`--compare-python` names a Python that has it).
 """
 
 from __future__ import annotations
@@ -15,17 +21,22 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
-import voxtral_mlx
-from voxtral_mlx.weights import blas_backend
+import voxtral_mlx  # first: it chooses the BLAS before MLX loads
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from voxtral_mlx.weights import blas_backend  # noqa: E402
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
+DEFAULT_BANDWIDTH_GBS = 68.0
 
 
 def machine() -> dict:
@@ -37,10 +48,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "ram_gb": round(mem_gb, 1) if mem_gb else None, "mlx": mx.__version__,
-            "device": str(mx.default_device()), "blas": blas_backend()}
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem_gb, 1),
+            "mlx": mx.__version__, "device": "gpu" if mx.default_device() == mx.gpu else "cpu",
+            "blas": blas_backend()}
 
 
 def peak_rss_mb() -> float:
@@ -48,12 +59,65 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def quantization(model) -> str:
+    bits = {m.bits for _, m in model.net.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    return "none" if not bits else "/".join(f"{b}-bit" for b in sorted(bits))
+
+
+def decoder_bytes(model) -> int:
+    """Weight bytes one decoder step reads: every decoder layer, the final norm and the tied head."""
+    net = model.net
+    layers = sum(v.nbytes for _, v in tree_flatten([layer.parameters() for layer in net.layers]))
+    head = sum(v.nbytes for _, v in tree_flatten(net.embedding_module.tok_embeddings.parameters()))
+    return layers + head + net.norm.weight.nbytes
+
+
+def components(model, delay_ms, steps: int = 48) -> dict:
+    """Encoder per audio second, prefill, and decoder steps, each timed on its own."""
+    net, audio = model.net, model.audio
+    session = model.stream(delay_ms=delay_ms)
+    rng = np.random.default_rng(0)
+    tokens = 64
+    mel = session._mel(mx.array(rng.normal(0, 0.1, tokens * audio.samples_per_token + 240).astype(np.float32)))
+    caches = net.make_cache()
+    mx.eval(net.encode(mel[: 8 * 8], caches))  # warm up
+    start = time.perf_counter()
+    emb = net.encode(mel, caches)
+    mx.eval(emb)
+    encoder_s = time.perf_counter() - start
+    seconds = tokens * audio.samples_per_token / audio.sampling_rate
+
+    caches = net.make_cache()
+    L = len(session.prompt)
+    embeds = mx.concatenate([emb] * (-(-(L + steps) // tokens)))[: L + steps]
+    start = time.perf_counter()
+    logits = net.decode(embeds[:L], mx.array(session.prompt), caches, session.scales)
+    token = mx.argmax(logits)
+    mx.eval(token, [c.state for c in caches.decoder])
+    prefill_s = time.perf_counter() - start
+
+    times = []
+    mx.async_eval(token)
+    last = time.perf_counter()
+    for p in range(L, L + steps):
+        nxt = mx.argmax(net.decode(embeds[p : p + 1], token.reshape(1), caches, session.scales))
+        mx.async_eval(nxt)
+        token.item()
+        now = time.perf_counter()
+        times.append(now - last)
+        last, token = now, nxt
+    token.item()
+    step_ms = np.array(times[4:]) * 1000  # after the pipeline fills
+    return {"encoder_ms_per_audio_s": 1000 * encoder_s / seconds, "prefill_ms": 1000 * prefill_s,
+            "prefill_positions": L, "step_ms_mean": float(step_ms.mean()),
+            "step_ms_p50": float(np.percentile(step_ms, 50)), "step_ms_p95": float(np.percentile(step_ms, 95))}
+
+
 def offline(model, samples: np.ndarray, delay_ms) -> dict:
     start = time.perf_counter()
     result = model.transcribe(samples, delay_ms=delay_ms)
     wall = time.perf_counter() - start
-    return {"mode": "offline", "wall_s": wall, "tokens": len(result.tokens),
-            "rtf": result.duration / wall, "ms_per_token": 1000 * wall / len(result.tokens)}
+    return {"mode": "offline", "wall_s": wall, "tokens": len(result.tokens), "rtf": result.duration / wall}
 
 
 def streaming(model, samples: np.ndarray, delay_ms, chunk_ms: float) -> dict:
@@ -70,58 +134,157 @@ def streaming(model, samples: np.ndarray, delay_ms, chunk_ms: float) -> dict:
         latencies += [t1 - t0] * (len(session.tokens) - before)
         if text.strip() and first_text is None:
             first_text = t1 - start
-    t0 = time.perf_counter()
     session.finish()
     wall = time.perf_counter() - start
-    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    lat = np.array(latencies or [0.0]) * 1000
     return {"mode": "stream", "chunk_ms": chunk_ms, "wall_s": wall, "tokens": len(session.tokens),
-            "rtf": samples.size / sr / wall, "ms_per_token": 1000 * wall / len(session.tokens),
-            "finish_s": time.perf_counter() - t0,
-            "latency_ms_mean": float(lat.mean()), "latency_ms_p50": float(np.percentile(lat, 50)),
+            "rtf": samples.size / sr / wall, "latency_ms_p50": float(np.percentile(lat, 50)),
             "latency_ms_p95": float(np.percentile(lat, 95)),
-            "model_delay_ms": session.delay_ms + 1000 * model.audio.look_ahead / sr,
-            "first_text_s": first_text}
+            "model_delay_ms": session.delay_ms + 1000 * model.audio.look_ahead / sr, "first_text_s": first_text}
+
+
+def batch(model, paths: list[str], delay_ms) -> list[dict]:
+    """The clips transcribed one after another, then as one batch: wall times and throughput ratio."""
+    clips = [voxtral_mlx.load_audio(p) for p in paths]
+    seconds = sum(c.size for c in clips) / model.sample_rate
+    name = " + ".join(Path(p).name for p in paths)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    alone = [model.transcribe(c, delay_ms=delay_ms) for c in clips]
+    sequential_s = time.perf_counter() - start
+    sequential_mb = mx.get_peak_memory() / 2**20
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    together = model.transcribe(clips, delay_ms=delay_ms, batch_size=len(clips))
+    batch_s = time.perf_counter() - start
+    tokens = sum(len(r.tokens) for r in together)
+    return [{"mode": "sequential", "wall_s": sequential_s, "tokens": tokens, "rtf": seconds / sequential_s,
+             "audio": name, "audio_s": seconds, "peak_mlx_mb": sequential_mb},
+            {"mode": "batch", "batch_size": len(clips), "wall_s": batch_s, "tokens": tokens, "rtf": seconds / batch_s,
+             "audio": name, "audio_s": seconds, "peak_mlx_mb": mx.get_peak_memory() / 2**20,
+             "sequential_wall_s": sequential_s, "batch_speedup": sequential_s / batch_s,
+             "same_tokens": all(a.tokens == b.tokens for a, b in zip(alone, together))}]
+
+
+VOXMLX_RUN = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+import mlx.core as mx
+from voxmlx import load_model, _build_prompt_tokens
+from voxmlx.generate import generate
+model, sp, config = load_model(sys.argv[1])
+load_s = time.perf_counter() - t0
+prompt, n_delay = _build_prompt_tokens(sp)
+t1 = time.perf_counter()
+tokens = generate(model, sys.argv[2], prompt, n_delay_tokens=n_delay, eos_token_id=sp.eos_id)
+wall = time.perf_counter() - t1
+print(json.dumps({"load_s": load_s, "wall_s": wall, "tokens": len(tokens),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def voxmlx(python: str, model: str, audio: str, seconds: float) -> dict:
+    """voxmlx's own load and generate (bf16 as stored, stops at the first end-of-sequence)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VOXTRAL_MLX_BLAS")}
+    proc = subprocess.run([python, "-c", VOXMLX_RUN, model, audio], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"voxmlx failed:\n{proc.stderr[-2000:]}")
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    rec.update(mode="voxmlx", rtf=seconds / rec["wall_s"])
+    return rec
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model directory or repo id")
-    ap.add_argument("--audio", nargs="*", default=[str(SHARED_AUDIO / "jfk.wav")])
+    ap.add_argument("--audio", nargs="*", default=[str(SHARED_AUDIO / "night1968_5s.wav")])
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--delay-ms", type=int, default=None)
     ap.add_argument("--chunk-ms", type=float, default=80.0)
-    ap.add_argument("--modes", default="offline,stream")
+    ap.add_argument("--modes", default="parts,offline,stream",
+                    help="any of parts, offline, stream, batch (all the clips one by one, then as one batch)")
+    ap.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH_GBS, help="memory bandwidth, GB/s")
+    ap.add_argument("--compare", choices=["voxmlx"], help="also run this engine on the same clip")
+    ap.add_argument("--compare-python", default=sys.executable, help="the Python that has it installed")
     ap.add_argument("--json", help="append the records to this file")
     args = ap.parse_args(argv)
 
     info = machine()
+    # The other engine first, in its own process, so that the two models never share the memory.
+    others = {}
+    if args.compare == "voxmlx":
+        for path in args.audio:
+            seconds = voxtral_mlx.load_audio(path).size / 16000
+            others[path] = voxmlx(args.compare_python, str(args.model), path, seconds)
     start = time.perf_counter()
     model = voxtral_mlx.load(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - start
+    common = {"model": str(args.model), "dtype": str(model.dtype).rsplit(".", 1)[-1],
+              "quantization": quantization(model), "load_s": load_s, "machine": info}
     records = []
+    modes = args.modes.split(",")
+    if "parts" in modes:
+        rec = components(model, args.delay_ms)
+        floor_ms = decoder_bytes(model) / (args.bandwidth * 1e9) * 1000
+        rec.update(mode="parts", step_floor_ms=floor_ms, step_vs_floor=rec["step_ms_p50"] / floor_ms,
+                   bandwidth_gbs=args.bandwidth, peak_rss_mb=peak_rss_mb(), **common)
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
     for path in args.audio:
         samples = voxtral_mlx.load_audio(path)
-        for mode in args.modes.split(","):
+        seconds = samples.size / model.sample_rate
+        for mode in [m for m in modes if m in ("offline", "stream")]:
             mx.reset_peak_memory()
             rec = offline(model, samples, args.delay_ms) if mode == "offline" else \
                 streaming(model, samples, args.delay_ms, args.chunk_ms)
-            rec.update(audio=Path(path).name, audio_s=samples.size / model.sample_rate, load_s=load_s,
-                       dtype=str(model.dtype).rsplit(".", 1)[-1], model=str(args.model),
-                       peak_mlx_mb=mx.get_peak_memory() / 2**20, peak_rss_mb=peak_rss_mb(), machine=info)
+            rec.update(audio=Path(path).name, audio_s=seconds, peak_mlx_mb=mx.get_peak_memory() / 2**20,
+                       peak_rss_mb=peak_rss_mb(), **common)
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+        if path in others:
+            rec = others[path]
+            ours = next((r for r in records if r["mode"] == "offline" and r.get("audio") == Path(path).name), None)
+            rec.update(audio=Path(path).name, audio_s=seconds,
+                       machine=dict(info, blas="the mlx-cpu wheel's, as voxmlx leaves it"),
+                       ours_speedup=None if ours is None else (rec["wall_s"] + rec["load_s"]) / (ours["wall_s"] + load_s))
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+    if "batch" in modes:
+        for rec in batch(model, args.audio, args.delay_ms):
+            rec.update(peak_rss_mb=peak_rss_mb(), **common)
             print(json.dumps(rec), flush=True)
             records.append(rec)
     if args.json:
         with open(args.json, "a") as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
-    print(f"\n{info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB, mlx {info['mlx']} "
-          f"({info['device']}, BLAS: {info['blas']}); load {load_s:.1f} s")
-    print("| clip | mode | audio s | wall s | x real time | ms/token | latency p50/p95 ms | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print_table(records, info, load_s)
+
+
+def print_table(records, info, load_s):
+    print(f"\n{info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB, mlx {info['mlx']} on the "
+          f"{info['device'].upper()}, BLAS: {info['blas']}")
     for r in records:
+        if r["mode"] == "parts":
+            print(f"\n{r['dtype']}, quantization {r['quantization']}, load {load_s:.1f} s: encoder "
+                  f"{r['encoder_ms_per_audio_s']:.0f} ms per audio second, prefill of {r['prefill_positions']} "
+                  f"positions {r['prefill_ms']:.0f} ms, decoder step {r['step_ms_mean']:.0f} / "
+                  f"{r['step_ms_p50']:.0f} / {r['step_ms_p95']:.0f} ms (mean / p50 / p95), "
+                  f"{r['step_vs_floor']:.1f}x the {r['step_floor_ms']:.0f} ms floor at {r['bandwidth_gbs']:.0f} GB/s")
+    rows = [r for r in records if r["mode"] != "parts"]
+    if rows:
+        print("\n| clip | engine | audio s | wall s | x real time | latency p50/p95 ms | peak RSS MB |")
+        print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        engine = "voxmlx (its defaults)" if r["mode"] == "voxmlx" else f"voxtral-mlx {r['mode']}"
         lat = f"{r['latency_ms_p50']:.0f} / {r['latency_ms_p95']:.0f}" if r["mode"] == "stream" else "-"
-        print(f"| {r['audio']} | {r['mode']} | {r['audio_s']:.1f} | {r['wall_s']:.1f} | {r['rtf']:.2f} | "
-              f"{r['ms_per_token']:.0f} | {lat} | {r['peak_rss_mb']:.0f} |")
+        extra = f" (+{r['load_s']:.0f} s load; ours {r['ours_speedup']:.1f}x faster)" if r["mode"] == "voxmlx" and \
+            r.get("ours_speedup") else ""
+        if r["mode"] == "batch":
+            engine += f" of {r['batch_size']}"
+            extra = f" ({r['batch_speedup']:.2f}x the sequential throughput)"
+        print(f"| {r['audio']} | {engine} | {r['audio_s']:.1f} | {r['wall_s']:.1f}{extra} | {r['rtf']:.2f} | {lat} | "
+              f"{r['peak_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ def library(path, audio, **kw) -> Transcription:
 
 
 def same_file(path: Path, expected: Transcription):
-    """The file holds what the writer makes of the library's result (JSON: up to float rounding)."""
+    """The file holds what the writer makes of the library's result (JSON: up to float rounding;
+    several files are decoded as one batch, whose probabilities differ from one file's in float32
+    rounding, as streamed ones do in test_timestamps)."""
     fmt = path.suffix[1:]
     text = path.read_text(encoding="utf-8")
     if fmt != "json":
@@ -70,7 +72,7 @@ def same_file(path: Path, expected: Transcription):
                                                                  expected.delay_ms, expected.duration)
     assert [(s.start, s.end, s.text) for s in got.segments] == [(s.start, s.end, s.text) for s in expected.segments]
     np.testing.assert_allclose([r.probability for r in got.token_records],
-                               [r.probability for r in expected.token_records], rtol=1e-5)
+                               [r.probability for r in expected.token_records], rtol=1e-4, atol=1e-6)
 
 
 def test_output_dir_writes_every_format_and_stdout_is_unchanged(tmp_path, timed_dir):

@@ -5,7 +5,11 @@
     print(model.transcribe("speech.wav").text)
 """
 
-from .audio import AudioError, load_audio
+from . import _blas
+
+_blas.preload()  # before MLX is loaded: a fast BLAS for its CPU matmuls (see _blas)
+
+from .audio import AudioError, load_audio  # noqa: E402
 from .config import ConfigError
 from .convert import Conversion, convert
 from .mic import MicError, mic

@@ -260,7 +260,8 @@ class LogMel:
     """Log-mel frames from a span of the padded signal (MODEL.md section 3).
 
     Frame `i` covers samples `[hop*i - window/2, hop*i + window/2)`; a span that starts at
-    `hop*i0 - window/2` and holds `hop*(F-1) + window` samples gives frames `i0 .. i0+F-1`.
+    `hop*i0 - window/2` and holds `hop*(F-1) + window` samples gives frames `i0 .. i0+F-1`:
+    [S] -> [F, n_mels], or for B streams [B, S] -> [B, F, n_mels].
     """
 
     def __init__(self, args: AudioArgs):
@@ -274,10 +275,13 @@ class LogMel:
         self.floor = args.global_log_mel_max - 8.0
 
     def __call__(self, span: mx.array) -> mx.array:
-        n_frames = (span.shape[0] - self.window_size) // self.hop + 1
-        frames = mx.as_strided(span, (n_frames, self.window_size), (self.hop, 1))  # [F, 400]
-        spec = mx.fft.rfft(frames * self.window, n=self.window_size)  # [F, 201]
+        S = span.shape[-1]
+        shape, strides = ((S - self.window_size) // self.hop + 1, self.window_size), (self.hop, 1)
+        if span.ndim == 2:
+            shape, strides = (span.shape[0], *shape), (S, *strides)
+        frames = mx.as_strided(span, shape, strides)  # [B, F, 400]
+        spec = mx.fft.rfft(frames * self.window, n=self.window_size)  # [B, F, 201]
         power = mx.square(spec.real) + mx.square(spec.imag)
-        mel = power @ self.filters  # [F, n_mels]
+        mel = power @ self.filters  # [B, F, n_mels]
         log = mx.maximum(mx.log10(mx.maximum(mel, 1e-10)), self.floor)
         return (log + 4.0) / 4.0

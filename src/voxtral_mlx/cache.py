@@ -80,6 +80,11 @@ class RingKVCache:
         self.offset += n
         return keys, values
 
+    def filter(self, rows: mx.array):
+        """Keep only these batch rows."""
+        if self.keys is not None:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+
     @property
     def state(self):
         return self.keys, self.values

@@ -25,9 +25,8 @@ from .weights import (DEFAULT_MODEL, ModelNotFoundError, WeightsError, blas_back
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Voxtral Realtime speech-to-text with MLX.")
 
-OPENBLAS_HINT = ("; on Linux, preloading OpenBLAS makes them several times faster: "
-                 "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 (Debian/Ubuntu package "
-                 "libopenblas0-pthread)")
+BLAS_HINT = ("; MKL makes them over 10x faster: pip install 'voxtral-mlx[mkl]' (x86-64), or OpenBLAS "
+             "about 3x: sudo apt install libopenblas0-pthread")
 USER_ERRORS = (AudioError, ConfigError, ModelNotFoundError, WeightsError, ValueError, OSError)
 
 
@@ -133,13 +132,18 @@ def transcribe(
     pause_ms: float = typer.Option(DEFAULT_PAUSE_MS, "--pause-ms", min=0,
                                    help="A segment (subtitle) ends at the end of a sentence or after a "
                                         "pause longer than this."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1,
+                                   help="Files decoded together as one batch: each weight read serves all "
+                                        "of them (faster; a decoder cache per file)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and timings on stderr."),
 ):
     """Transcribe audio files or a live stream; text is printed as it is decoded.
 
-    With --output-format or --output-dir, each transcript is also written to files: txt (one
-    segment per line), json (segments, words and tokens with times and probabilities), srt,
-    vtt and tsv. On a terminal, progress bars are shown on stderr.
+    Files are decoded --batch-size at a time as one batch; each transcript is exactly that of
+    the file alone, and they are printed in input order. With --output-format or --output-dir,
+    each transcript is also written to files: txt (one segment per line), json (segments, words
+    and tokens with times and probabilities), srt, vtt and tsv. On a terminal, progress bars
+    are shown on stderr.
     """
     inputs, failed = [], 0
     for name in files:
@@ -178,46 +182,127 @@ def transcribe(
         _status(verbose, f"loaded {path} ({str(voxtral.dtype).rsplit('.', 1)[-1]}) in "
                          f"{time.perf_counter() - start:.1f} s on the {'GPU' if mx.default_device() == mx.gpu else 'CPU'}")
         if mx.default_device() == mx.cpu:
-            _status(verbose, f"CPU matmuls: {blas_backend()}" + (OPENBLAS_HINT if "reference" in blas_backend() else ""))
+            _status(verbose, f"CPU matmuls: {blas_backend()}" + (BLAS_HINT if "reference" in blas_backend() else ""))
     except USER_ERRORS as e:
         _fail(str(e))
         raise typer.Exit(1)
     options = dict(delay_ms=delay_ms, alternatives=alt, pause_ms=pause_ms)
     with _Display(len(inputs), verbose) as display:
-        for name in inputs:
-            printer = display.printer()
-            start = time.perf_counter()
-            try:
-                if name == "-":
-                    display.start_file("stdin", None)
-                    result = _transcribe_stdin(voxtral, interval_ms, printer, on_token=display.on_token, **options)
-                else:
-                    samples = load_audio(name, voxtral.sample_rate)
-                    seconds = samples.size / voxtral.sample_rate
-                    display.status(f"{name}: {seconds:.2f} s of audio")
-                    display.start_file(name, seconds)
-                    result = voxtral.transcribe(samples, on_text=printer, on_token=display.on_token, **options)
-            except AudioError as e:
-                printer.end()
-                display.fail(str(e))
-                display.end_file()
-                failed += 1
-                continue
-            if not printer.end():
-                display.echo(f"voxtral-mlx: no speech recognized in {'stdin' if name == '-' else name}")
-            if formats:
-                try:
-                    paths = write_outputs(result, output_dir, _output_name(name), formats)
-                    display.status(f"{name}: wrote {', '.join(str(p) for p in paths)}")
-                except OSError as e:
-                    display.fail(f"{name}: cannot write the transcript: {e}")
-                    failed += 1
-            wall = time.perf_counter() - start
-            display.status(f"{name}: {result.duration:.2f} s of audio, {len(result.tokens)} tokens in {wall:.2f} s "
-                           f"({result.duration / wall:.2f}x real time)")
-            display.end_file()
+        for group in _batches(inputs, batch_size):
+            if group == ["-"]:
+                failed += _stdin_input(voxtral, interval_ms, display, formats, output_dir, options)
+            else:
+                failed += _file_batch(voxtral, group, display, formats, output_dir, options)
     if failed:
         raise typer.Exit(1)
+
+
+def _batches(inputs: list[str], size: int) -> list[list[str]]:
+    """Consecutive files, up to `size` at a time; stdin on its own, where it was given."""
+    groups: list[list[str]] = []
+    for name in inputs:
+        if name == "-" or not groups or groups[-1] == ["-"] or len(groups[-1]) == size:
+            groups.append([name])
+        else:
+            groups[-1].append(name)
+    return groups
+
+
+def _stdin_input(voxtral, interval_ms, display, formats, output_dir, options) -> int:
+    """Transcribe the live stream on stdin; returns the number of failures (0 or 1)."""
+    printer, start = display.printer(), time.perf_counter()
+    bar = display.start_file("stdin", None)
+    try:
+        result = _transcribe_stdin(voxtral, interval_ms, printer,
+                                   on_token=lambda record: display.on_token(bar, record), **options)
+    except AudioError as e:
+        printer.end()
+        display.fail(str(e))
+        display.end_file(bar)
+        return 1
+    if not printer.end():
+        display.echo("voxtral-mlx: no speech recognized in stdin")
+    failed = _finish_file(display, "-", result, formats, output_dir, time.perf_counter() - start)
+    display.end_file(bar)
+    return failed
+
+
+def _file_batch(voxtral, names, display, formats, output_dir, options) -> int:
+    """Transcribe files as one batch, printing each transcript in input order; returns the number of failures."""
+    failed, loaded = 0, []
+    for name in names:
+        try:
+            samples = load_audio(name, voxtral.sample_rate)
+        except AudioError as e:
+            display.fail(str(e))
+            display.end_file()
+            failed += 1
+            continue
+        display.status(f"{name}: {samples.size / voxtral.sample_rate:.2f} s of audio")
+        loaded.append((name, samples))
+    if not loaded:
+        return failed
+    bars = [display.start_file(name, samples.size / voxtral.sample_rate) for name, samples in loaded]
+    start = time.perf_counter()
+
+    def printed(i: int, had_text: bool):
+        if not had_text:
+            display.echo(f"voxtral-mlx: no speech recognized in {loaded[i][0]}")
+
+    def on_result(i: int, result: Transcription):
+        nonlocal failed
+        stdout.end(i)
+        failed += _finish_file(display, loaded[i][0], result, formats, output_dir, time.perf_counter() - start,
+                               batch=len(loaded))
+        display.end_file(bars[i])
+
+    stdout = _InOrder([display.printer() for _ in loaded], printed)
+    voxtral.transcribe([samples for _, samples in loaded], batch_size=len(loaded), on_text=stdout.text,
+                       on_token=lambda i, record: display.on_token(bars[i], record), on_result=on_result, **options)
+    return failed
+
+
+def _finish_file(display, name, result, formats, output_dir, wall, batch=1) -> int:
+    """Write the output files and report; returns the number of failures (0 or 1)."""
+    failed = 0
+    if formats:
+        try:
+            paths = write_outputs(result, output_dir, _output_name(name), formats)
+            display.status(f"{name}: wrote {', '.join(str(p) for p in paths)}")
+        except OSError as e:
+            display.fail(f"{name}: cannot write the transcript: {e}")
+            failed = 1
+    shared = f", in a batch of {batch}" if batch > 1 else ""
+    display.status(f"{name}: {result.duration:.2f} s of audio, {len(result.tokens)} tokens in {wall:.2f} s "
+                   f"({result.duration / wall:.2f}x real time{shared})")
+    return failed
+
+
+class _InOrder:
+    """The transcripts of a batch on stdout in input order: the first unfinished one as it is
+    decoded, each later one caught up when its turn comes. `printed(i, had_text)` follows each."""
+
+    def __init__(self, printers: list[_Printer], printed):
+        self.printers, self.printed = printers, printed
+        self.held: list[list[str]] = [[] for _ in printers]
+        self.done = [False] * len(printers)
+        self.turn = 0
+
+    def text(self, i: int, text: str):
+        if i == self.turn:
+            self.printers[i](text)
+        else:
+            self.held[i].append(text)
+
+    def end(self, i: int):
+        self.done[i] = True
+        while self.turn < len(self.printers) and self.done[self.turn]:
+            self.printed(self.turn, self.printers[self.turn].end())
+            self.turn += 1
+            if self.turn < len(self.printers):
+                for text in self.held[self.turn]:
+                    self.printers[self.turn](text)
+                self.held[self.turn] = []
 
 
 def _output_formats(output_format: OutputFormat | None, output_dir: Path | None) -> list[str]:
@@ -232,14 +317,14 @@ def _output_name(name: str) -> str:
 
 
 class _Display:
-    """Messages on stderr and, when stderr is a terminal, progress bars: the file being
+    """Messages on stderr and, when stderr is a terminal, progress bars: the files being
     decoded (seconds of audio) and, for several inputs, the files done. While the bars are
     up, messages are printed above them, and so is each transcript if stdout is the same
     terminal (stdout going elsewhere gets the text as it is decoded, as without bars)."""
 
     def __init__(self, n_files: int, verbose: bool):
         self.n_files, self.verbose, self.done = n_files, verbose, 0
-        self.progress = self._file = self._overall = None
+        self.progress = self._overall = None
         self.shared_terminal = False
         if sys.stderr.isatty():
             from rich.console import Console
@@ -287,18 +372,19 @@ class _Display:
         return _Printer()
 
     def start_file(self, name: str, seconds: float | None):
+        """A progress bar for a file being decoded (None without bars)."""
         if self.progress is not None:
-            self._file = self.progress.add_task(name, total=seconds)
+            return self.progress.add_task(name, total=seconds)
+        return None
 
-    def on_token(self, record):
-        if self._file is not None:
-            self.progress.update(self._file, completed=record.time)
+    def on_token(self, bar, record):
+        if bar is not None:
+            self.progress.update(bar, completed=record.time)
 
-    def end_file(self):
+    def end_file(self, bar=None):
         self.done += 1
-        if self._file is not None:
-            self.progress.remove_task(self._file)
-            self._file = None
+        if bar is not None:
+            self.progress.remove_task(bar)
         if self._overall is not None:
             self.progress.update(self._overall, completed=self.done, description=self._files_done())
 
@@ -447,6 +533,71 @@ def convert(
     params = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
     typer.echo(f"converted {src} ({result.source_layout} layout) to {result.path}: {kind}; {size_text} in {files}, "
                f"{result.bits_per_weight:.2f} bits per weight, {params} parameters, {result.seconds:.1f} s")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Address to listen on (default: this machine only; 0.0.0.0 for every "
+                                  "interface, with --api-key)."),
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="TCP port (0: any free port)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VOXTRAL_MLX_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on every request "
+                                               "(or set VOXTRAL_MLX_API_KEY)."),
+    delay_ms: Optional[int] = typer.Option(None, "--delay-ms", "-d",
+                                           help="Default transcription delay: 80..1200 in steps of 80, or 2400 "
+                                                "(default: from the model, 480); requests may choose another."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float32, bfloat16 or float16."),
+    max_sessions: int = typer.Option(4, "--max-sessions", min=1,
+                                     help="WebSocket sessions plus transcription requests served at once."),
+    max_upload_mb: float = typer.Option(100.0, "--max-upload-mb", min=0.001, help="Largest uploaded file, in MB."),
+    max_audio_minutes: float = typer.Option(240.0, "--max-audio-minutes", min=0.01,
+                                            help="Longest audio of one upload or one WebSocket stream."),
+    max_rate: float = typer.Option(10.0, "--max-rate", min=0.01,
+                                   help="A WebSocket stream may send audio this many times faster than real "
+                                        "time (after a 30 s head start)."),
+    allow_origin: List[str] = typer.Option([], "--allow-origin",
+                                           help="A web origin (https://app.example) whose browser pages may "
+                                                "call the server, besides localhost's; repeatable; * for any."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request on stderr."),
+):
+    """Serve the model over HTTP: OpenAI's /v1/audio/transcriptions and the realtime WebSocket /v1/realtime.
+
+    One model is loaded and shared; sessions are served in turns. Ctrl+C stops the server.
+    """
+    try:
+        from .server import ServerLimits, missing_extras
+        from .server import serve as run_server
+
+        missing = missing_extras()
+    except ImportError as e:
+        missing = [(e.name or "starlette").split(".")[0]]
+    if missing:
+        _fail(f"the server needs {', '.join(missing)}: pip install 'voxtral-mlx[server]'")
+        raise typer.Exit(1)
+    try:
+        limits = ServerLimits(max_sessions=max_sessions, max_upload_mb=max_upload_mb,
+                              max_audio_s=max_audio_minutes * 60, max_rate=max_rate)
+        path = _check_model(model, delay_ms)
+        voxtral = load(path, dtype=dtype)
+    except USER_ERRORS as e:
+        _fail(str(e))
+        raise typer.Exit(1)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"voxtral-mlx: warning: listening on {host} without --api-key: anyone who can reach this "
+                   "port can use the server", err=True)
+    try:
+        run_server(voxtral, host=host, port=port, api_key=api_key, limits=limits, model_id=model,
+                   delay_ms=delay_ms, log_level="info" if verbose else "warning", allow_origins=tuple(allow_origin),
+                   on_listening=lambda url: typer.echo(f"voxtral-mlx: serving {model} on {url} "
+                                                       "(Ctrl+C to stop)", err=True))
+    except OSError as e:
+        _fail(str(e))
+        raise typer.Exit(1)
+    except KeyboardInterrupt:  # the server has shut down; Ctrl+C is how it is meant to end
+        pass
+    typer.echo("voxtral-mlx: server stopped", err=True)
 
 
 def main():

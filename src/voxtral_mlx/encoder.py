@@ -101,6 +101,9 @@ class StemState:
     def __init__(self, tails: list[mx.array]):
         self.tails = tails
 
+    def filter(self, rows: mx.array):
+        self.tails = [t[rows] for t in self.tails]
+
 
 class WhisperEncoder(nn.Module):
     def __init__(self, args: EncoderArgs, audio: AudioArgs):
@@ -111,14 +114,14 @@ class WhisperEncoder(nn.Module):
         self.transformer = EncoderTransformer(args)
         self.window = args.sliding_window
 
-    def make_stem_state(self, dtype: mx.Dtype) -> StemState:
-        return StemState([mx.zeros((1, c.tail, c.conv.weight.shape[2]), dtype) for c in self.conv_layers])
+    def make_stem_state(self, dtype: mx.Dtype, batch_size: int = 1) -> StemState:
+        return StemState([mx.zeros((batch_size, c.tail, c.conv.weight.shape[2]), dtype) for c in self.conv_layers])
 
     def make_cache(self) -> list[RingKVCache]:
         return [RingKVCache(self.window) for _ in self.transformer.layers]
 
     def __call__(self, mel: mx.array, stem: StemState, caches: list[RingKVCache]) -> mx.array:
-        """Encoder frames for consecutive mel frames [1, T, n_mels] -> [1, T / stride, dim]."""
+        """Encoder frames for consecutive mel frames [B, T, n_mels] -> [B, T / stride, dim]."""
         x = mel
         for i, conv in enumerate(self.conv_layers):
             x = mx.concatenate([stem.tails[i], x], axis=1)

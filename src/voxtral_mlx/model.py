@@ -48,6 +48,12 @@ class Caches:
     encoder: list[RingKVCache]
     decoder: list[RingKVCache]
 
+    def filter(self, rows: mx.array):
+        """Keep only these batch rows (streams that are done leave the batch)."""
+        self.stem.filter(rows)
+        for cache in self.encoder + self.decoder:
+            cache.filter(rows)
+
 
 class VoxtralRealtime(nn.Module):
     def __init__(self, args: ModelArgs, audio: AudioArgs):
@@ -69,17 +75,22 @@ class VoxtralRealtime(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.norm.weight.dtype
 
-    def make_cache(self) -> Caches:
+    def make_cache(self, batch_size: int = 1) -> Caches:
         return Caches(
-            stem=self.encoder.make_stem_state(self.dtype),
+            stem=self.encoder.make_stem_state(self.dtype, batch_size),
             encoder=self.encoder.make_cache(),
             decoder=[RingKVCache(self.args.decoder.sliding_window) for _ in self.layers],
         )
 
     def encode(self, mel: mx.array, caches: Caches) -> mx.array:
-        """Audio embeddings for mel frames of whole tokens: [T, n_mels] -> [T / 8, dim]."""
-        frames = self.encoder(mel[None].astype(self.dtype), caches.stem, caches.encoder)
-        grouped = frames.reshape(-1, frames.shape[-1] * self.args.downsample_factor)  # [T/8, 4 * enc_dim]
+        """Audio embeddings for mel frames of whole tokens: [B, T, n_mels] -> [B, T / 8, dim]
+        (one stream: [T, n_mels] -> [T / 8, dim])."""
+        if mel.ndim == 2:
+            return self.encode(mel[None], caches)[0]
+        frames = self.encoder(mel.astype(self.dtype), caches.stem, caches.encoder)
+        B, T, D = frames.shape
+        k = self.args.downsample_factor
+        grouped = frames.reshape(B, T // k, D * k)  # [B, T/8, 4 * enc_dim]
         for layer in self.embedding_module.audio_language_projection:
             grouped = layer(grouped)
         return grouped
@@ -89,13 +100,16 @@ class VoxtralRealtime(nn.Module):
         return [layer.ffn_scale(t_cond) for layer in self.layers]
 
     def decode(self, audio: mx.array, tokens: mx.array, caches: Caches, scales: list[mx.array]) -> mx.array:
-        """Logits of the last of n positions, inputs `audio[p] + E[tokens[p]]`: [n, dim], [n] -> [vocab]."""
+        """Logits of the last of n positions, inputs `audio[p] + E[tokens[p]]`: [B, n, dim], [B, n] -> [B, vocab]
+        (one stream: [n, dim], [n] -> [vocab]). The B streams share positions, so they share the mask."""
+        if tokens.ndim == 1:
+            return self.decode(audio[None], tokens[None], caches, scales)[0]
         tok = self.embedding_module.tok_embeddings
-        x = (audio + tok(tokens))[None]  # [1, n, dim]
+        x = audio + tok(tokens)  # [B, n, dim]
         mask = caches.decoder[0].make_mask(x.shape[1])
         for layer, cache, scale in zip(self.layers, caches.decoder, scales):
             x = layer(x, mask, cache, scale)
-        return tok.as_linear(self.norm(x[0, -1]))
+        return tok.as_linear(self.norm(x[:, -1]))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Any supported layout -> module layout (idempotent; see `rename` for the name tables).

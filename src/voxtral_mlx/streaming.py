@@ -1,16 +1,19 @@
 """The streaming session: samples in, final text out, for any chunking (MODEL.md sections 7-8).
 
 Offline transcription is this session fed once and finished, so the two cannot drift apart.
+Several recordings are one session of several streams decoded in lockstep, as one batch
+(`StreamingSession.lockstep`), so that each weight read serves every stream.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
-from .audio import LogMel, prepare_audio
+from .audio import AudioError, LogMel, prepare_audio
 from .config import AudioArgs, ConfigError
 from .model import VoxtralRealtime
 from .timestamps import Alternative, Segment, Timeline, TokenRecord, Word
@@ -24,6 +27,50 @@ MAX_CHUNK_TOKENS = 128
 
 class SessionClosed(RuntimeError):
     """The session was finished; start a new one with `model.stream()`."""
+
+
+class _Stream:
+    """One stream of a session: its generated ids, their timeline, and text not yet returned."""
+
+    def __init__(self, timeline: Timeline, on_text: Callable[[str], None] | None = None,
+                 on_end: Callable[[], None] | None = None):
+        self.timeline = timeline
+        self.on_text = on_text
+        self.on_end = on_end
+        self.tokens: list[int] = []
+        self.audio_samples = 0
+        # In a batch, the tokens this stream needs; past them the batch decodes longer streams.
+        self.limit: int | None = None
+        self.ended = False
+        self._new: list[str] = []
+
+    def say(self, text: str):
+        if text:
+            self._new.append(text)
+            if self.on_text is not None:
+                self.on_text(text)
+
+    def take(self) -> str:
+        """The text that became final since the last call."""
+        text, self._new = "".join(self._new), []
+        return text
+
+    def push(self, token_id: int, probability: float, alternatives: list[Alternative] | None):
+        self.tokens.append(token_id)
+        self.say(self.timeline.push(token_id, probability, alternatives))
+        if len(self.tokens) == self.limit:
+            self.end()
+
+    def end(self):
+        if not self.ended:
+            self.ended = True
+            self.say(self.timeline.end())
+            if self.on_end is not None:
+                self.on_end()
+
+
+def _bind(callback: Callable | None, i: int) -> Callable | None:
+    return None if callback is None else partial(callback, i)
 
 
 class StreamingSession:
@@ -54,29 +101,52 @@ class StreamingSession:
         self.delay_ms = round(self.n_delay * audio.token_ms)
         self.prompt = [tokenizer.bos] + [tokenizer.pad] * (audio.n_left_pad_tokens + self.n_delay)
         self.min_tokens = max(1, round((interval_ms or 0) / audio.token_ms))
-        self.on_text = on_text
         if net.args.decoder.vocab_size > 2**24:
             raise ConfigError("a vocabulary over 2**24 ids is not supported (ids are read back as float32)")
         if isinstance(alternatives, bool) or not isinstance(alternatives, int) or alternatives < 0:
             raise ValueError(f"alternatives must be a whole number of tokens, 0 or more, not {alternatives!r}")
         self.alternatives = min(alternatives, net.args.decoder.vocab_size)
-        self.tokens: list[int] = []
-        self.timeline = Timeline(tokenizer, audio.token_ms, pause_ms, on_token=on_token, on_word=on_word,
-                                 on_segment=on_segment)
-        self.caches = net.make_cache()
         self.scales = net.ffn_scales(self.n_delay)
         self._mel = LogMel(audio)
-        spt, half = audio.samples_per_token, audio.window_size // 2
-        # Samples of the padded stream from `_buf_start` on; the left pad and its reflection are zeros.
-        self._buf = np.zeros(half + audio.n_left_pad_tokens * spt, np.float32)
+        self.streams = [_Stream(Timeline(tokenizer, audio.token_ms, pause_ms, on_token=on_token, on_word=on_word,
+                                         on_segment=on_segment), on_text)]
+        self._start()
+
+    @classmethod
+    def lockstep(cls, net: VoxtralRealtime, tokenizer: Tekken, audio: AudioArgs, n: int,
+                 delay_ms: int | None = None, alternatives: int = 0, pause_ms: float | None = None,
+                 on_text: Callable[[int, str], None] | None = None,
+                 on_token: Callable[[int, TokenRecord], None] | None = None,
+                 on_end: Callable[[int], None] | None = None) -> "StreamingSession":
+        """A session of n streams decoded as one batch, for `finish_batch`.
+
+        The callbacks get the stream's index first: `on_text(i, text)`, `on_token(i, record)`,
+        and `on_end(i)` as soon as stream i has all its tokens; `streams[i]` holds them.
+        """
+        session = cls(net, tokenizer, audio, delay_ms=delay_ms, alternatives=alternatives, pause_ms=pause_ms)
+        session.streams = [_Stream(Timeline(tokenizer, audio.token_ms, pause_ms, on_token=_bind(on_token, i)),
+                                   _bind(on_text, i), _bind(on_end, i)) for i in range(n)]
+        session._start()
+        return session
+
+    def _start(self):
+        """Empty state with one batch row per stream."""
+        spt, half = self.audio.samples_per_token, self.audio.window_size // 2
+        B = len(self.streams)
+        self.caches = self.net.make_cache(B)
+        # The streams in the batch, by index, in the order of its rows; finished ones leave.
+        self._rows = list(range(B))
+        # Samples of the padded timeline from `_buf_start` on, one row per stream; the left pad
+        # and its reflection are zeros.
+        self._buf = np.zeros((B, half + self.audio.n_left_pad_tokens * spt), np.float32)
         self._buf_start = -half
-        self._received = audio.n_left_pad_tokens * spt
+        self._received = self.audio.n_left_pad_tokens * spt
         self._audio_samples = 0
         self._since_flush = 0
         self._n_embedded = 0
         self._n_decoded = 0
         self._last: mx.array | None = None
-        self._unread: mx.array | None = None
+        self._unread: tuple[mx.array, list[int]] | None = None
         self._closed = False
 
     def __enter__(self) -> "StreamingSession":
@@ -93,7 +163,15 @@ class StreamingSession:
     @property
     def audio_seconds(self) -> float:
         """Seconds of input audio fed so far (padding excluded)."""
-        return self._audio_samples / self.audio.sampling_rate
+        return self.streams[0].audio_samples / self.audio.sampling_rate
+
+    @property
+    def timeline(self) -> Timeline:
+        return self.streams[0].timeline
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.streams[0].tokens
 
     @property
     def text(self) -> str:
@@ -114,44 +192,80 @@ class StreamingSession:
     def feed(self, samples) -> str:
         """Add samples (float32, 16 kHz, mono, any length); return the text that became final."""
         self._check_open()
+        self._check_one_stream()
         samples = prepare_audio(samples, name="samples")
+        self.streams[0].audio_samples += samples.size
         self._audio_samples += samples.size
         self._since_flush += samples.size
         self._append(samples)
-        return self._advance(force=False)
+        self._advance(force=False)
+        return self.streams[0].take()
 
     def flush(self) -> str:
         """End the current utterance: feed the offline right padding and decode through it."""
         self._check_open()
+        self._check_one_stream()
         if self._since_flush == 0:
             return ""
         self._append_padding()
-        text = self._advance(force=True)
+        self._advance(force=True)
         self.timeline.close()
-        return text
+        return self.streams[0].take()
 
     def finish(self) -> str:
         """End the stream: pad as offline, decode everything, return the remaining text."""
         self._check_open()
-        text = ""
         if self._audio_samples:
             if self._since_flush:
                 self._append_padding()
             # The STFT reflects the final padding zeros: the last token sees zeros beyond the end.
             self._append(np.zeros(self.audio.look_ahead, np.float32), count=False)
-            text = self._advance(force=True)
-        text += self._say(self.timeline.end())
+            self._advance(force=True)
+        for stream in self.streams:
+            stream.end()
         self._closed = True
-        return text
+        return self.streams[0].take()
+
+    def finish_batch(self, samples: list[np.ndarray]):
+        """Decode one recording per stream of a `lockstep` session, as one batch, and finish.
+
+        The streams share one timeline: each recording is padded with zeros to the longest.
+        The model is causal, so a stream's tokens up to the end of its own offline padding are
+        those of a session of its own; it takes just those and leaves the batch.
+        """
+        self._check_open()
+        if len(samples) != len(self.streams) or self._audio_samples:
+            raise ValueError(f"finish_batch takes one recording per stream ({len(self.streams)}) of a new session")
+        samples = [prepare_audio(x, name=f"samples[{i}]") for i, x in enumerate(samples)]
+        spt = self.audio.samples_per_token
+        padded = np.zeros((len(samples), max(x.size for x in samples)), np.float32)
+        for i, (stream, x) in enumerate(zip(self.streams, samples)):
+            if x.size == 0:
+                raise AudioError(f"samples[{i}]: contains no samples")
+            padded[i, : x.size] = x
+            stream.audio_samples = x.size
+            # Its own session decodes the left pad, its audio to a whole token, and n_delay + 11 tokens.
+            positions = self.audio.n_left_pad_tokens + -(-x.size // spt) + self.n_delay + RIGHT_PAD_EXTRA_TOKENS
+            stream.limit = positions - len(self.prompt) + 1
+        self._audio_samples = self._since_flush = padded.shape[1]
+        self._append(padded)
+        self._advance(force=False)  # as `feed` would: one stream decodes exactly as feed + finish
+        self.finish()
 
     def _check_open(self):
         if self._closed:
             raise SessionClosed("this streaming session is finished; start a new one with model.stream()")
 
+    def _check_one_stream(self):
+        if len(self.streams) > 1:
+            raise ValueError("a session of several streams is fed by finish_batch()")
+
     def _append(self, samples: np.ndarray, count: bool = True):
-        self._buf = np.concatenate([self._buf, samples]) if self._buf.size else samples.copy()
+        """Add samples to the timeline: [B, n], one row per stream in the batch, or [n] for all."""
+        samples = np.broadcast_to(samples, (self._buf.shape[0], samples.shape[-1]))
+        self._buf = np.concatenate([self._buf, samples], axis=1)
         if count:
-            self._received += samples.size
+            self._received += samples.shape[1]
 
     def _append_padding(self):
         spt = self.audio.samples_per_token
@@ -159,88 +273,99 @@ class StreamingSession:
         self._append(np.zeros(to_boundary + (self.n_delay + RIGHT_PAD_EXTRA_TOKENS) * spt, np.float32))
         self._since_flush = 0
 
-    def _advance(self, force: bool) -> str:
+    def _advance(self, force: bool):
         spt = self.audio.samples_per_token
         # Token t needs samples up to (t + 1) * spt + look_ahead of the padded stream.
-        ready = (self._buf_start + self._buf.size - self.audio.look_ahead) // spt
+        ready = (self._buf_start + self._buf.shape[1] - self.audio.look_ahead) // spt
         if ready - self._n_embedded < (1 if force else self.min_tokens):
-            return ""
-        text = ""
-        while self._n_embedded < ready:
+            return
+        while self._n_embedded < ready and self._rows:
             k = min(ready - self._n_embedded, MAX_CHUNK_TOKENS)
-            text += self._decode(self._encode(k))
+            self._decode(self._encode(k))
         if self._unread is not None:
-            text += self._read(self._unread)
+            self._read(*self._unread)
             self._unread = None
-        return text
 
     def _encode(self, k: int) -> mx.array:
         spt, half = self.audio.samples_per_token, self.audio.window_size // 2
         t0 = self._n_embedded
         lo = t0 * spt - half - self._buf_start
         hi = (t0 + k) * spt + self.audio.look_ahead - self._buf_start
-        mel = self._mel(mx.array(self._buf[lo:hi]))  # [8k, n_mels]
-        emb = self.net.encode(mel, self.caches)  # [k, dim]
+        mel = self._mel(mx.array(self._buf[:, lo:hi]))  # [B, 8k, n_mels]
+        emb = self.net.encode(mel, self.caches)  # [B, k, dim]
         mx.eval(emb, [c.state for c in self.caches.encoder], self.caches.stem.tails)
         keep = (t0 + k) * spt - half
-        self._buf = self._buf[keep - self._buf_start :]
+        self._buf = self._buf[:, keep - self._buf_start :]
         self._buf_start = keep
         self._n_embedded += k
         return emb
 
-    def _decode(self, emb: mx.array) -> str:
-        """Run decoder positions for new audio embeddings; one host sync per generated token."""
-        text, row, L = "", 0, len(self.prompt)
+    def _decode(self, emb: mx.array):
+        """Run decoder positions for new audio embeddings [B, k, dim]; one host sync per step."""
+        first, L = 0, len(self.prompt)
+        B, k, _ = emb.shape
         if self._n_decoded < L:
-            row = min(emb.shape[0], L - self._n_decoded)
-            prompt = mx.array(self.prompt[self._n_decoded : self._n_decoded + row])
-            logits = self.net.decode(emb[:row], prompt, self.caches, self.scales)
-            self._n_decoded += row
+            first = min(k, L - self._n_decoded)
+            prompt = mx.array(self.prompt[self._n_decoded : self._n_decoded + first])
+            logits = self.net.decode(emb[:, :first], mx.broadcast_to(prompt, (B, first)), self.caches, self.scales)
+            self._n_decoded += first
             if self._n_decoded == L:
-                text += self._queue(logits)
+                self._queue(logits)
             else:
                 mx.eval([c.state for c in self.caches.decoder])
-        for r in range(row, emb.shape[0]):
-            logits = self.net.decode(emb[r : r + 1], self._last.reshape(1), self.caches, self.scales)
+        for p in range(first, k):
+            emb = self._leave_batch(emb)
+            if not self._rows:
+                return
+            logits = self.net.decode(emb[:, p : p + 1], self._last[:, None], self.caches, self.scales)
             self._n_decoded += 1
-            text += self._queue(logits)
-        return text
+            self._queue(logits)
 
-    def _queue(self, logits: mx.array) -> str:
-        """Start computing the next token and its record, then read the previous one while this one runs."""
-        token = mx.argmax(logits)
+    def _leave_batch(self, emb: mx.array) -> mx.array:
+        """Streams that have all their tokens leave the batch: their rows of every state go."""
+        generated = self._n_decoded - len(self.prompt) + 1
+        keep = [i for i, s in enumerate(self._rows) if self.streams[s].limit is None
+                or self.streams[s].limit > generated]
+        if len(keep) == len(self._rows) or not keep:
+            self._rows = [self._rows[i] for i in keep]
+            return emb
+        rows = mx.array(keep)
+        self.caches.filter(rows)
+        self._buf = self._buf[keep]
+        self._last = self._last[rows]
+        self._rows = [self._rows[i] for i in keep]
+        return emb[rows]
+
+    def _queue(self, logits: mx.array):
+        """Start computing the next tokens and their records, then read the previous ones while these run."""
+        token = mx.argmax(logits, axis=-1)  # [B]
         step = self._step_values(logits, token)
         mx.async_eval(token, step)
         self._last = token
-        previous, self._unread = self._unread, step
-        return "" if previous is None else self._read(previous)
+        previous, self._unread = self._unread, (step, self._rows)
+        if previous is not None:
+            self._read(*previous)
 
     def _step_values(self, logits: mx.array, token: mx.array) -> mx.array:
-        """What the host reads per step, in one array: [id, p(id), K alternative ids, their p].
+        """What the host reads per step, in one array: per row [id, p(id), K alternative ids, their p].
 
         float32 holds ids below 2**24 exactly, so one read returns ids and probabilities.
         """
-        logits = logits.astype(mx.float32)
-        log_z = mx.logsumexp(logits)
-        values = [token.astype(mx.float32)[None], mx.exp(logits[token] - log_z)[None]]
+        logits = logits.astype(mx.float32)  # [B, vocab]
+        log_z = mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = token[:, None]
+        values = [token.astype(mx.float32), mx.exp(mx.take_along_axis(logits, token, axis=-1) - log_z)]
         if self.alternatives:
-            top = mx.argpartition(-logits, self.alternatives - 1)[: self.alternatives]
-            top = top[mx.argsort(-logits[top])]
-            values += [top.astype(mx.float32), mx.exp(logits[top] - log_z)]
-        return mx.concatenate(values)
+            top = mx.argpartition(-logits, self.alternatives - 1, axis=-1)[:, : self.alternatives]
+            top = mx.take_along_axis(top, mx.argsort(-mx.take_along_axis(logits, top, axis=-1), axis=-1), axis=-1)
+            values += [top.astype(mx.float32), mx.exp(mx.take_along_axis(logits, top, axis=-1) - log_z)]
+        return mx.concatenate(values, axis=-1)  # [B, 2 + 2K]
 
-    def _read(self, step: mx.array) -> str:
-        values = step.tolist()
-        tid = int(values[0])
-        self.tokens.append(tid)
-        alternatives = None
-        if self.alternatives:
-            k = self.alternatives
-            alternatives = [Alternative(int(i), self.tokenizer.token_str(int(i)), p)
-                            for i, p in zip(values[2 : 2 + k], values[2 + k :])]
-        return self._say(self.timeline.push(tid, values[1], alternatives))
-
-    def _say(self, text: str) -> str:
-        if text and self.on_text is not None:
-            self.on_text(text)
-        return text
+    def _read(self, step: mx.array, rows: list[int]):
+        k = self.alternatives
+        for s, values in zip(rows, step.tolist()):
+            alternatives = None
+            if k:
+                alternatives = [Alternative(int(i), self.tokenizer.token_str(int(i)), p)
+                                for i, p in zip(values[2 : 2 + k], values[2 + k :])]
+            self.streams[s].push(int(values[0]), values[1], alternatives)

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -47,11 +47,12 @@ class Transcription:
         return [w for s in self.segments for w in s.words]
 
     @classmethod
-    def from_session(cls, session: StreamingSession) -> "Transcription":
-        """The result so far of a streaming session (all of it once finished)."""
-        return cls(text=session.text, tokens=list(session.tokens), delay_ms=session.delay_ms,
-                   duration=session.audio_seconds, segments=list(session.segments),
-                   token_records=list(session.token_records))
+    def from_session(cls, session: StreamingSession, stream: int = 0) -> "Transcription":
+        """The result so far of a streaming session (all of it once finished); `stream` picks one of a batch."""
+        s = session.streams[stream]
+        return cls(text=s.timeline.text, tokens=list(s.tokens), delay_ms=session.delay_ms,
+                   duration=s.audio_samples / session.audio.sampling_rate, segments=list(s.timeline.segments),
+                   token_records=list(s.timeline.records))
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as JSON-ready data; words use whisper's keys (`word`, `start`, `end`, `probability`)."""
@@ -130,33 +131,80 @@ class Voxtral:
                                 pause_ms=pause_ms, on_token=on_token, on_word=on_word,
                                 on_segment=on_segment)
 
-    def transcribe(self, audio: str | os.PathLike | np.ndarray, delay_ms: int | None = None,
-                   sample_rate: int = SAMPLE_RATE,
-                   on_text: Callable[[str], None] | None = None, alternatives: int = 0,
-                   pause_ms: float | None = None,
-                   on_token: Callable[[TokenRecord], None] | None = None) -> Transcription:
-        """Transcribe a whole recording.
+    def transcribe(self, audio: str | os.PathLike | np.ndarray | Sequence[str | os.PathLike | np.ndarray],
+                   delay_ms: int | None = None, sample_rate: int = SAMPLE_RATE,
+                   on_text: Callable[..., None] | None = None, alternatives: int = 0,
+                   pause_ms: float | None = None, on_token: Callable[..., None] | None = None,
+                   batch_size: int = 4,
+                   on_result: Callable[[int, Transcription], None] | None = None) -> Transcription | list[Transcription]:
+        """Transcribe a whole recording, or a list of them.
+
+        A list is decoded `batch_size` recordings at a time, in its order, each batch as one:
+        every decoder step reads the weights once for all of its recordings. The result is a
+        list in the same order, each exactly what the recording gives alone.
 
         Args:
-            audio: a file path, or mono samples (float in [-1, 1] or integer PCM).
+            audio: a file path, or mono samples (float in [-1, 1] or integer PCM); or a list
+                (or tuple) of them.
             delay_ms: transcription delay, 80..1200 in steps of 80, or 2400; default from tekken.json.
-            sample_rate: the rate of an array `audio` (resampled to 16 kHz); ignored for files.
-            on_text: called with each piece of text as soon as it is decoded.
+            sample_rate: the rate of array audio (resampled to 16 kHz); ignored for files.
+            on_text: called with each piece of text as soon as it is decoded; for a list, as
+                `on_text(i, text)`, `i` the recording's index.
             alternatives: also record this many most probable tokens per step (default 0: none).
             pause_ms: a segment ends after more than this much time without text (default 1000).
-            on_token: called with each token record as it is decoded (progress, for instance).
+            on_token: called with each token record as it is decoded (progress, for instance);
+                for a list, as `on_token(i, record)`.
+            batch_size: for a list, the most recordings decoded together (default 4). More is
+                faster, up to the machine's compute, and takes a decoder cache per recording.
+            on_result: for a list, called as `on_result(i, transcription)` as soon as recording
+                `i` is done (in a batch the shorter ones finish first).
         """
-        if isinstance(audio, (str, os.PathLike)):
-            samples = load_audio(audio, self.sample_rate)
-        else:
-            samples = prepare_audio(audio, sample_rate, self.sample_rate)
-        if samples.size == 0:
-            raise AudioError("audio: contains no samples")
+        if isinstance(audio, (list, tuple)):
+            return self._transcribe_batches(audio, batch_size, sample_rate, on_text, on_token, on_result,
+                                            delay_ms=delay_ms, alternatives=alternatives, pause_ms=pause_ms)
+        samples = self._samples(audio, sample_rate, "audio")
         session = self.stream(delay_ms=delay_ms, on_text=on_text, alternatives=alternatives,
                               pause_ms=pause_ms, on_token=on_token)
         session.feed(samples)
         session.finish()
         return Transcription.from_session(session)
+
+    def _samples(self, audio: str | os.PathLike | np.ndarray, sample_rate: int, name: str) -> np.ndarray:
+        if isinstance(audio, (str, os.PathLike)):
+            samples = load_audio(audio, self.sample_rate)
+        else:
+            samples = prepare_audio(audio, sample_rate, self.sample_rate, name=name)
+        if samples.size == 0:
+            raise AudioError(f"{name}: contains no samples")
+        return samples
+
+    def _transcribe_batches(self, audio: Sequence, batch_size: int, sample_rate: int, on_text, on_token,
+                            on_result, **options) -> list[Transcription]:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of recordings, 1 or more, not {batch_size!r}")
+        results: list[Transcription] = []
+        for start in range(0, len(audio), batch_size):
+            # Loaded a batch at a time, so that a long list never holds all its audio at once.
+            batch = [self._samples(a, sample_rate, f"audio[{start + j}]")
+                     for j, a in enumerate(audio[start : start + batch_size])]
+            results += self._transcribe_batch(batch, start, on_text, on_token, on_result, **options)
+        return results
+
+    def _transcribe_batch(self, batch: list[np.ndarray], first: int, on_text, on_token, on_result,
+                          **options) -> list[Transcription]:
+        results: list[Transcription | None] = [None] * len(batch)
+
+        def on_end(j: int):
+            results[j] = Transcription.from_session(session, j)
+            if on_result is not None:
+                on_result(first + j, results[j])
+
+        session = StreamingSession.lockstep(
+            self.net, self.tokenizer, self.audio, len(batch), on_end=on_end,
+            on_text=None if on_text is None else lambda j, text: on_text(first + j, text),
+            on_token=None if on_token is None else lambda j, record: on_token(first + j, record), **options)
+        session.finish_batch(batch)
+        return results
 
 
 # Writers: each renders a whole transcription as the text of one file.

@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import _blas
 from .config import AudioArgs, ConfigError, ModelArgs
 from .model import VoxtralRealtime
 from .tokenizer import Tekken
@@ -216,19 +217,17 @@ def default_dtype() -> mx.Dtype:
 
 
 def blas_backend() -> str:
-    """What serves MLX's CPU matmuls: a preloaded OpenBLAS/MKL/BLIS, or the mlx-cpu wheel's reference BLAS."""
+    """What serves MLX's CPU matmuls: MKL or OpenBLAS (loaded by `_blas` or LD_PRELOAD), or the
+    mlx-cpu wheel's reference BLAS."""
     if sys.platform == "darwin":
         return "Accelerate"
+    if _blas.loaded is not None:
+        return _blas.loaded
     preload = os.environ.get("LD_PRELOAD", "")
-    try:
-        with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if ".so" in line}
-    except OSError:
-        return "unknown"
-    for lib in sorted(libs):
-        if lib in preload and any(name in lib for name in ("openblas", "mkl", "blis")):
-            return f"{Path(lib).parent.name}/{Path(lib).name} (preloaded)"
-    return "reference BLAS of the mlx-cpu wheel"
+    for lib in preload.replace(":", " ").split():
+        if any(name in lib for name in ("openblas", "mkl", "blis")):
+            return f"{lib} (LD_PRELOAD)"
+    return f"reference BLAS of the mlx-cpu wheel ({_blas.reason})"
 
 
 def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
