@@ -72,12 +72,11 @@ def decoder_bytes(model) -> int:
     return layers + head + net.norm.weight.nbytes
 
 
-def components(model, delay_ms, steps: int = 48) -> dict:
-    """Encoder per audio second, prefill, and decoder steps, each timed on its own."""
+def components(model, delay_ms, steps: int = 48, tokens: int = 64) -> dict:
+    """Encoder per audio second (on `tokens` tokens of audio), prefill, and decoder steps, each timed on its own."""
     net, audio = model.net, model.audio
     session = model.stream(delay_ms=delay_ms)
     rng = np.random.default_rng(0)
-    tokens = 64
     mel = session._mel(mx.array(rng.normal(0, 0.1, tokens * audio.samples_per_token + 240).astype(np.float32)))
     caches = net.make_cache()
     mx.eval(net.encode(mel[: 8 * 8], caches))  # warm up
@@ -166,6 +165,91 @@ def batch(model, paths: list[str], delay_ms) -> list[dict]:
              "same_tokens": all(a.tokens == b.tokens for a, b in zip(alone, together))}]
 
 
+class PadBias:
+    """Adds `bias` to the [STREAMING_PAD] logit of every decoder call, and counts the calls.
+
+    A random checkpoint's head has no reason to prefer pads; this one reproduces the pad rate of
+    real speech, which is what speculative decoding feeds on. It can also record, per token, by
+    how much the pad logit trails the best other one (`gaps`), to calibrate the bias.
+    """
+
+    def __init__(self, model):
+        self.net, self.pad, self.vocab = model.net, model.tokenizer.pad, model.net.args.decoder.vocab_size
+        self.decode = self.net.decode
+        self.bias, self.calls, self.positions, self.gaps = 0.0, 0, 0, []
+        self.record = False
+        self.net.decode = self
+
+    def __call__(self, audio, tokens, caches, scales, every: bool = False):
+        logits = self.decode(audio, tokens, caches, scales, every)
+        self.calls += 1
+        self.positions += tokens.shape[-1]
+        if self.bias:
+            vec = np.zeros(self.vocab, np.float32)
+            vec[self.pad] = self.bias
+            logits = logits + mx.array(vec).astype(logits.dtype)
+        if self.record:
+            others = mx.where(mx.arange(self.vocab) == self.pad, -mx.inf, logits.astype(mx.float32))
+            self.gaps.append(mx.max(others, axis=-1) - logits[..., self.pad].astype(mx.float32))
+        return logits
+
+    def calibrate(self, model, samples, delay_ms, rate: float, tolerance: float = 0.07, runs: int = 4):
+        """Set the bias so that `rate` of the tokens are pads, within `tolerance` (or the closest
+        of `runs` greedy runs): a first guess from the logit gaps of an unbiased run, then bisection
+        (the fed-back pads change what follows, so the guess alone is off)."""
+        self.bias, self.record, self.gaps = 0.0, True, []
+        model.transcribe(samples, delay_ms=delay_ms)
+        self.record = False
+        gaps = np.concatenate([np.array(g).reshape(-1) for g in self.gaps])
+        if rate >= 1:
+            self.bias = float(gaps.max()) + 1.0
+            return
+        lo, hi = float(gaps.min()) - 1.0, float(gaps.max()) + 1.0
+        bias, best = float(np.quantile(gaps, rate)), None
+        for _ in range(runs):
+            self.bias = bias
+            tokens = model.transcribe(samples, delay_ms=delay_ms).tokens
+            got = sum(t == self.pad for t in tokens) / len(tokens)
+            if best is None or abs(got - rate) < abs(best[1] - rate):
+                best = (bias, got)
+            if abs(got - rate) <= tolerance:
+                break
+            lo, hi = (lo, bias) if got > rate else (bias, hi)
+            bias = (lo + hi) / 2
+        self.bias = best[0]
+
+    def remove(self):
+        del self.net.decode
+
+
+def speculation(model, samples: np.ndarray, name: str, delay_ms, ks: list[int], rate: float) -> list[dict]:
+    """Greedy against speculative pad decoding with a head biased to `rate` pads: wall time,
+    decoder passes per audio second and the speedup, with the tokens checked equal."""
+    bias = PadBias(model)
+    try:
+        bias.calibrate(model, samples, delay_ms, rate)
+        seconds = samples.size / model.sample_rate
+        records, greedy = [], None
+        for k in [0] + ks:
+            bias.calls = bias.positions = 0
+            start = time.perf_counter()
+            result = model.transcribe(samples, delay_ms=delay_ms, speculate=k)
+            wall = time.perf_counter() - start
+            pads = sum(t == model.tokenizer.pad for t in result.tokens) / len(result.tokens)
+            rec = {"mode": "speculate", "speculate": k, "audio": name, "audio_s": seconds, "wall_s": wall,
+                   "rtf": seconds / wall, "tokens": len(result.tokens), "pad_rate": pads, "pad_bias": bias.bias,
+                   "target_pad_rate": rate, "decoder_passes": bias.calls, "passes_per_audio_s": bias.calls / seconds,
+                   "positions_computed": bias.positions}
+            if greedy is None:
+                greedy = (result.tokens, wall)
+            else:
+                rec.update(same_tokens=result.tokens == greedy[0], speedup=greedy[1] / wall)
+            records.append(rec)
+        return records
+    finally:
+        bias.remove()
+
+
 VOXMLX_RUN = """
 import json, resource, sys, time
 t0 = time.perf_counter()
@@ -202,7 +286,12 @@ def main(argv=None):
     ap.add_argument("--delay-ms", type=int, default=None)
     ap.add_argument("--chunk-ms", type=float, default=80.0)
     ap.add_argument("--modes", default="parts,offline,stream",
-                    help="any of parts, offline, stream, batch (all the clips one by one, then as one batch)")
+                    help="any of parts, offline, stream, batch (all the clips one by one, then as one batch), "
+                         "speculate (greedy against speculative pad decoding on each clip and on as much silence)")
+    ap.add_argument("--speculate", default="4,8", help="positions per pass to try in the speculate mode")
+    ap.add_argument("--pad-rate", type=float, default=0.55, help="pad rate on speech for the speculate mode")
+    ap.add_argument("--steps", type=int, default=48, help="decoder steps timed in the parts mode")
+    ap.add_argument("--encoder-tokens", type=int, default=64, help="tokens of audio encoded in the parts mode")
     ap.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH_GBS, help="memory bandwidth, GB/s")
     ap.add_argument("--compare", choices=["voxmlx"], help="also run this engine on the same clip")
     ap.add_argument("--compare-python", default=sys.executable, help="the Python that has it installed")
@@ -224,7 +313,7 @@ def main(argv=None):
     records = []
     modes = args.modes.split(",")
     if "parts" in modes:
-        rec = components(model, args.delay_ms)
+        rec = components(model, args.delay_ms, args.steps, args.encoder_tokens)
         floor_ms = decoder_bytes(model) / (args.bandwidth * 1e9) * 1000
         rec.update(mode="parts", step_floor_ms=floor_ms, step_vs_floor=rec["step_ms_p50"] / floor_ms,
                    bandwidth_gbs=args.bandwidth, peak_rss_mb=peak_rss_mb(), **common)
@@ -249,6 +338,16 @@ def main(argv=None):
                        ours_speedup=None if ours is None else (rec["wall_s"] + rec["load_s"]) / (ours["wall_s"] + load_s))
             print(json.dumps(rec), flush=True)
             records.append(rec)
+    if "speculate" in modes:
+        ks = [int(k) for k in args.speculate.split(",")]
+        for path in args.audio:
+            samples = voxtral_mlx.load_audio(path)
+            clips = [(Path(path).name, samples, args.pad_rate), (f"silence ({Path(path).name})", 0 * samples, 1.0)]
+            for name, clip, rate in clips:
+                for rec in speculation(model, clip, name, args.delay_ms, ks, rate):
+                    rec.update(peak_rss_mb=peak_rss_mb(), **common)
+                    print(json.dumps(rec), flush=True)
+                    records.append(rec)
     if "batch" in modes:
         for rec in batch(model, args.audio, args.delay_ms):
             rec.update(peak_rss_mb=peak_rss_mb(), **common)
@@ -271,7 +370,7 @@ def print_table(records, info, load_s):
                   f"positions {r['prefill_ms']:.0f} ms, decoder step {r['step_ms_mean']:.0f} / "
                   f"{r['step_ms_p50']:.0f} / {r['step_ms_p95']:.0f} ms (mean / p50 / p95), "
                   f"{r['step_vs_floor']:.1f}x the {r['step_floor_ms']:.0f} ms floor at {r['bandwidth_gbs']:.0f} GB/s")
-    rows = [r for r in records if r["mode"] != "parts"]
+    rows = [r for r in records if r["mode"] not in ("parts", "speculate")]
     if rows:
         print("\n| clip | engine | audio s | wall s | x real time | latency p50/p95 ms | peak RSS MB |")
         print("|---|---|---|---|---|---|---|")
@@ -285,6 +384,14 @@ def print_table(records, info, load_s):
             extra = f" ({r['batch_speedup']:.2f}x the sequential throughput)"
         print(f"| {r['audio']} | {engine} | {r['audio_s']:.1f} | {r['wall_s']:.1f}{extra} | {r['rtf']:.2f} | {lat} | "
               f"{r['peak_rss_mb']:.0f} |")
+    rows = [r for r in records if r["mode"] == "speculate"]
+    if rows:
+        print("\n| clip | pad rate | speculate | wall s | decoder passes per audio s | positions computed | speedup |")
+        print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        same = "" if r["speculate"] == 0 else f"{r['speedup']:.2f}x" + ("" if r["same_tokens"] else " (TOKENS DIFFER)")
+        print(f"| {r['audio']} | {r['pad_rate']:.0%} | {r['speculate'] or 'off'} | {r['wall_s']:.1f} | "
+              f"{r['passes_per_audio_s']:.1f} | {r['positions_computed']} | {same or '-'} |")
 
 
 if __name__ == "__main__":

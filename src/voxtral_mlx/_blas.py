@@ -3,8 +3,9 @@
 The `mlx[cpu]` wheel links a reference BLAS: correct, single-threaded and slow (a decoder step
 of the 4B model reads 13.6 GB of float32 weights at about 3 GB/s). A BLAS loaded into the
 global symbol scope before MLX serves MLX's `cblas_sgemm` calls instead: Intel MKL (the `mkl`
-extra; over 40 GB/s for one-row products on a 2-core Xeon) or the system's OpenBLAS (about
-10 GB/s: it repacks the weight for a one-row product). `VOXTRAL_MLX_BLAS` chooses:
+extra; one-row products stream the weights from memory at about 26 GB/s on a 2-core Xeon,
+the most that machine delivers) or the system's OpenBLAS (about 10 GB/s: it repacks the
+weight for a one-row product). `VOXTRAL_MLX_BLAS` chooses:
 `auto` (default: MKL, else OpenBLAS), `mkl`, `openblas`, or `builtin` to keep the wheel's.
 """
 

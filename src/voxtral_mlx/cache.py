@@ -1,4 +1,4 @@
-"""Sliding-window KV cache: a ring of `window` slots written in place, positions never reset."""
+"""Sliding-window KV cache: a ring of slots written in place, positions never reset."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import mlx.core as mx
 class RingKVCache:
     """Keys and values of the last `window` positions of one attention layer.
 
-    Position `p` lives in slot `p % window`. Attention is order-free once RoPE is applied,
+    Position `p` lives in slot `p % capacity`. Attention is order-free once RoPE is applied,
     so queries read the ring in slot order and a mask built from each slot's position
     enforces the window; a single query over a ring that holds only its window needs none.
+
+    `spare` slots beyond the window make `rollback` possible: positions written and then
+    taken back (a rejected speculative pass) overwrote only positions that no later query
+    sees, as long as no more than `spare` are taken back at once.
     """
 
-    def __init__(self, window: int, step: int = 256):
+    def __init__(self, window: int, step: int = 256, spare: int = 0):
         self.window = window
+        self.spare = spare
+        self.capacity = window + spare
         self.step = step
         self.offset = 0
         self.keys: mx.array | None = None
@@ -22,30 +28,38 @@ class RingKVCache:
 
     @property
     def stored(self) -> int:
-        return min(self.offset, self.window)
+        return min(self.offset, self.capacity)
 
-    def slot_positions(self) -> mx.array:
-        """Absolute position held by each filled slot, in slot order."""
-        slots = mx.arange(self.stored)
-        if self.offset <= self.window:
+    def slot_positions(self, offset: int | None = None) -> mx.array:
+        """Absolute position held by each filled slot, in slot order (at `offset`, default now).
+
+        After a rollback, a slot that holds a position taken back counts as holding the one
+        `capacity` earlier, which is out of every later query's window.
+        """
+        offset = self.offset if offset is None else offset
+        slots = mx.arange(min(offset, self.capacity))
+        if offset <= self.capacity:
             return slots
-        return self.offset - self.window + (slots - self.offset) % self.window
+        return offset - self.capacity + (slots - offset) % self.capacity
 
     def make_mask(self, n: int) -> mx.array | None:
-        """Visibility of [ring slots + n new keys] for n queries at positions offset..offset+n-1."""
+        """Visibility of what `update_and_fetch` returns for n queries at positions offset..offset+n-1:
+        [ring slots + n new keys], or for one query the ring after its write."""
         if n == 1:
-            return None
+            if self.spare == 0 or self.offset + 1 <= self.window:
+                return None
+            return (self.slot_positions(self.offset + 1) > self.offset - self.window)[None]  # [1, stored]
         keys = mx.concatenate([self.slot_positions(), mx.arange(self.offset, self.offset + n)])
         queries = mx.arange(self.offset, self.offset + n)[:, None]
         return (keys[None, :] <= queries) & (keys[None, :] > queries - self.window)  # [n, stored + n]
 
     def _reserve(self, like: mx.array, size: int):
-        size = min(self.window, size)
+        size = min(self.capacity, size)
         have = 0 if self.keys is None else self.keys.shape[2]
         if size <= have:
             return
         B, H, _, D = like.shape
-        new = min(self.window, max(size, have + self.step))
+        new = min(self.capacity, max(size, have + self.step))
         pad = mx.zeros((B, H, new - have, D), like.dtype)
         if self.keys is None:
             self.keys, self.values = pad, mx.zeros_like(pad)
@@ -56,13 +70,27 @@ class RingKVCache:
     def _write(self, k: mx.array, v: mx.array, first: int):
         """Write keys for positions first.. into their slots (at most one wrap)."""
         n = k.shape[2]
-        start = first % self.window
-        head = min(n, self.window - start)
+        start = first % self.capacity
+        head = min(n, self.capacity - start)
         self.keys[:, :, start : start + head] = k[:, :, :head]
         self.values[:, :, start : start + head] = v[:, :, :head]
         if head < n:
             self.keys[:, :, : n - head] = k[:, :, head:]
             self.values[:, :, : n - head] = v[:, :, head:]
+
+    def fits_in_place(self, n: int) -> bool:
+        """Whether n new positions can be written before their queries read the ring: the
+        oldest key the first of them sees must survive the writes of the last."""
+        return n <= self.spare + 1
+
+    def append(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Write `k, v` [B, H, n, D] into their slots (`fits_in_place(n)`); return the filled
+        ring, which `kernels.ring_attention` reads in place."""
+        n = k.shape[2]
+        self._reserve(k, self.offset + n)
+        self._write(k, v, self.offset)
+        self.offset += n
+        return self.keys[:, :, : self.stored], self.values[:, :, : self.stored]
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Store `k, v` [B, H, n, D] and return what the n queries attend over."""
@@ -75,10 +103,16 @@ class RingKVCache:
         stored = self.stored
         keys = mx.concatenate([self.keys[:, :, :stored], k], axis=2)
         values = mx.concatenate([self.values[:, :, :stored], v], axis=2)
-        keep = min(n, self.window)
+        keep = min(n, self.capacity)
         self._write(k[:, :, n - keep :], v[:, :, n - keep :], self.offset + n - keep)
         self.offset += n
         return keys, values
+
+    def rollback(self, n: int):
+        """Take back the last n positions written (at most `spare`)."""
+        if not 0 <= n <= min(self.spare, self.offset):
+            raise ValueError(f"cannot take back {n} positions: {self.spare} spare slots, {self.offset} written")
+        self.offset -= n
 
     def filter(self, rows: mx.array):
         """Keep only these batch rows."""

@@ -14,9 +14,10 @@ from typing import List, Optional
 import mlx.core as mx
 import typer
 
-from . import __version__
+from . import __version__, mkl_bf16
 from .audio import AudioError, load_audio, read_pcm_stream
 from .config import ConfigError
+from .streaming import MAX_SPECULATE
 from .timestamps import DEFAULT_PAUSE_MS
 from .transcribe import FORMATS, Transcription, write_outputs
 from .weights import (DEFAULT_MODEL, ModelNotFoundError, WeightsError, blas_backend, load, load_config,
@@ -114,7 +115,8 @@ def transcribe(
                                                 "(default: from the model, 480)."),
     dtype: Optional[str] = typer.Option(None, "--dtype",
                                         help="Compute dtype: float32, bfloat16 or float16 "
-                                             "(default: float32 on CPU, bfloat16 on GPU)."),
+                                             "(default: float32 on CPU, bfloat16 on GPU; on an x86-64 CPU "
+                                             "with MKL, bfloat16 is about twice as fast)."),
     interval_ms: Optional[float] = typer.Option(None, "--interval-ms",
                                                 help="With -: run the model once this much audio has "
                                                      "arrived (higher = more throughput, more latency) "
@@ -135,6 +137,9 @@ def transcribe(
     batch_size: int = typer.Option(4, "--batch-size", min=1,
                                    help="Files decoded together as one batch: each weight read serves all "
                                         "of them (faster; a decoder cache per file)."),
+    speculate: int = typer.Option(0, "--speculate", min=0, max=MAX_SPECULATE, metavar="K",
+                                  help="Check K positions per decoder pass, guessing pads where the audio "
+                                       "is already in (same tokens; 0: off). Not within batches of several files."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and timings on stderr."),
 ):
     """Transcribe audio files or a live stream; text is printed as it is decoded.
@@ -179,14 +184,16 @@ def transcribe(
         start = time.perf_counter()
         path = _check_model(model, delay_ms)
         voxtral = load(path, dtype=dtype)
-        _status(verbose, f"loaded {path} ({str(voxtral.dtype).rsplit('.', 1)[-1]}) in "
+        kind = "bfloat16 products through MKL" if mkl_bf16.adopted(voxtral.net) else \
+            str(voxtral.dtype).rsplit('.', 1)[-1]
+        _status(verbose, f"loaded {path} ({kind}) in "
                          f"{time.perf_counter() - start:.1f} s on the {'GPU' if mx.default_device() == mx.gpu else 'CPU'}")
         if mx.default_device() == mx.cpu:
             _status(verbose, f"CPU matmuls: {blas_backend()}" + (BLAS_HINT if "reference" in blas_backend() else ""))
     except USER_ERRORS as e:
         _fail(str(e))
         raise typer.Exit(1)
-    options = dict(delay_ms=delay_ms, alternatives=alt, pause_ms=pause_ms)
+    options = dict(delay_ms=delay_ms, alternatives=alt, pause_ms=pause_ms, speculate=speculate)
     with _Display(len(inputs), verbose) as display:
         for group in _batches(inputs, batch_size):
             if group == ["-"]:

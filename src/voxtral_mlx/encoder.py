@@ -7,6 +7,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .cache import RingKVCache
 from .config import AudioArgs, EncoderArgs
 
@@ -34,8 +35,13 @@ class Attention(nn.Module):
         v = self.wv(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         q = mx.fast.rope(q, self.head_dim, traditional=True, base=self.rope_theta, scale=1.0, offset=cache.offset)
         k = mx.fast.rope(k, self.head_dim, traditional=True, base=self.rope_theta, scale=1.0, offset=cache.offset)
-        k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if cache.fits_in_place(L) and kernels.use_kernel(L, min(cache.offset + L, cache.capacity), self.head_dim):
+            k, v = cache.append(k, v)
+            out = kernels.ring_attention(q, k, v, last=cache.offset - 1, capacity=cache.capacity,
+                                         window=cache.window, scale=self.scale)
+        else:
+            k, v = cache.update_and_fetch(k, v)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.wo(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -117,8 +123,8 @@ class WhisperEncoder(nn.Module):
     def make_stem_state(self, dtype: mx.Dtype, batch_size: int = 1) -> StemState:
         return StemState([mx.zeros((batch_size, c.tail, c.conv.weight.shape[2]), dtype) for c in self.conv_layers])
 
-    def make_cache(self) -> list[RingKVCache]:
-        return [RingKVCache(self.window) for _ in self.transformer.layers]
+    def make_cache(self, spare: int = 0) -> list[RingKVCache]:
+        return [RingKVCache(self.window, spare=spare) for _ in self.transformer.layers]
 
     def __call__(self, mel: mx.array, stem: StemState, caches: list[RingKVCache]) -> mx.array:
         """Encoder frames for consecutive mel frames [B, T, n_mels] -> [B, T / stride, dim]."""

@@ -75,11 +75,14 @@ class VoxtralRealtime(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.norm.weight.dtype
 
-    def make_cache(self, batch_size: int = 1) -> Caches:
+    def make_cache(self, batch_size: int = 1, spare: int = 0, encoder_spare: int = 0) -> Caches:
+        """Empty state for `batch_size` streams. `spare` decoder slots allow rolling back that
+        many positions, and passes of `spare + 1` to read the ring in place (`kernels`); so do
+        `encoder_spare` slots for encoder passes of `encoder_spare + 1` frames."""
         return Caches(
             stem=self.encoder.make_stem_state(self.dtype, batch_size),
-            encoder=self.encoder.make_cache(),
-            decoder=[RingKVCache(self.args.decoder.sliding_window) for _ in self.layers],
+            encoder=self.encoder.make_cache(encoder_spare),
+            decoder=[RingKVCache(self.args.decoder.sliding_window, spare=spare) for _ in self.layers],
         )
 
     def encode(self, mel: mx.array, caches: Caches) -> mx.array:
@@ -99,17 +102,19 @@ class VoxtralRealtime(nn.Module):
         t_cond = delay_embedding(n_delay, self.args.decoder.dim).astype(self.dtype)
         return [layer.ffn_scale(t_cond) for layer in self.layers]
 
-    def decode(self, audio: mx.array, tokens: mx.array, caches: Caches, scales: list[mx.array]) -> mx.array:
+    def decode(self, audio: mx.array, tokens: mx.array, caches: Caches, scales: list[mx.array],
+               every: bool = False) -> mx.array:
         """Logits of the last of n positions, inputs `audio[p] + E[tokens[p]]`: [B, n, dim], [B, n] -> [B, vocab]
-        (one stream: [n, dim], [n] -> [vocab]). The B streams share positions, so they share the mask."""
+        (one stream: [n, dim], [n] -> [vocab]); with `every`, of all n: [B, n, vocab] ([n, vocab]).
+        The B streams share positions, so they share the mask."""
         if tokens.ndim == 1:
-            return self.decode(audio[None], tokens[None], caches, scales)[0]
+            return self.decode(audio[None], tokens[None], caches, scales, every)[0]
         tok = self.embedding_module.tok_embeddings
         x = audio + tok(tokens)  # [B, n, dim]
         mask = caches.decoder[0].make_mask(x.shape[1])
         for layer, cache, scale in zip(self.layers, caches.decoder, scales):
             x = layer(x, mask, cache, scale)
-        return tok.as_linear(self.norm(x[:, -1]))
+        return tok.as_linear(self.norm(x if every else x[:, -1]))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Any supported layout -> module layout (idempotent; see `rename` for the name tables).

@@ -13,6 +13,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from . import kernels
 from .audio import AudioError, LogMel, prepare_audio
 from .config import AudioArgs, ConfigError
 from .model import VoxtralRealtime
@@ -23,6 +24,8 @@ from .tokenizer import Tekken
 RIGHT_PAD_EXTRA_TOKENS = 11
 # Audio tokens per encoder pass: bounds activation memory for long inputs (10.24 s at 80 ms).
 MAX_CHUNK_TOKENS = 128
+# The most positions one speculative pass may guess.
+MAX_SPECULATE = 32
 
 
 class SessionClosed(RuntimeError):
@@ -86,6 +89,14 @@ class StreamingSession:
     so `session.words[n:]` are the words that became final since there were n; the `on_*`
     callbacks are called with each item as it becomes final. Times are seconds on the
     stream's timeline, which includes the padding that `flush` inserts.
+
+    `speculate=K` (2 or more) guesses that the next tokens are `[STREAMING_PAD]` wherever audio
+    embeddings are ready ahead (offline, and a stream catching up) and checks the guess in one
+    decoder pass: the tokens up to the first that is not a pad are what greedy decoding gives,
+    that one included; the positions after it are taken back from the cache. Tokens are those
+    of plain decoding; one pass replaces one or more steps. A pass guesses 2 positions after
+    text, and twice as many as the last (up to K) after a pass that was all pads, so that pad
+    runs (silence) go fast and text costs little.
     """
 
     def __init__(self, net: VoxtralRealtime, tokenizer: Tekken, audio: AudioArgs,
@@ -93,7 +104,7 @@ class StreamingSession:
                  on_text: Callable[[str], None] | None = None, alternatives: int = 0,
                  pause_ms: float | None = None, on_token: Callable[[TokenRecord], None] | None = None,
                  on_word: Callable[[Word], None] | None = None,
-                 on_segment: Callable[[Segment], None] | None = None):
+                 on_segment: Callable[[Segment], None] | None = None, speculate: int = 0):
         self.net = net
         self.tokenizer = tokenizer
         self.audio = audio
@@ -106,6 +117,10 @@ class StreamingSession:
         if isinstance(alternatives, bool) or not isinstance(alternatives, int) or alternatives < 0:
             raise ValueError(f"alternatives must be a whole number of tokens, 0 or more, not {alternatives!r}")
         self.alternatives = min(alternatives, net.args.decoder.vocab_size)
+        if isinstance(speculate, bool) or not isinstance(speculate, int) or not 0 <= speculate <= MAX_SPECULATE:
+            raise ValueError(f"speculate must be a whole number of positions from 0 (off) to {MAX_SPECULATE}, "
+                             f"not {speculate!r}")
+        self.speculate = speculate if speculate >= 2 else 0
         self.scales = net.ffn_scales(self.n_delay)
         self._mel = LogMel(audio)
         self.streams = [_Stream(Timeline(tokenizer, audio.token_ms, pause_ms, on_token=on_token, on_word=on_word,
@@ -117,13 +132,15 @@ class StreamingSession:
                  delay_ms: int | None = None, alternatives: int = 0, pause_ms: float | None = None,
                  on_text: Callable[[int, str], None] | None = None,
                  on_token: Callable[[int, TokenRecord], None] | None = None,
-                 on_end: Callable[[int], None] | None = None) -> "StreamingSession":
+                 on_end: Callable[[int], None] | None = None, speculate: int = 0) -> "StreamingSession":
         """A session of n streams decoded as one batch, for `finish_batch`.
 
         The callbacks get the stream's index first: `on_text(i, text)`, `on_token(i, record)`,
         and `on_end(i)` as soon as stream i has all its tokens; `streams[i]` holds them.
+        `speculate` applies to a session of one stream only.
         """
-        session = cls(net, tokenizer, audio, delay_ms=delay_ms, alternatives=alternatives, pause_ms=pause_ms)
+        session = cls(net, tokenizer, audio, delay_ms=delay_ms, alternatives=alternatives, pause_ms=pause_ms,
+                      speculate=speculate)
         session.streams = [_Stream(Timeline(tokenizer, audio.token_ms, pause_ms, on_token=_bind(on_token, i)),
                                    _bind(on_text, i), _bind(on_end, i)) for i in range(n)]
         session._start()
@@ -133,7 +150,10 @@ class StreamingSession:
         """Empty state with one batch row per stream."""
         spt, half = self.audio.samples_per_token, self.audio.window_size // 2
         B = len(self.streams)
-        self.caches = self.net.make_cache(B)
+        self.speculate = self.speculate if B == 1 else 0  # streams of a batch would take back different counts
+        # Spare encoder slots let the Metal kernels read the encoder ring in place for a whole chunk.
+        encoder_spare = self.net.args.downsample_factor * MAX_CHUNK_TOKENS - 1 if kernels.enabled() else 0
+        self.caches = self.net.make_cache(B, spare=max(self.speculate - 1, 0), encoder_spare=encoder_spare)
         # The streams in the batch, by index, in the order of its rows; finished ones leave.
         self._rows = list(range(B))
         # Samples of the padded timeline from `_buf_start` on, one row per stream; the left pad
@@ -146,6 +166,7 @@ class StreamingSession:
         self._n_embedded = 0
         self._n_decoded = 0
         self._last: mx.array | None = None
+        self._guess = 2  # positions of the next speculative pass
         self._unread: tuple[mx.array, list[int]] | None = None
         self._closed = False
 
@@ -313,13 +334,41 @@ class StreamingSession:
                 self._queue(logits)
             else:
                 mx.eval([c.state for c in self.caches.decoder])
-        for p in range(first, k):
+        p = first
+        while p < k:
+            if self.speculate and k - p >= 2:
+                p += self._speculate(emb[:, p : p + self._guess])
+                continue
             emb = self._leave_batch(emb)
             if not self._rows:
                 return
             logits = self.net.decode(emb[:, p : p + 1], self._last[:, None], self.caches, self.scales)
             self._n_decoded += 1
             self._queue(logits)
+            p += 1
+
+    def _speculate(self, emb: mx.array) -> int:
+        """One pass over n positions guessing that the tokens fed back are pads; returns how
+        many positions are kept (one to n). One stream only."""
+        n = emb.shape[1]
+        tokens = mx.concatenate([self._last[:, None], mx.full((1, n - 1), self.tokenizer.pad, mx.uint32)], axis=1)
+        logits = self.net.decode(emb, tokens, self.caches, self.scales, every=True)[0]
+        step = self._step_values(logits, mx.argmax(logits, axis=-1))  # [n, 2 + 2K]
+        mx.async_eval(step)
+        if self._unread is not None:
+            self._read(*self._unread)
+            self._unread = None
+        values = step.tolist()
+        # Position i's input is right if every token before it is the pad that was guessed.
+        kept = next((i + 1 for i, v in enumerate(values) if int(v[0]) != self.tokenizer.pad), n)
+        for v in values[:kept]:
+            self._read_values(0, v)
+        for cache in self.caches.decoder:
+            cache.rollback(n - kept)
+        self._guess = min(2 * self._guess, self.speculate) if kept == n else 2
+        self._n_decoded += kept
+        self._last = mx.array([int(values[kept - 1][0])], mx.uint32)
+        return kept
 
     def _leave_batch(self, emb: mx.array) -> mx.array:
         """Streams that have all their tokens leave the batch: their rows of every state go."""
@@ -362,10 +411,14 @@ class StreamingSession:
         return mx.concatenate(values, axis=-1)  # [B, 2 + 2K]
 
     def _read(self, step: mx.array, rows: list[int]):
-        k = self.alternatives
         for s, values in zip(rows, step.tolist()):
-            alternatives = None
-            if k:
-                alternatives = [Alternative(int(i), self.tokenizer.token_str(int(i)), p)
-                                for i, p in zip(values[2 : 2 + k], values[2 + k :])]
-            self.streams[s].push(int(values[0]), values[1], alternatives)
+            self._read_values(s, values)
+
+    def _read_values(self, s: int, values: list[float]):
+        """Give stream s its token from one row of `_step_values`."""
+        k = self.alternatives
+        alternatives = None
+        if k:
+            alternatives = [Alternative(int(i), self.tokenizer.token_str(int(i)), p)
+                            for i, p in zip(values[2 : 2 + k], values[2 + k :])]
+        self.streams[s].push(int(values[0]), values[1], alternatives)

@@ -114,7 +114,7 @@ class Voxtral:
                on_text: Callable[[str], None] | None = None, alternatives: int = 0,
                pause_ms: float | None = None, on_token: Callable[[TokenRecord], None] | None = None,
                on_word: Callable[[Word], None] | None = None,
-               on_segment: Callable[[Segment], None] | None = None) -> StreamingSession:
+               on_segment: Callable[[Segment], None] | None = None, speculate: int = 0) -> StreamingSession:
         """Open a streaming session.
 
         Args:
@@ -125,18 +125,20 @@ class Voxtral:
             pause_ms: a segment ends after more than this much time without text (default 1000).
             on_token, on_word, on_segment: called with each token record, word and segment as
                 soon as it is final.
+            speculate: check this many positions per decoder pass, guessing pads where audio is
+                already there (2..32; 0: off). The tokens are the same; see `StreamingSession`.
         """
         return StreamingSession(self.net, self.tokenizer, self.audio, delay_ms=delay_ms,
                                 interval_ms=interval_ms, on_text=on_text, alternatives=alternatives,
                                 pause_ms=pause_ms, on_token=on_token, on_word=on_word,
-                                on_segment=on_segment)
+                                on_segment=on_segment, speculate=speculate)
 
     def transcribe(self, audio: str | os.PathLike | np.ndarray | Sequence[str | os.PathLike | np.ndarray],
                    delay_ms: int | None = None, sample_rate: int = SAMPLE_RATE,
                    on_text: Callable[..., None] | None = None, alternatives: int = 0,
                    pause_ms: float | None = None, on_token: Callable[..., None] | None = None,
-                   batch_size: int = 4,
-                   on_result: Callable[[int, Transcription], None] | None = None) -> Transcription | list[Transcription]:
+                   batch_size: int = 4, on_result: Callable[[int, Transcription], None] | None = None,
+                   speculate: int = 0) -> Transcription | list[Transcription]:
         """Transcribe a whole recording, or a list of them.
 
         A list is decoded `batch_size` recordings at a time, in its order, each batch as one:
@@ -158,13 +160,17 @@ class Voxtral:
                 faster, up to the machine's compute, and takes a decoder cache per recording.
             on_result: for a list, called as `on_result(i, transcription)` as soon as recording
                 `i` is done (in a batch the shorter ones finish first).
+            speculate: check this many positions per decoder pass, guessing pads (2..32; 0:
+                off); the tokens are the same. It applies to one recording at a time (a batch
+                of one), not to batches of several, which take the weights once per step already.
         """
         if isinstance(audio, (list, tuple)):
             return self._transcribe_batches(audio, batch_size, sample_rate, on_text, on_token, on_result,
-                                            delay_ms=delay_ms, alternatives=alternatives, pause_ms=pause_ms)
+                                            delay_ms=delay_ms, alternatives=alternatives, pause_ms=pause_ms,
+                                            speculate=speculate)
         samples = self._samples(audio, sample_rate, "audio")
         session = self.stream(delay_ms=delay_ms, on_text=on_text, alternatives=alternatives,
-                              pause_ms=pause_ms, on_token=on_token)
+                              pause_ms=pause_ms, on_token=on_token, speculate=speculate)
         session.feed(samples)
         session.finish()
         return Transcription.from_session(session)

@@ -1,0 +1,129 @@
+"""bfloat16 products on x86-64 CPUs through Intel MKL, for MLX's CPU build.
+
+MLX's CPU matmul in bfloat16 is a plain loop. MKL's `cblas_gemm_bf16bf16f32` multiplies
+bfloat16 matrices with float32 accumulation (AMX or AVX-512 BF16 where the CPU has them) at
+the speed of memory. With `load(dtype="bfloat16")` on the CPU where MKL is loaded, the
+weights of every linear layer and of the tied embedding stay bfloat16, as in the checkpoint:
+a decoder step reads half the bytes of float32. Everything else (norms, RoPE, attention,
+the conv stem, the residual stream) computes in float32; each product's input is rounded to
+bfloat16, as a bfloat16 GPU run rounds it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import _blas
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+
+def _gemm():
+    """MKL's `cblas_gemm_bf16bf16f32` (LP64 interface), or None without MKL.
+
+    Called directly, so it works whether or not MKL also serves MLX's own matmuls (`_blas`);
+    `VOXTRAL_MLX_BLAS=builtin` or `openblas` turns it off too.
+    """
+    if sys.platform != "linux" or os.environ.get("VOXTRAL_MLX_BLAS", "auto").strip().lower() not in ("auto", "mkl"):
+        return None
+    for path in ([_blas.loaded] if _blas.loaded and "mkl" in _blas.loaded.lower() else []) + _blas._candidates("mkl"):
+        try:
+            gemm = ctypes.CDLL(path).cblas_gemm_bf16bf16f32
+        except (OSError, AttributeError):
+            continue
+        i, p = ctypes.c_int, ctypes.c_void_p
+        gemm.argtypes = [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
+        gemm.restype = None
+        return gemm
+    return None
+
+
+_GEMM = _gemm()
+
+
+def available() -> bool:
+    """Whether bfloat16 products can go through MKL here (Linux x86-64 with the `mkl` extra)."""
+    return _GEMM is not None
+
+
+def bits(w: mx.array) -> np.ndarray:
+    """The bfloat16 bit patterns of `w` as a numpy uint16 view of the same memory."""
+    view = w.view(mx.uint16)
+    mx.eval(view)
+    return np.asarray(view)
+
+
+def matmul_t(x: mx.array, w: np.ndarray) -> mx.array:
+    """`x @ w.T` for x [..., K] (rounded to bfloat16) and w [N, K] bfloat16 bits; float32 out."""
+    *lead, K = x.shape
+    N = w.shape[0]
+    a = bits(x.reshape(-1, K).astype(mx.bfloat16))
+    out = np.empty((a.shape[0], N), np.float32)
+    _GEMM(ROW_MAJOR, NO_TRANS, TRANS, a.shape[0], N, K, 1.0, a.ctypes.data, K, w.ctypes.data, K, 0.0,
+          out.ctypes.data, N)
+    return mx.array(out).reshape(*lead, N)
+
+
+class Linear(nn.Module):
+    """A linear layer whose bfloat16 weight MKL multiplies in place; the bias is float32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight.astype(mx.bfloat16)
+        if "bias" in linear:
+            self.bias = linear.bias.astype(mx.float32)
+        self._w = bits(self.weight)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = matmul_t(x, self._w)
+        return y + self.bias if "bias" in self else y
+
+
+class Embedding(nn.Module):
+    """The tied embedding: rows looked up in bfloat16 and widened, the head through MKL."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.weight = embedding.weight.astype(mx.bfloat16)
+        self._w = bits(self.weight)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.weight[ids].astype(mx.float32)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return matmul_t(x, self._w)
+
+
+def adopted(net: nn.Module) -> bool:
+    """Whether `net` multiplies through MKL (see `adopt`)."""
+    return isinstance(net.embedding_module.tok_embeddings, Embedding)
+
+
+def adopt(net: nn.Module) -> nn.Module:
+    """Give `net` (loaded in bfloat16) MKL products: linear layers and embeddings take the
+    classes above over their bfloat16 weights, every other float parameter becomes float32."""
+
+    def swap(value):
+        if isinstance(value, nn.Linear):
+            return Linear(value)
+        if isinstance(value, nn.Embedding):
+            return Embedding(value)
+        if isinstance(value, nn.Module):
+            for key in list(value):
+                value[key] = swap(value[key])
+            return value
+        if isinstance(value, (list, tuple)):
+            return type(value)(swap(v) for v in value)
+        if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating):
+            return value.astype(mx.float32)
+        return value
+
+    swap(net)
+    mx.eval(net.parameters())
+    return net

@@ -1,0 +1,130 @@
+"""bfloat16 products through MKL on the CPU: the same network, up to bfloat16 rounding."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from conftest import load_model, reference, speech
+
+import voxtral_mlx
+from voxtral_mlx import mkl_bf16
+
+pytestmark = pytest.mark.skipif(not mkl_bf16.available(),
+                                reason="MKL is not loaded: pip install '.[mkl]' (x86-64 Linux)")
+
+
+def bf16(x: np.ndarray) -> np.ndarray:
+    """Round to bfloat16 (nearest even), as float64."""
+    return np.array(mx.array(x, mx.float32).astype(mx.bfloat16).astype(mx.float32), np.float64)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (3, 5, 7), (7, 1000, 3072), (40, 64, 640)])
+def test_products_are_float32_sums_of_bfloat16_terms(M, N, K):
+    rng = np.random.default_rng(K)
+    x, w = rng.normal(size=(M, K)), rng.normal(size=(N, K))
+    wb = mx.array(w, mx.float32).astype(mx.bfloat16)
+    got = np.array(mkl_bf16.matmul_t(mx.array(x, mx.float32)[None], mkl_bf16.bits(wb)))
+    assert got.shape == (1, M, N) and got.dtype == np.float32
+    exact = bf16(x) @ bf16(w).T
+    # float32 accumulation: an error of a few float32 ulps of the sum of the terms' magnitudes.
+    bound = 1e-6 * np.sqrt(K) * (np.abs(bf16(x)) @ np.abs(bf16(w)).T) + 1e-30
+    assert np.all(np.abs(got[0] - exact) <= 8 * bound)
+
+
+def test_bfloat16_on_the_cpu_keeps_product_weights_bfloat16_and_the_rest_float32(small_windows_dir):
+    model = voxtral_mlx.load(small_windows_dir, dtype="bfloat16")
+    modules = dict(model.net.named_modules())
+    assert not any(type(m) in (nn.Linear, nn.Embedding) for m in modules.values())
+    linears = [m for m in modules.values() if isinstance(m, mkl_bf16.Linear)]
+    # 7 per encoder and decoder layer, 2 in the adapter, 2 per delay-conditioning MLP.
+    args = model.net.args
+    assert len(linears) == 7 * (args.encoder.n_layers + args.decoder.n_layers) + 2 + 2 * args.decoder.n_layers
+    assert isinstance(model.net.embedding_module.tok_embeddings, mkl_bf16.Embedding)
+    products = {n for n, m in modules.items() if isinstance(m, (mkl_bf16.Linear, mkl_bf16.Embedding))}
+    for name, p in tree_flatten(model.net.parameters()):
+        product = name.endswith(".weight") and name.rsplit(".", 1)[0] in products
+        assert p.dtype == (mx.bfloat16 if product else mx.float32), name
+    assert model.dtype == mx.float32  # what the activations are
+
+
+def embeddings_and_tokens(path, audio, delay_ms=480):
+    ref = reference(path)
+    tokens, margins = ref.transcribe(audio, delay_ms)
+    embeds = ref.audio_embeddings(audio, delay_ms)
+    inputs = ref.prompt(delay_ms) + tokens[:-1]  # teacher forcing: what greedy decoding fed back
+    return ref, embeds, inputs
+
+
+def decoder_logits(model, embeds, inputs, delay_ms=480) -> np.ndarray:
+    net = model.net
+    caches = net.make_cache()
+    n = len(inputs)
+    x = mx.array(embeds[:n], mx.float32)
+    logits = net.decode(x, mx.array(inputs), caches, net.ffn_scales(delay_ms // 80), every=True)
+    return np.array(logits.astype(mx.float32), np.float64)
+
+
+def test_decoder_logits_match_the_reference_to_bfloat16_rounding(small_windows_dir):
+    ref, embeds, inputs = embeddings_and_tokens(small_windows_dir, speech("night1968_5s"))
+    expected = ref.decoder_logits(embeds, inputs, 480)
+    scale = np.abs(expected).max()
+    fp32 = decoder_logits(load_model(small_windows_dir), embeds, inputs)
+    mkl = decoder_logits(voxtral_mlx.load(small_windows_dir, dtype="bfloat16"), embeds, inputs)
+    assert np.abs(fp32 - expected).max() < 1e-5 * scale
+    error = np.abs(mkl - expected).max()
+    assert 1e-5 * scale < error < 2e-2 * scale  # bfloat16 inputs to every product, and no worse
+    # Where the reference is not near a tie, the same token wins.
+    top2 = np.sort(expected, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 4 * error
+    assert clear.sum() > 0.8 * len(clear)
+    assert np.array_equal(mkl[clear].argmax(-1), expected[clear].argmax(-1))
+
+
+def audio_embeddings(model, audio) -> np.ndarray:
+    """The adapter's output for every token of an offline run."""
+    captured, real = [], model.net.encode
+    model.net.encode = lambda mel, caches: (captured.append(real(mel, caches)), captured[-1])[1]
+    try:
+        session = model.stream(delay_ms=480)
+        session.feed(audio)
+        session.finish()
+    finally:
+        del model.net.encode
+    return np.concatenate([np.array(e[0], np.float64) for e in captured])
+
+
+def relative_rms(error, scale) -> float:
+    return float(np.sqrt(np.mean(error**2) / np.mean(scale**2)))
+
+
+def test_audio_embeddings_are_float32_ones_with_bfloat16_product_inputs(small_windows_dir, monkeypatch):
+    ref = reference(small_windows_dir)
+    audio = speech("night1968_5s")
+    expected = ref.audio_embeddings(audio, 480)
+    got = audio_embeddings(voxtral_mlx.load(small_windows_dir, dtype="bfloat16"), audio)
+    assert got.shape == expected.shape
+    # Each product of the encoder and adapter rounds its input to bfloat16 (8 significant
+    # bits): on this model, about 1% relative error at the end.
+    assert relative_rms(got - expected, expected) < 2e-2
+    # The same network in MLX float32 with each linear layer's input rounded to bfloat16 gives
+    # that same error: what remains between the two is float32 accumulation order.
+    linear = nn.Linear.__call__
+    monkeypatch.setattr(nn.Linear, "__call__", lambda self, x: linear(self, x.astype(mx.bfloat16).astype(mx.float32)))
+    emulated = audio_embeddings(voxtral_mlx.load(small_windows_dir, dtype="float32"), audio)
+    assert relative_rms(emulated - expected, expected) > 5e-3
+    assert relative_rms(got - emulated, expected) < 0.2 * relative_rms(got - expected, expected)
+
+
+def test_transcription_streams_as_it_runs_offline(small_windows_dir):
+    model = voxtral_mlx.load(small_windows_dir, dtype="bfloat16")
+    audio = speech("jfk")
+    offline = model.transcribe(audio)
+    assert len(offline.tokens) == -(-audio.size // 1280) + 11 and offline.text
+    session = model.stream()
+    for i in range(0, audio.size, 3000):
+        session.feed(audio[i : i + 3000])
+    session.finish()
+    assert session.tokens == offline.tokens
+    assert model.transcribe(audio, speculate=8).tokens == offline.tokens
