@@ -1,5 +1,6 @@
 """Streaming: any chunking gives exactly the offline tokens (MODEL.md section 8)."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -136,13 +137,17 @@ def test_thirty_minutes_in_bounded_memory_equal_offline(small_windows_dir):
     base = synthetic(7.3, seed=2)
     audio = np.concatenate([np.roll(base, i * 977)[:4000] for i in range(30 * minute // 4000)])
     session = model.stream()
-    rss = []
+    rss, cached = [], []
     for start in range(0, audio.size, 4000):
         session.feed(audio[start : start + 4000])
+        cached.append(mx.get_cache_memory())
         if (start + 4000) % minute == 0:
             rss.append(rss_mb())
     session.finish()
     assert len(rss) == 30
+    # MLX's buffer cache is emptied every 10 s of audio and at the end: it holds no more than
+    # the activations of those 10 s (about 4 MB at this size), and nothing once finished.
+    assert max(cached) < 8 * 2**20 and mx.get_cache_memory() == 0
     # Bound: after the first minute, resident memory grows by less than 16 MB over 29 minutes
     # (the tokens, their records and the words take about 5 MB); the rings hold exactly their windows.
     assert max(rss[1:]) - rss[0] < 16, rss

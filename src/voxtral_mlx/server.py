@@ -4,8 +4,9 @@ One model is loaded once. Every MLX computation runs on one worker thread (the `
 MLX graph evaluation is not meant to be driven from several threads at once. Requests and
 WebSocket connections are jobs that queue work for that thread, which serves them round-robin,
 one bounded turn each (a few hundred ms of audio, or one flush or finish), so a long upload
-cannot stall a live stream. Jobs are decoded one at a time; batching decoder steps across jobs
-would raise throughput but needs a batched decoding path that the model does not have yet.
+cannot stall a live stream. Jobs are decoded one at a time: the model's batched path
+(`StreamingSession.lockstep`) decodes whole recordings that start together and share every
+position, which live sessions at their own positions and turn-sized pieces of uploads are not.
 
 Routes (`create_app`):
     POST /v1/audio/transcriptions   multipart `file`, `model`, `response_format`

@@ -24,6 +24,8 @@ from .tokenizer import Tekken
 RIGHT_PAD_EXTRA_TOKENS = 11
 # Audio tokens per encoder pass: bounds activation memory for long inputs (10.24 s at 80 ms).
 MAX_CHUNK_TOKENS = 128
+# MLX's buffer cache is emptied each time this many more tokens are embedded (10 s of audio).
+CLEAR_CACHE_TOKENS = 125
 # The most positions one speculative pass may guess.
 MAX_SPECULATE = 32
 
@@ -245,6 +247,7 @@ class StreamingSession:
         for stream in self.streams:
             stream.end()
         self._closed = True
+        mx.clear_cache()
         return self.streams[0].take()
 
     def finish_batch(self, samples: list[np.ndarray]):
@@ -300,12 +303,17 @@ class StreamingSession:
         ready = (self._buf_start + self._buf.shape[1] - self.audio.look_ahead) // spt
         if ready - self._n_embedded < (1 if force else self.min_tokens):
             return
+        before = self._n_embedded
         while self._n_embedded < ready and self._rows:
             k = min(ready - self._n_embedded, MAX_CHUNK_TOKENS)
             self._decode(self._encode(k))
         if self._unread is not None:
             self._read(*self._unread)
             self._unread = None
+        if self._n_embedded // CLEAR_CACHE_TOKENS > before // CLEAR_CACHE_TOKENS:
+            # The rings are written in place; what MLX keeps in its buffer cache is the
+            # activations of past chunks, which a long stream need not hold on to.
+            mx.clear_cache()
 
     def _encode(self, k: int) -> mx.array:
         spt, half = self.audio.samples_per_token, self.audio.window_size // 2
