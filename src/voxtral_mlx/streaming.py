@@ -330,7 +330,8 @@ class StreamingSession:
         return emb
 
     def _decode(self, emb: mx.array):
-        """Run decoder positions for new audio embeddings [B, k, dim]; one host sync per step."""
+        """Run decoder positions for new audio embeddings [B, k, dim]; one host sync per step (per pass
+        when speculating)."""
         first, L = 0, len(self.prompt)
         B, k, _ = emb.shape
         if self._n_decoded < L:
