@@ -177,6 +177,7 @@ class PadBias:
     def __init__(self, model):
         self.net, self.pad, self.vocab = model.net, model.tokenizer.pad, model.net.args.decoder.vocab_size
         self.decode = self.net.decode
+        self.one_hot = mx.arange(self.vocab) == self.pad
         self.bias, self.calls, self.positions, self.gaps = 0.0, 0, 0, []
         self.record = False
         self.net.decode = self
@@ -186,11 +187,9 @@ class PadBias:
         self.calls += 1
         self.positions += tokens.shape[-1]
         if self.bias:
-            vec = np.zeros(self.vocab, np.float32)
-            vec[self.pad] = self.bias
-            logits = logits + mx.array(vec).astype(logits.dtype)
+            logits = logits + self.bias * self.one_hot.astype(logits.dtype)
         if self.record:
-            others = mx.where(mx.arange(self.vocab) == self.pad, -mx.inf, logits.astype(mx.float32))
+            others = mx.where(self.one_hot, -mx.inf, logits.astype(mx.float32))
             self.gaps.append(mx.max(others, axis=-1) - logits[..., self.pad].astype(mx.float32))
         return logits
 

@@ -87,3 +87,29 @@ def load_model(path: Path, dtype: str = "float32"):
 @lru_cache(maxsize=None)
 def reference(path: Path) -> Reference:
     return Reference(path)
+
+
+def forced_logits(model, audio, tokens, delay_ms=480) -> np.ndarray:
+    """Logits of every generated position with the input tokens forced to `tokens` (teacher
+    forcing), one decoder step at a time: [len(tokens) + 1, vocab] float32."""
+    import mlx.core as mx
+
+    from voxtral_mlx.audio import LogMel
+
+    net, a = model.net, model.audio
+    n_delay = a.delay_tokens(delay_ms)
+    spt = a.samples_per_token
+    padded = np.concatenate([np.zeros(a.n_left_pad_tokens * spt), audio,
+                             np.zeros(-audio.size % spt + (n_delay + 11) * spt)])
+    span = np.concatenate([np.zeros(a.window_size // 2), padded, np.zeros(a.look_ahead)]).astype(np.float32)
+    caches = net.make_cache()
+    emb = net.encode(LogMel(a)(mx.array(span)), caches)
+    scales = net.ffn_scales(n_delay)
+    prompt = [model.tokenizer.bos] + [model.tokenizer.pad] * (a.n_left_pad_tokens + n_delay)
+    inputs = prompt + tokens
+    out = []
+    for p in range(emb.shape[0]):
+        logits = net.decode(emb[p : p + 1], mx.array(inputs[p : p + 1]), caches, scales)
+        if p >= len(prompt) - 1:
+            out.append(np.array(logits.astype(mx.float32)))
+    return np.stack(out)

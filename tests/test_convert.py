@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import checkpoint, load_model, speech, synthetic
+from conftest import checkpoint, forced_logits, load_model, speech, synthetic
 from layouts import E, P, write_transformers
 
 import voxtral_mlx
-from voxtral_mlx.audio import LogMel
 from voxtral_mlx.convert import convert
 from voxtral_mlx.weights import WeightsError
 
@@ -59,27 +58,6 @@ def assert_same_parameters(got, want, atol=0.0):
     for name, w in want.items():
         assert got[name].dtype == w.dtype and got[name].shape == w.shape, name
         np.testing.assert_allclose(np.array(got[name]), np.array(w), rtol=0, atol=atol, err_msg=name)
-
-
-def forced_logits(model, audio, tokens, delay_ms=480) -> np.ndarray:
-    """Logits of every generated position with the input tokens forced to `tokens`: [len(tokens) + 1, vocab]."""
-    net, a = model.net, model.audio
-    n_delay = a.delay_tokens(delay_ms)
-    spt = a.samples_per_token
-    padded = np.concatenate([np.zeros(a.n_left_pad_tokens * spt), audio,
-                             np.zeros(-audio.size % spt + (n_delay + 11) * spt)])
-    span = np.concatenate([np.zeros(a.window_size // 2), padded, np.zeros(a.look_ahead)]).astype(np.float32)
-    caches = net.make_cache()
-    emb = net.encode(LogMel(a)(mx.array(span)), caches)
-    scales = net.ffn_scales(n_delay)
-    prompt = [model.tokenizer.bos] + [model.tokenizer.pad] * (a.n_left_pad_tokens + n_delay)
-    inputs = prompt + tokens
-    out = []
-    for p in range(emb.shape[0]):
-        logits = net.decode(emb[p : p + 1], mx.array(inputs[p : p + 1]), caches, scales)
-        if p >= len(prompt) - 1:
-            out.append(np.array(logits.astype(mx.float32)))
-    return np.stack(out)
 
 
 def compare(reference, model, audio) -> dict:

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import checkpoint, load_model, speech, synthetic
+from conftest import checkpoint, forced_logits, load_model, speech, synthetic
 from reference import read_safetensors
 from tiny_checkpoint import write_checkpoint
 
 import voxtral_mlx
 from voxtral_mlx import mkl_bf16
-from voxtral_mlx.audio import LogMel
 from voxtral_mlx.config import ConfigError
 from voxtral_mlx.weights import ModelNotFoundError, WeightsError, parse_dtype
 
@@ -254,25 +253,9 @@ def test_parameters_hold_the_stored_values_in_the_compute_dtype(tiny_dir, dtype)
 
 def forced_argmax(model, audio, tokens, delay_ms=480):
     """Greedy ids when every position's input token is forced to `tokens` (teacher forcing), with margins."""
-    net, a = model.net, model.audio
-    n_delay = a.delay_tokens(delay_ms)
-    spt = a.samples_per_token
-    right = -audio.size % spt + (n_delay + 11) * spt
-    padded = np.concatenate([np.zeros(a.n_left_pad_tokens * spt), audio, np.zeros(right)])
-    span = np.concatenate([np.zeros(a.window_size // 2), padded, np.zeros(a.look_ahead)]).astype(np.float32)
-    caches = net.make_cache()
-    emb = net.encode(LogMel(a)(mx.array(span)), caches)
-    scales = net.ffn_scales(n_delay)
-    prompt = [model.tokenizer.bos] + [model.tokenizer.pad] * (a.n_left_pad_tokens + n_delay)
-    inputs = prompt + tokens
-    ids, margins = [], []
-    for p in range(emb.shape[0]):
-        logits = net.decode(emb[p : p + 1], mx.array(inputs[p : p + 1]), caches, scales)
-        if p >= len(prompt) - 1:
-            top = np.sort(np.array(logits.astype(mx.float32)))
-            ids.append(int(mx.argmax(logits).item()))
-            margins.append(top[-1] - top[-2])
-    return ids, np.array(margins)
+    logits = forced_logits(model, audio, tokens, delay_ms)
+    top = np.sort(logits, axis=-1)
+    return logits.argmax(-1).tolist(), top[:, -1] - top[:, -2]
 
 
 @pytest.mark.parametrize("audio", ["jfk", "synthetic"])
