@@ -308,7 +308,7 @@ def main(argv=None):
     start = time.perf_counter()
     model = voxtral_mlx.load(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - start
-    dtype = "bfloat16 (MKL products)" if mkl_bf16.adopted(model.net) else str(model.dtype).rsplit(".", 1)[-1]
+    dtype = mkl_bf16.describe(model.net) or str(model.dtype).rsplit(".", 1)[-1]
     common = {"model": str(args.model), "dtype": dtype,
               "quantization": quantization(model), "load_s": load_s, "machine": info}
     records = []

@@ -184,8 +184,7 @@ def transcribe(
         start = time.perf_counter()
         path = _check_model(model, delay_ms)
         voxtral = load(path, dtype=dtype)
-        kind = "bfloat16 products through MKL" if mkl_bf16.adopted(voxtral.net) else \
-            str(voxtral.dtype).rsplit('.', 1)[-1]
+        kind = mkl_bf16.describe(voxtral.net) or str(voxtral.dtype).rsplit('.', 1)[-1]
         _status(verbose, f"loaded {path} ({kind}) in "
                          f"{time.perf_counter() - start:.1f} s on the {'GPU' if mx.default_device() == mx.gpu else 'CPU'}")
         if mx.default_device() == mx.cpu:

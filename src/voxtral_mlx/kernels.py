@@ -3,7 +3,7 @@
 A ring of `capacity` slots holds the keys and values of the last `capacity` positions:
 slot `s` holds position `p(s) = last - ((last - s) mod capacity)` (never written when
 negative). The query at position `t` sees the slots with `t - window < p(s) <= t`. The
-kernels (`kernels/*.metal` in the repository, `voxtral_mlx/metal/` in the wheel) read the
+kernels (`kernels/*.metal` in the repository, `voxtral_mlx/kernel_sources/` in the wheel) read the
 ring in place and let the query heads that share a kv head read each key once.
 
 `ring_attention` runs the kernels only on a Metal GPU and only where they were measured
@@ -65,15 +65,15 @@ def ring_attention_reference(q: mx.array, keys: mx.array, values: mx.array, *, l
 
 
 def kernel_dir() -> Path:
-    """Where the .metal sources are: in the installed package, else in the source checkout
+    """Where the kernel sources are: in the installed package, else in the source checkout
     (an editable install imports the package from src/ and has no copy)."""
-    packaged = resources.files("voxtral_mlx") / "metal"
+    packaged = resources.files("voxtral_mlx") / "kernel_sources"
     if packaged.is_dir():
         return Path(str(packaged))
     checkout = Path(__file__).resolve().parents[2] / "kernels"
     if checkout.is_dir():
         return checkout
-    raise FileNotFoundError(f"Metal kernel sources not found in {packaged} or {checkout}; reinstall voxtral-mlx")
+    raise FileNotFoundError(f"Kernel sources not found in {packaged} or {checkout}; reinstall voxtral-mlx")
 
 
 def kernel_source(name: str) -> str:

@@ -6,7 +6,9 @@ the speed of memory. With `load(dtype="bfloat16")` on the CPU where MKL is loade
 weights of every linear layer and of the tied embedding stay bfloat16, as in the checkpoint:
 a decoder step reads half the bytes of float32. Everything else (norms, RoPE, attention,
 the conv stem, the residual stream) computes in float32; each product's input is rounded to
-bfloat16, as a bfloat16 GPU run rounds it.
+bfloat16, as a bfloat16 GPU run rounds it. Products of at most 32 rows (decoder steps, batches,
+speculative passes) go through the AMX kernel of `cpu_kernels` where the CPU has one: MKL
+halves its speed from two rows on.
 """
 
 from __future__ import annotations
@@ -19,32 +21,36 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import _blas
+from . import _blas, cpu_kernels
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 
 def _gemm():
-    """MKL's `cblas_gemm_bf16bf16f32` (LP64 interface), or None without MKL.
+    """MKL's `cblas_gemm_bf16bf16f32` (LP64 interface) and the library, or (None, None) without MKL.
 
     Called directly, so it works whether or not MKL also serves MLX's own matmuls (`_blas`);
     `VOXTRAL_MLX_BLAS=builtin` or `openblas` turns it off too.
     """
     if sys.platform != "linux" or os.environ.get("VOXTRAL_MLX_BLAS", "auto").strip().lower() not in ("auto", "mkl"):
-        return None
+        return None, None
     for path in ([_blas.loaded] if _blas.loaded and "mkl" in _blas.loaded.lower() else []) + _blas._candidates("mkl"):
         try:
-            gemm = ctypes.CDLL(path).cblas_gemm_bf16bf16f32
+            lib = ctypes.CDLL(path)
+            gemm = lib.cblas_gemm_bf16bf16f32
         except (OSError, AttributeError):
             continue
         i, p = ctypes.c_int, ctypes.c_void_p
         gemm.argtypes = [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
         gemm.restype = None
-        return gemm
-    return None
+        lib.MKL_Set_Num_Threads.argtypes = [i]
+        lib.MKL_Set_Num_Threads_Local.argtypes = [i]
+        lib.MKL_Set_Num_Threads_Local.restype = i
+        return gemm, lib
+    return None, None
 
 
-_GEMM = _gemm()
+_GEMM, _MKL = _gemm()
 
 
 def available() -> bool:
@@ -63,11 +69,35 @@ def matmul_t(x: mx.array, w: np.ndarray) -> mx.array:
     """`x @ w.T` for x [..., K] (rounded to bfloat16) and w [N, K] bfloat16 bits; float32 out."""
     *lead, K = x.shape
     N = w.shape[0]
+    if cpu_kernels.fits(int(np.prod(lead)), N, K):
+        rows = x.reshape(-1, K).astype(mx.float32)
+        mx.eval(rows)
+        return mx.array(cpu_kernels.rows_t(np.asarray(rows), w)).reshape(*lead, N)
     a = bits(x.reshape(-1, K).astype(mx.bfloat16))
     out = np.empty((a.shape[0], N), np.float32)
-    _GEMM(ROW_MAJOR, NO_TRANS, TRANS, a.shape[0], N, K, 1.0, a.ctypes.data, K, w.ctypes.data, K, 0.0,
-          out.ctypes.data, N)
+    before = _MKL.MKL_Set_Num_Threads_Local(cpu_kernels.threads()) if _single_threaded else 0
+    try:
+        _GEMM(ROW_MAJOR, NO_TRANS, TRANS, a.shape[0], N, K, 1.0, a.ctypes.data, K, w.ctypes.data, K, 0.0,
+              out.ctypes.data, N)
+    finally:
+        if _single_threaded:
+            _MKL.MKL_Set_Num_Threads_Local(before)
     return mx.array(out).reshape(*lead, N)
+
+
+_single_threaded = False
+
+
+def _quiet_mkl_threads():
+    """With the row kernel in use, MLX's own float32 products through MKL (attention, between
+    the kernel's products) run on one thread: MKL's idle threads spin for 200 ms after each
+    call and would take the second core from the kernel's worker (a decoder step measured
+    360 ms with them spinning, 306 ms without). This module's large products still use every
+    core, through MKL's per-thread setting."""
+    global _single_threaded
+    if not _single_threaded and cpu_kernels.library() is not None:
+        _MKL.MKL_Set_Num_Threads(1)
+        _single_threaded = True
 
 
 class Linear(nn.Module):
@@ -105,6 +135,13 @@ def adopted(net: nn.Module) -> bool:
     return isinstance(net.embedding_module.tok_embeddings, Embedding)
 
 
+def describe(net: nn.Module) -> str | None:
+    """How `net` multiplies, for messages: None unless it went through `adopt`."""
+    if not adopted(net):
+        return None
+    return "bfloat16 products through MKL" + (" and the AMX row kernel" if cpu_kernels.library() else "")
+
+
 def adopt(net: nn.Module) -> nn.Module:
     """Give `net` (loaded in bfloat16) MKL products: linear layers and embeddings take the
     classes above over their bfloat16 weights, every other float parameter becomes float32."""
@@ -126,4 +163,5 @@ def adopt(net: nn.Module) -> nn.Module:
 
     swap(net)
     mx.eval(net.parameters())
+    _quiet_mkl_threads()
     return net

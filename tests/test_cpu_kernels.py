@@ -1,0 +1,242 @@
+"""The AMX kernel for bfloat16 products of a few rows (kernels/bf16_rows.c, cpu_kernels.py)."""
+
+import multiprocessing
+import stat
+import threading
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import speech
+
+import voxtral_mlx
+from voxtral_mlx import cpu_kernels, mkl_bf16
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None,
+                                  reason=f"the AMX row kernel is not available: {cpu_kernels.reason}")
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    return np.array(mx.array(x, mx.float32).astype(mx.bfloat16).view(mx.uint16))
+
+
+def widen(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def call(x: np.ndarray, w: np.ndarray, threads: int) -> np.ndarray:
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    scratch = np.empty(x.size, np.uint16)
+    used = cpu_kernels.library()(x.ctypes.data, w.ctypes.data, out.ctypes.data, x.shape[0], w.shape[0], x.shape[1],
+                                 threads, scratch.ctypes.data)
+    assert used == threads
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("M,N,K", [(1, 32, 32), (3, 96, 64), (16, 64, 3072), (17, 320, 96), (32, 128, 1056)])
+def test_products_are_float32_sums_of_bfloat16_terms(M, N, K):
+    rng = np.random.default_rng(M * N + K)
+    x = rng.normal(size=(M, K)).astype(np.float32)
+    w = bf16_bits(rng.normal(size=(N, K)))
+    got = cpu_kernels.rows_t(x, w)
+    assert got.shape == (M, N) and got.dtype == np.float32
+    xb = widen(bf16_bits(x))
+    exact = xb @ widen(w).T
+    bound = 1e-6 * np.sqrt(K) * (np.abs(xb) @ np.abs(widen(w)).T) + 1e-30
+    assert np.all(np.abs(got - exact) <= 8 * bound)
+
+
+@needs_kernel
+def test_inputs_are_rounded_to_nearest_even_and_rows_land_in_place():
+    # An identity weight returns bf16(x) itself: every row and column where it belongs.
+    rng = np.random.default_rng(0)
+    K = 64
+    x = rng.normal(size=(20, K)).astype(np.float32)
+    x[0, :8] = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-9, 0.0, -0.0, 3.5, 1e30], np.float32)
+    eye = bf16_bits(np.eye(K))
+    got = cpu_kernels.rows_t(x, eye)
+    assert np.array_equal(got, widen(bf16_bits(x)).astype(np.float32))
+    assert list(got[0, :4]) == [1.0, 1 + 2**-6, -1.0, 1.0]  # ties go to the even neighbour
+
+
+@needs_kernel
+def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it():
+    rng = np.random.default_rng(1)
+    K, N = 3072, 1024
+    x = rng.normal(size=(32, K)).astype(np.float32)
+    w = bf16_bits(rng.normal(size=(N, K)))
+    alone = np.concatenate([call(x[i : i + 1], w, 1) for i in range(32)])
+    for m in (2, 4, 16, 17, 32):
+        for threads in (1, 2, 3):
+            assert np.array_equal(call(x[:m], w, threads), alone[:m]), (m, threads)
+    assert np.array_equal(cpu_kernels.rows_t(x[5:9], w)[2], alone[7])
+
+
+@needs_kernel
+def test_matmul_t_takes_the_kernel_for_few_rows_and_mkl_beyond(monkeypatch):
+    rng = np.random.default_rng(2)
+    w = mx.array(rng.normal(size=(64, 96)), mx.float32).astype(mx.bfloat16)
+    bits = mkl_bf16.bits(w)
+    calls = []
+    real = cpu_kernels.rows_t
+    monkeypatch.setattr(cpu_kernels, "rows_t", lambda x, w: (calls.append(x.shape), real(x, w))[1])
+    for rows, through_kernel in ((1, True), (32, True), (33, False)):
+        x = mx.array(rng.normal(size=(1, rows, 96)), mx.float32)
+        got = np.array(mkl_bf16.matmul_t(x, bits), np.float64)
+        exact = widen(bf16_bits(np.array(x)[0])) @ widen(bits).T
+        assert got.shape == (1, rows, 64) and np.abs(got[0] - exact).max() < 1e-4
+        assert (calls[-1:] == [(rows, 96)]) == through_kernel
+    assert not cpu_kernels.fits(4, 48, 96) and not cpu_kernels.fits(4, 64, 80) and cpu_kernels.fits(4, 64, 96)
+
+
+@needs_kernel
+def test_calls_from_several_threads_at_once():
+    rng = np.random.default_rng(3)
+    cases = [(rng.normal(size=(m, 256)).astype(np.float32), bf16_bits(rng.normal(size=(512, 256)))) for m in (1, 5, 9, 30)]
+    expected = [cpu_kernels.rows_t(x, w) for x, w in cases]
+    failures = []
+
+    def worker(i):
+        for _ in range(50):
+            if not np.array_equal(cpu_kernels.rows_t(*cases[i]), expected[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and failures == []
+
+
+def _product_in_child(queue, eye):  # numpy only: MLX itself does not survive a fork
+    queue.put(cpu_kernels.rows_t(np.ones((3, 64), np.float32), eye).sum())
+
+
+@needs_kernel
+def test_a_forked_child_starts_its_own_workers():
+    eye = bf16_bits(np.eye(64))
+    cpu_kernels.rows_t(np.ones((2, 64), np.float32), eye)  # the parent's workers exist
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_product_in_child, args=(queue, eye))
+    child.start()
+    child.join(timeout=60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0 and queue.get(timeout=5) == 3 * 64
+
+
+@needs_kernel
+def test_bfloat16_batch_gives_each_file_its_single_file_tokens(small_windows_dir):
+    model = voxtral_mlx.load(small_windows_dir, dtype="bfloat16")
+    clips = [speech("jfk")[:48000], speech("night1968_5s")[:64000], speech("jfk")[16000:40000]]
+    single = [model.transcribe(c).tokens for c in clips]
+    batched = model.transcribe(clips, batch_size=3)
+    assert [r.tokens for r in batched] == single
+    assert model.transcribe(clips[1], speculate=8).tokens == single[1]
+
+
+# Building and refusing
+
+
+def test_reasons_when_the_kernel_cannot_be_used(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    assert cpu_kernels._load() == (None, "VOXTRAL_MLX_CPU_KERNELS=off")
+    monkeypatch.setenv(cpu_kernels.ENV, "sometimes")
+    assert cpu_kernels._load()[1] == "VOXTRAL_MLX_CPU_KERNELS=sometimes is not auto or off"
+    monkeypatch.setenv(cpu_kernels.ENV, "auto")
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_kernels.sys, "platform", "linux")
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx512f", "amx_tile"})
+    assert cpu_kernels._load() == (None, "the CPU lacks amx_bf16, avx512_bf16")
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: set(cpu_kernels.CPU_FLAGS))
+    monkeypatch.setattr(cpu_kernels, "compiler", lambda: None)
+    assert cpu_kernels._load() == (None, "no C compiler (set CC, or install gcc or clang)")
+
+
+def fake_compiler(path: Path, body: str) -> str:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_a_failing_compiler_is_reported_and_nothing_is_cached(tmp_path, monkeypatch):
+    cc = fake_compiler(tmp_path / "cc", 'if [ "$1" = --version ]; then echo fake 1; exit 0; fi\n'
+                                        'echo "bf16_rows.c:1: error: unknown target" >&2; exit 1\n')
+    monkeypatch.setenv("CC", cc)
+    assert cpu_kernels.compiler() == cc
+    with pytest.raises(RuntimeError, match="^cc could not build bf16_rows.c: bf16_rows.c:1: error: unknown target$"):
+        cpu_kernels.build(cc, "int x;", tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_build_is_cached_per_source_and_compiler(tmp_path, monkeypatch):
+    log = tmp_path / "log"
+    cc = fake_compiler(tmp_path / "cc", f'if [ "$1" = --version ]; then echo fake 1; exit 0; fi\necho built >> {log}\n'
+                                        'for a; do out=$a; done; touch "$out"\n')
+    first = cpu_kernels.build(cc, "int x;", tmp_path / "cache")
+    assert cpu_kernels.build(cc, "int x;", tmp_path / "cache") == first and first.exists()
+    other = cpu_kernels.build(cc, "int y;", tmp_path / "cache")
+    assert other != first and log.read_text() == "built\nbuilt\n"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpu_kernels.cache_dir() == tmp_path / "xdg" / "voxtral-mlx"
+
+
+@needs_kernel
+def test_rows_t_refuses_what_it_cannot_multiply():
+    x = np.ones((2, 64), np.float32)
+    with pytest.raises(ValueError, match="needs a contiguous uint16 weight with 64 columns"):
+        cpu_kernels.rows_t(x, np.ones((32, 64), np.float32))
+    with pytest.raises(ValueError, match="at most 32 rows and multiples of 32"):
+        cpu_kernels.rows_t(np.ones((33, 64), np.float32), bf16_bits(np.eye(64)))
+
+
+# Attention and SwiGLU of several rows through numpy on the CPU (encoder.py)
+
+
+@pytest.mark.parametrize("H,Hk,L,S,masked", [(4, 4, 7, 7, False), (4, 2, 5, 12, True), (8, 2, 3, 40, True)])
+def test_numpy_attention_equals_mlx_attention(H, Hk, L, S, masked):
+    from voxtral_mlx.encoder import numpy_attention
+
+    rng = np.random.default_rng(H * L + S)
+    q, k, v = (mx.array(rng.normal(size=shape), mx.float32) for shape in ((2, H, L, 16), (2, Hk, S, 16), (2, Hk, S, 16)))
+    mask = None
+    if masked:  # causal over the last L keys, a window of 6 positions
+        pos, t = np.arange(S), np.arange(S - L, S)[:, None]
+        mask = mx.array((pos <= t) & (pos > t - 6))
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    got = numpy_attention(q, k, v, mask, 0.25)
+    assert got.shape == expected.shape and got.dtype == mx.float32
+    assert mx.abs(got - expected).max().item() < 1e-5
+    half = numpy_attention(q.astype(mx.bfloat16), k.astype(mx.bfloat16), v.astype(mx.bfloat16), mask, 0.25)
+    assert half.dtype == mx.bfloat16
+
+
+def test_numpy_swiglu_equals_mlx_silu_product():
+    from voxtral_mlx.encoder import numpy_swiglu
+
+    gate = mx.array(np.concatenate([np.random.default_rng(0).normal(0, 4, 1000), [-1e4, -100, 0, 100, 1e4]]), mx.float32)
+    up = mx.array(np.random.default_rng(1).normal(size=gate.size), mx.float32)
+    expected = mx.sigmoid(gate) * gate * up
+    got = numpy_swiglu(gate, up)
+    assert mx.allclose(got, expected, rtol=1e-5, atol=1e-6).item()
+    assert np.isfinite(np.array(got)).all()
+
+
+def test_the_model_takes_the_numpy_paths_for_chunks_and_mlx_for_single_steps(tiny_dir, monkeypatch):
+    from voxtral_mlx import encoder
+
+    rows = []
+    real_attention, real_swiglu = encoder.numpy_attention, encoder.numpy_swiglu
+    monkeypatch.setattr(encoder, "numpy_attention", lambda q, *a: (rows.append(("attention", q.shape[2])), real_attention(q, *a))[1])
+    monkeypatch.setattr(encoder, "numpy_swiglu", lambda g, u: (rows.append(("swiglu", g.shape[1])), real_swiglu(g, u))[1])
+    model = voxtral_mlx.load(tiny_dir)
+    tokens = model.transcribe(speech("jfk")[:32000]).tokens
+    assert rows and all(n >= 2 for _, n in rows) and {kind for kind, _ in rows} == {"attention", "swiglu"}
+    monkeypatch.setattr(encoder, "NUMPY_ATTENTION_ROWS", 10**9)
+    rows.clear()
+    assert model.transcribe(speech("jfk")[:32000]).tokens == tokens and rows == []
