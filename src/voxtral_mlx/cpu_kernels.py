@@ -3,9 +3,8 @@
 A decoder step multiplies one row per stream by every weight; MKL's bfloat16 GEMM runs at
 half its one-row speed from two rows on, so a batch of four files or a speculative pass of
 eight positions cost twice a single step. The kernel reads each weight once for up to 16
-rows (twice for 17 to 32) at the speed of memory, and gives every row the same numbers
-whatever the rows around it: a file decoded in a batch gets bit-for-bit its single-file
-products.
+rows (twice for 17 to 32) at the speed of memory, and gives every row the same bits
+whatever rows, and however many threads, are around it.
 
 It is compiled on first use with the system C compiler (`CC`, else cc, gcc or clang) into
 the user cache (`$XDG_CACHE_HOME/voxtral-mlx`, else ~/.cache/voxtral-mlx), one library per

@@ -93,7 +93,8 @@ def _quiet_mkl_threads():
     the kernel's products) run on one thread: MKL's idle threads spin for 200 ms after each
     call and would take the second core from the kernel's worker (a decoder step measured
     360 ms with them spinning, 306 ms without). This module's large products still use every
-    core, through MKL's per-thread setting."""
+    core, through MKL's per-thread setting. The setting stays for the process: a float32 model
+    loaded after a bfloat16 one multiplies on one thread."""
     global _single_threaded
     if not _single_threaded and cpu_kernels.library() is not None:
         _MKL.MKL_Set_Num_Threads(1)
