@@ -117,6 +117,7 @@ def library():
     return fn
 
 
+@lru_cache(maxsize=None)
 def threads() -> int:
     try:
         return len(os.sched_getaffinity(0))

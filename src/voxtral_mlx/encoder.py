@@ -42,7 +42,7 @@ class Attention(nn.Module):
                                          window=cache.window, scale=self.scale)
         else:
             k, v = cache.update_and_fetch(k, v)
-            if L >= NUMPY_ATTENTION_ROWS and mx.default_device() == mx.cpu:
+            if through_numpy(L):
                 out = numpy_attention(q, k, v, mask, self.scale)
             else:
                 out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
@@ -54,7 +54,11 @@ class Attention(nn.Module):
 # attention over long chunks several times slower than numpy's (on a 2-core Xeon, 512 random
 # frames over 1262 keys, 32 heads: 1970 ms against 170 ms; a 5 s clip's encoder chunk
 # end to end 10.2 s against 8.9 s).
-NUMPY_ATTENTION_ROWS = 2
+NUMPY_ROWS = 2
+
+
+def through_numpy(rows: int) -> bool:
+    return rows >= NUMPY_ROWS and mx.default_device() == mx.cpu
 
 
 def numpy_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, scale: float) -> mx.array:
@@ -102,7 +106,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] >= NUMPY_ATTENTION_ROWS and mx.default_device() == mx.cpu:
+        if through_numpy(x.size // x.shape[-1]):
             return self.w2(numpy_swiglu(self.w1(x), self.w3(x)))
         return self.w2(nn.silu(self.w1(x)) * self.w3(x))
 
