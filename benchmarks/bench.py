@@ -33,7 +33,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from voxtral_mlx import mkl_bf16  # noqa: E402
+from voxtral_mlx import cpu_quant, mkl_bf16  # noqa: E402
 from voxtral_mlx.weights import blas_backend  # noqa: E402
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
@@ -308,7 +308,7 @@ def main(argv=None):
     start = time.perf_counter()
     model = voxtral_mlx.load(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - start
-    dtype = mkl_bf16.describe(model.net) or str(model.dtype).rsplit(".", 1)[-1]
+    dtype = mkl_bf16.describe(model.net) or cpu_quant.describe(model.net) or str(model.dtype).rsplit(".", 1)[-1]
     common = {"model": str(args.model), "dtype": dtype,
               "quantization": quantization(model), "load_s": load_s, "machine": info}
     records = []

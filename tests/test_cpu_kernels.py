@@ -1,4 +1,5 @@
-"""The AMX kernel for bfloat16 products of a few rows (kernels/bf16_rows.c, cpu_kernels.py)."""
+"""The AMX kernel for bfloat16 products of a few rows (kernels/cpu_rows.c, cpu_kernels.py); the
+quantized kernel of the same library is tested in test_cpu_quant.py."""
 
 import multiprocessing
 import stat
@@ -14,8 +15,8 @@ from conftest import speech
 import voxtral_mlx
 from voxtral_mlx import cpu_kernels, mkl_bf16
 
-needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None,
-                                  reason=f"the AMX row kernel is not available: {cpu_kernels.reason}")
+needs_kernel = pytest.mark.skipif(not cpu_kernels.amx(),
+                                  reason=f"the AMX row kernel is not available: {cpu_kernels.amx_reason}")
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -29,8 +30,8 @@ def widen(bits: np.ndarray) -> np.ndarray:
 def call(x: np.ndarray, w: np.ndarray, threads: int) -> np.ndarray:
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     scratch = np.empty(x.size, np.uint16)
-    used = cpu_kernels.library()(x.ctypes.data, w.ctypes.data, out.ctypes.data, x.shape[0], w.shape[0], x.shape[1],
-                                 threads, scratch.ctypes.data)
+    used = cpu_kernels.library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, x.shape[0], w.shape[0],
+                                           x.shape[1], threads, scratch.ctypes.data)
     assert used == threads
     return out
 
@@ -151,11 +152,24 @@ def test_reasons_when_the_kernel_cannot_be_used(monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV, "auto")
     monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(cpu_kernels.sys, "platform", "linux")
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx512f", "amx_tile"})
-    assert cpu_kernels._load() == (None, "the CPU lacks amx_bf16, avx512_bf16")
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"sse2", "avx2"})
+    assert cpu_kernels._load() == (None, "the CPU lacks avx512f")
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: set(cpu_kernels.CPU_FLAGS))
     monkeypatch.setattr(cpu_kernels, "compiler", lambda: None)
     assert cpu_kernels._load() == (None, "no C compiler (set CC, or install gcc or clang)")
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason=f"no kernel library: {cpu_kernels.reason}")
+def test_without_amx_only_the_bfloat16_kernel_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx512f", "amx_tile"})
+    cpu_kernels.amx.cache_clear()
+    try:
+        assert not cpu_kernels.amx() and cpu_kernels.amx_reason == "the CPU lacks amx_bf16, avx512_bf16"
+        assert not cpu_kernels.fits(1, 64, 64) and cpu_kernels.q_fits(8, 64, 128)
+        with pytest.raises(ValueError, match="^the bfloat16 row kernel is not available: the CPU lacks amx_bf16"):
+            cpu_kernels.rows_t(np.ones((1, 64), np.float32), np.ones((64, 64), np.uint16))
+    finally:
+        cpu_kernels.amx.cache_clear()
 
 
 def fake_compiler(path: Path, body: str) -> str:
@@ -166,10 +180,10 @@ def fake_compiler(path: Path, body: str) -> str:
 
 def test_a_failing_compiler_is_reported_and_nothing_is_cached(tmp_path, monkeypatch):
     cc = fake_compiler(tmp_path / "cc", 'if [ "$1" = --version ]; then echo fake 1; exit 0; fi\n'
-                                        'echo "bf16_rows.c:1: error: unknown target" >&2; exit 1\n')
+                                        'echo "cpu_rows.c:1: error: unknown target" >&2; exit 1\n')
     monkeypatch.setenv("CC", cc)
     assert cpu_kernels.compiler() == cc
-    with pytest.raises(RuntimeError, match="^cc could not build bf16_rows.c: bf16_rows.c:1: error: unknown target$"):
+    with pytest.raises(RuntimeError, match="^cc could not build cpu_rows.c: cpu_rows.c:1: error: unknown target$"):
         cpu_kernels.build(cc, "int x;", tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 

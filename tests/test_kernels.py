@@ -331,7 +331,7 @@ def test_dispatcher_runs_the_kernel_where_chosen(emulated, monkeypatch):
 
 def test_kernel_sources_are_found_and_shipped():
     names = {"ring_attention_header.metal", "ring_attention.metal", "ring_attention_split.metal",
-             "ring_attention_reduce.metal", "bf16_rows.c"}
+             "ring_attention_reduce.metal", "cpu_rows.c"}
     assert names <= {p.name for p in kernels.kernel_dir().iterdir()}
     tomllib = pytest.importorskip("tomllib")
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"

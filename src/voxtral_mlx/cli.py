@@ -14,7 +14,7 @@ from typing import List, Optional
 import mlx.core as mx
 import typer
 
-from . import __version__, mkl_bf16
+from . import __version__, cpu_quant, mkl_bf16
 from .audio import AudioError, load_audio, read_pcm_stream
 from .config import ConfigError
 from .streaming import MAX_SPECULATE
@@ -184,7 +184,8 @@ def transcribe(
         start = time.perf_counter()
         path = _check_model(model, delay_ms)
         voxtral = load(path, dtype=dtype)
-        kind = mkl_bf16.describe(voxtral.net) or str(voxtral.dtype).rsplit('.', 1)[-1]
+        kind = (mkl_bf16.describe(voxtral.net) or cpu_quant.describe(voxtral.net)
+                or str(voxtral.dtype).rsplit('.', 1)[-1])
         _status(verbose, f"loaded {path} ({kind}) in "
                          f"{time.perf_counter() - start:.1f} s on the {'GPU' if mx.default_device() == mx.gpu else 'CPU'}")
         if mx.default_device() == mx.cpu:

@@ -1,16 +1,22 @@
-"""The AMX kernel for bfloat16 products of a few rows on x86-64 Linux (`kernels/bf16_rows.c`).
+"""Kernels for products of float32 rows on x86-64 Linux CPUs (`kernels/cpu_rows.c`).
 
-A decoder step multiplies one row per stream by every weight; MKL's bfloat16 GEMM runs at
-half its one-row speed from two rows on, so a batch of four files or a speculative pass of
-eight positions cost twice a single step. The kernel reads each weight once for up to 16
-rows (twice for 17 to 32) at the speed of memory, and gives every row the same bits
-whatever rows, and however many threads, are around it.
+- `rows_t` (AMX): bfloat16 weights, up to 32 rows. A decoder step multiplies one row per
+  stream by every weight; MKL's bfloat16 GEMM runs at half its one-row speed from two rows
+  on, so a batch of four files or a speculative pass of eight positions cost twice a single
+  step. This kernel reads each weight once for up to 16 rows (twice for 17 to 32) at the
+  speed of memory.
+- `q_rows_t` (AVX-512): 4- and 8-bit weights as MLX quantizes them (affine, a float32 scale
+  and bias per group), any number of rows. MLX's CPU quantized product is a scalar loop
+  (3 s per decoder step of the 4B model); this one streams the packed weights at the speed
+  of memory and widens them to float32 in registers.
 
-It is compiled on first use with the system C compiler (`CC`, else cc, gcc or clang) into
-the user cache (`$XDG_CACHE_HOME/voxtral-mlx`, else ~/.cache/voxtral-mlx), one library per
-source and compiler, and used where the CPU has AMX (Sapphire Rapids and later Xeons). When
-it cannot be (another CPU, no compiler, `VOXTRAL_MLX_CPU_KERNELS=off`), `reason` says why
-and MKL multiplies every product, as before.
+Both give every row the same bits whatever rows, and however many threads, are around it.
+The source is compiled on first use with the system C compiler (`CC`, else cc, gcc or clang)
+into the user cache (`$XDG_CACHE_HOME/voxtral-mlx`, else ~/.cache/voxtral-mlx), one library
+per source and compiler. The quantized kernel needs AVX-512 (Skylake-SP and later Xeons,
+Zen 4 and later); the bfloat16 one AMX (Sapphire Rapids and later Xeons). Where they cannot
+be used (another CPU, no compiler, `VOXTRAL_MLX_CPU_KERNELS=off`), `reason` and `amx_reason`
+say why, and MKL and MLX multiply as before.
 """
 
 from __future__ import annotations
@@ -31,12 +37,16 @@ import numpy as np
 from .kernels import kernel_source
 
 ENV = "VOXTRAL_MLX_CPU_KERNELS"
-SOURCE = "bf16_rows.c"
-MAX_ROWS = 32  # beyond this (the encoder's frames), MKL's GEMM is the faster one
-CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
-FLAGS = ("-O2", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-fPIC", "-shared", "-pthread")
+SOURCE = "cpu_rows.c"
+MAX_ROWS = 32  # bfloat16: beyond this (the encoder's frames), MKL's GEMM is the faster one
+CPU_FLAGS = ("avx512f",)  # the library, and the quantized kernel
+AMX_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")  # the bfloat16 kernel
+Q_BITS = (4, 8)
+FLAGS = ("-O2", "-ffp-contract=off", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-fPIC", "-shared",
+         "-pthread")
 
-reason: str | None = None  # why the kernel is not used, once `library()` has looked
+reason: str | None = None  # why the kernels are not used, once `library()` has looked
+amx_reason: str | None = None  # why the bfloat16 kernel is not, once `amx()` has looked
 
 
 def cache_dir() -> Path:
@@ -67,7 +77,7 @@ def build(cc: str, source: str, target_dir: Path) -> Path:
     same library at the same time is harmless). Raises RuntimeError with the compiler's words."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([source, cc, version, *FLAGS]).encode()).hexdigest()[:16]
-    target = target_dir / f"bf16_rows-{key}.so"
+    target = target_dir / f"{Path(SOURCE).stem}-{key}.so"
     if target.exists():
         return target
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -100,21 +110,36 @@ def _load():
         lib = ctypes.CDLL(str(build(cc, kernel_source(SOURCE), cache_dir())))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, str(e)
-    if lib.bf16_rows_init() != 0:
-        return None, "Linux refused the AMX tile state (arch_prctl)"
-    fn = lib.bf16_rows
-    p, n = ctypes.c_void_p, ctypes.c_long
-    fn.argtypes = [p, p, p, n, n, n, ctypes.c_int, p]
-    fn.restype = ctypes.c_int
-    return fn, None
+    p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.bf16_rows.argtypes = [p, p, p, n, n, n, i, p]
+    lib.q_rows.argtypes = [p, p, p, p, p, n, n, n, i, i, i, p]
+    lib.q_dequantize.argtypes = [p, p, p, p, n, n, i, i, i]
+    lib.bf16_rows.restype = lib.q_rows.restype = lib.q_dequantize.restype = lib.bf16_rows_init.restype = i
+    return lib, None
 
 
 @lru_cache(maxsize=None)
 def library():
-    """The kernel's entry point, built and loaded once; None (and `reason`) where it cannot be."""
+    """The compiled kernels (ctypes), built and loaded once; None (and `reason`) where they cannot be."""
     global reason
-    fn, reason = _load()
-    return fn
+    lib, reason = _load()
+    return lib
+
+
+@lru_cache(maxsize=None)
+def amx() -> bool:
+    """Whether the bfloat16 kernel can run here (else `amx_reason` says why)."""
+    global amx_reason
+    missing = [f for f in AMX_FLAGS if f not in cpu_flags()]
+    if library() is None:
+        amx_reason = reason
+    elif missing:
+        amx_reason = f"the CPU lacks {', '.join(missing)}"
+    elif library().bf16_rows_init() != 0:
+        amx_reason = "Linux refused the AMX tile state (arch_prctl)"
+    else:
+        amx_reason = None
+    return amx_reason is None
 
 
 @lru_cache(maxsize=None)
@@ -127,7 +152,7 @@ def threads() -> int:
 
 def fits(rows: int, n: int, k: int) -> bool:
     """Whether a product of `rows` rows with an n x k weight goes through the kernel."""
-    return rows <= MAX_ROWS and n % 32 == 0 and k % 32 == 0 and library() is not None
+    return rows <= MAX_ROWS and n % 32 == 0 and k % 32 == 0 and amx()
 
 
 def rows_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -138,8 +163,52 @@ def rows_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         raise ValueError(f"rows_t needs a contiguous uint16 weight with {k} columns, got {w.dtype} {w.shape}")
     if not fits(m, n, k):
         raise ValueError(f"rows_t takes at most {MAX_ROWS} rows and multiples of 32 ({m} x {k} by {n} x {k})"
-                         if library() is not None else f"the bfloat16 row kernel is not available: {reason}")
+                         if amx() else f"the bfloat16 row kernel is not available: {amx_reason}")
     out = np.empty((m, n), np.float32)
     scratch = np.empty(m * k, np.uint16)
-    library()(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads(), scratch.ctypes.data)
+    library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads(), scratch.ctypes.data)
+    return out
+
+
+def q_fits(bits: int, group_size: int, k: int) -> bool:
+    """Whether a product with a k-column weight of `bits` bits in groups of `group_size` goes
+    through the quantized kernel."""
+    return bits in Q_BITS and group_size % 32 == 0 and k % group_size == 0 and library() is not None
+
+
+def _check(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int, k: int):
+    n = w.shape[0]
+    groups = (n, k // group_size) if group_size and k % group_size == 0 else None
+    if (w.dtype != np.uint32 or w.shape != (n, k * bits // 32) or not w.flags.c_contiguous
+            or any(a.dtype != np.float32 or a.shape != groups or not a.flags.c_contiguous for a in (scales, biases))):
+        raise ValueError(f"a quantized product needs a contiguous uint32 weight of {k * bits // 32} columns and "
+                         f"float32 scales and biases of {k} / {group_size} columns, got {w.dtype} {w.shape}, "
+                         f"{scales.dtype} {scales.shape}, {biases.dtype} {biases.shape}")
+    if not q_fits(bits, group_size, k):
+        raise ValueError(f"the quantized kernel takes 4 or 8 bits in groups of a multiple of 32 ({bits} bits, group "
+                         f"{group_size})" if library() is not None else f"the quantized kernel is not available: {reason}")
+
+
+def q_rows_t(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
+             group_size: int) -> np.ndarray:
+    """`x @ dequantize(w).T` in float32 for x [M, K] float32 and w [N, K * bits / 32] uint32 as
+    `mx.quantize` packs it, with float32 scales and biases [N, K / group_size]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    (m, k), n = x.shape, w.shape[0]
+    _check(w, scales, biases, bits, group_size, k)
+    out = np.empty((m, n), np.float32)
+    scratch = np.empty(m * k if bits == 4 else 0, np.float32)
+    library().q_rows(x.ctypes.data, w.ctypes.data, scales.ctypes.data, biases.ctypes.data, out.ctypes.data, m, n, k,
+                     bits, group_size, threads(), scratch.ctypes.data)
+    return out
+
+
+def q_dequantize(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int) -> np.ndarray:
+    """`dequantize(w)` [N, K] float32 (the values of `mx.dequantize`) for w, scales and biases as in
+    `q_rows_t`, on every core: for products of many rows, which a float32 GEMM does faster."""
+    n, k = w.shape[0], w.shape[1] * 32 // bits
+    _check(w, scales, biases, bits, group_size, k)
+    out = np.empty((n, k), np.float32)
+    library().q_dequantize(w.ctypes.data, scales.ctypes.data, biases.ctypes.data, out.ctypes.data, n, k, bits,
+                           group_size, threads())
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,7 +43,8 @@ def _gemm():
             continue
         i, p = ctypes.c_int, ctypes.c_void_p
         gemm.argtypes = [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
-        gemm.restype = None
+        gemm.restype = lib.cblas_sgemm.restype = None
+        lib.cblas_sgemm.argtypes = [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
         lib.MKL_Set_Num_Threads.argtypes = [i]
         lib.MKL_Set_Num_Threads_Local.argtypes = [i]
         lib.MKL_Set_Num_Threads_Local.restype = i
@@ -75,28 +77,44 @@ def matmul_t(x: mx.array, w: np.ndarray) -> mx.array:
         return mx.array(cpu_kernels.rows_t(np.asarray(rows), w)).reshape(*lead, N)
     a = bits(x.reshape(-1, K).astype(mx.bfloat16))
     out = np.empty((a.shape[0], N), np.float32)
-    before = _MKL.MKL_Set_Num_Threads_Local(cpu_kernels.threads()) if _single_threaded else 0
-    try:
+    with _all_cores():
         _GEMM(ROW_MAJOR, NO_TRANS, TRANS, a.shape[0], N, K, 1.0, a.ctypes.data, K, w.ctypes.data, K, 0.0,
               out.ctypes.data, N)
+    return mx.array(out).reshape(*lead, N)
+
+
+def sgemm_t(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out = x @ w.T through MKL's float32 GEMM on every core, for float32 x [M, K] and w [N, K]
+    (C-contiguous) and out [M, N] (rows may be strided: a block of columns of a wider result)."""
+    (M, K), N = x.shape, w.shape[0]
+    with _all_cores():
+        _MKL.cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, M, N, K, 1.0, x.ctypes.data, K, w.ctypes.data, K, 0.0,
+                         out.ctypes.data, out.strides[0] // 4)
+
+
+@contextmanager
+def _all_cores():
+    """This thread's MKL calls on every core, even after `_quiet_mkl_threads`."""
+    before = _MKL.MKL_Set_Num_Threads_Local(cpu_kernels.threads()) if _single_threaded else 0
+    try:
+        yield
     finally:
         if _single_threaded:
             _MKL.MKL_Set_Num_Threads_Local(before)
-    return mx.array(out).reshape(*lead, N)
 
 
 _single_threaded = False
 
 
 def _quiet_mkl_threads():
-    """With the row kernel in use, MLX's own float32 products through MKL (attention, between
+    """With a row kernel of `cpu_kernels` in use, MLX's own float32 products through MKL (attention, between
     the kernel's products) run on one thread: MKL's idle threads spin for 200 ms after each
     call and would take the second core from the kernel's worker (a decoder step measured
     360 ms with them spinning, 306 ms without). This module's large products still use every
     core, through MKL's per-thread setting. The setting stays for the process: a float32 model
     loaded after a bfloat16 one multiplies on one thread."""
     global _single_threaded
-    if not _single_threaded and cpu_kernels.library() is not None:
+    if not _single_threaded and _MKL is not None and cpu_kernels.library() is not None:
         _MKL.MKL_Set_Num_Threads(1)
         _single_threaded = True
 
@@ -143,16 +161,15 @@ def describe(net: nn.Module) -> str | None:
     return "bfloat16 products through MKL" + (" and the AMX row kernel" if cpu_kernels.library() else "")
 
 
-def adopt(net: nn.Module) -> nn.Module:
-    """Give `net` (loaded in bfloat16) MKL products: linear layers and embeddings take the
-    classes above over their bfloat16 weights, every other float parameter becomes float32."""
+def replace_layers(net: nn.Module, replace) -> nn.Module:
+    """Replace each layer `replace(layer)` answers (not None) for; every other float parameter
+    becomes float32. For the CPU paths here and in `cpu_quant`."""
 
     def swap(value):
-        if isinstance(value, nn.Linear):
-            return Linear(value)
-        if isinstance(value, nn.Embedding):
-            return Embedding(value)
         if isinstance(value, nn.Module):
+            new = replace(value)
+            if new is not None:
+                return new
             for key in list(value):
                 value[key] = swap(value[key])
             return value
@@ -164,5 +181,13 @@ def adopt(net: nn.Module) -> nn.Module:
 
     swap(net)
     mx.eval(net.parameters())
+    return net
+
+
+def adopt(net: nn.Module) -> nn.Module:
+    """Give `net` (loaded in bfloat16) MKL products: linear layers and embeddings take the
+    classes above over their bfloat16 weights, every other float parameter becomes float32."""
+    replace_layers(net, lambda m: Linear(m) if isinstance(m, nn.Linear) else
+                   Embedding(m) if isinstance(m, nn.Embedding) else None)
     _quiet_mkl_threads()
     return net

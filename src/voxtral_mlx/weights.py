@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import _blas, mkl_bf16
+from . import _blas, cpu_quant, mkl_bf16
 from .config import AudioArgs, ConfigError, ModelArgs
 from .model import VoxtralRealtime
 from .tokenizer import Tekken
@@ -371,7 +371,9 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
             Float weights are cast while loading; quantized layers stay quantized, their
             scales in this dtype. On an x86-64 CPU with MKL (the `mkl` extra), "bfloat16"
             keeps the weights of the products bfloat16 and multiplies them with MKL, about
-            twice as fast as float32, the rest in float32 (see `mkl_bf16`).
+            twice as fast as float32, the rest in float32 (see `mkl_bf16`). On a CPU with
+            AVX-512, 4- and 8-bit layers multiply through a kernel, the rest in float32 whatever
+            the dtype (see `cpu_quant`).
     """
     path = resolve_model(path_or_repo)
     dtype = parse_dtype(dtype)
@@ -392,4 +394,6 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in net.named_modules())
     if dtype == mx.bfloat16 and mx.default_device() == mx.cpu and not quantized and mkl_bf16.available():
         mkl_bf16.adopt(net)  # MLX's CPU bfloat16 matmul is a loop; MKL's runs at memory speed
+    elif quantized and cpu_quant.available():
+        cpu_quant.adopt(net)  # so is its CPU quantized matmul; the kernel's runs at memory speed
     return Voxtral(net, tokenizer, audio, path)

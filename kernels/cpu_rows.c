@@ -1,0 +1,390 @@
+// Products of a few float32 rows with a weight matrix at the speed of memory, on x86-64 CPUs.
+//
+// bf16_rows (AMX):     out[m, n] = sum_k bf16(x[m, k]) * w[n, k]       w: N x K bfloat16 bits
+// q_rows (AVX-512F):   out[m, n] = sum_k x[m, k] * (s[n, g] * q[n, k] + b[n, g])
+//                      q: N x K unsigned 4- or 8-bit values packed as MLX packs them (a value
+//                      per nibble or byte, lowest first), s and b: float32 per group of k
+//
+// For the decoder: one row per stream when files decode as a batch, or the positions of a
+// speculative pass. MKL's bfloat16 GEMM halves its speed from two rows on, so four streams
+// cost twice one; MLX's CPU quantized product is a scalar loop. bf16_rows: the weight is the
+// AMX A operand, read straight from its row-major layout 16 rows x 32 values per tile, and
+// the rows of x, rounded and interleaved in pairs once per call, are the B operand: each
+// weight byte is loaded from memory once for every row, and up to 16 rows cost what one costs.
+// q_rows: each weight value is widened to float32 once per four rows (s * q + b, the value
+// mx.dequantize gives) and multiplied in float32.
+//
+// Each out[m, n] is accumulated in the same order whatever M, the row's group, the tile
+// width or the thread count: a stream's numbers do not depend on the batch around it.
+//
+// Built by voxtral_mlx/cpu_kernels.py with the system C compiler on first use, on x86-64
+// Linux CPUs with AVX-512 (bf16_rows: with AMX); elsewhere, or without a compiler, MKL and
+// MLX multiply instead.
+
+#include <immintrin.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define GROUP 16    // rows of x per B tile (the most a tile holds)
+#define BLOCK 32    // rows of w per step: two A tiles
+#define THREADS 16  // most threads per call
+#ifndef SPIN_NS
+#define SPIN_NS 5000000L  // how long an idle worker stays awake (5 ms), yielding the CPU
+#endif
+// A tile load waits for all its 16 rows, so the weights are prefetched: the next step's line
+// of each row into L1, the line FAR values ahead into L2 (without, the loads run at 2/3 speed).
+#define FAR 256
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+typedef struct Job Job;
+struct Job {
+    void (*run)(const Job *);
+    const void *x;       // bf16_rows: x as bfloat16 pairs, per group of rows: [K / 2][g];
+                         // q_rows: x as float32 rows (4 bits: each 32 values reordered, see q_rows)
+    const void *w;       // bf16_rows: N x K bfloat16 bits; q_rows: N x K packed values
+    const float *scales, *biases;  // q_rows: N x (K / group)
+    float *out;          // M x N
+    long M, N, K, n0, n1;
+    int bits, group;
+};
+
+// Tiles 0, 1: sums for a full group; 2, 3: weight rows; 4: a full group of x;
+// 5, 6: sums for the last, narrower group; 7: that group of x.
+static void configure(int last) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.rows[t] = 16;
+    c.colsb[0] = c.colsb[1] = c.colsb[4] = GROUP * 4;
+    c.colsb[2] = c.colsb[3] = 64;
+    c.colsb[5] = c.colsb[6] = c.colsb[7] = (uint16_t)(last * 4);
+    _tile_loadconfig(&c);
+}
+
+static void store(const Job *j, float *sums, long m0, int g, long n) {
+    for (int i = 0; i < 16; i++)
+        for (int a = 0; a < g; a++) j->out[(m0 + a) * j->N + n + i] = sums[i * g + a];
+}
+
+// The tile numbers are immediates, so the two group widths are two copies of the loop.
+#define GROUP_PASS(C0, C1, X, G)                                        \
+    do {                                                                \
+        _tile_zero(C0);                                                 \
+        _tile_zero(C1);                                                 \
+        for (long k = 0; k < K; k += 32) {                              \
+            for (int r = 0; k + FAR < K && r < BLOCK; r++) {            \
+                _mm_prefetch((const char *)(w + r * K + k + 32), _MM_HINT_T0);  \
+                _mm_prefetch((const char *)(w + r * K + k + FAR), _MM_HINT_T1); \
+            }                                                           \
+            _tile_loadd(2, w + k, K * 2);                               \
+            _tile_loadd(3, w + 16 * K + k, K * 2);                      \
+            _tile_loadd(X, xp + (k / 2) * (G), (G) * 4);                \
+            _tile_dpbf16ps(C0, 2, X);                                   \
+            _tile_dpbf16ps(C1, 3, X);                                   \
+        }                                                               \
+        _tile_stored(C0, sums, (G) * 4);                                \
+        store(j, sums, m0, G, n);                                       \
+        _tile_stored(C1, sums, (G) * 4);                                \
+        store(j, sums, m0, G, n + 16);                                  \
+    } while (0)
+
+static void bf16_run(const Job *j) {
+    const long K = j->K;
+    const int last = (int)(j->M - (j->M - 1) / GROUP * GROUP);
+    float sums[16 * GROUP];
+    configure(last);  // per thread: a thread's tiles are off until it loads a configuration
+    // Weight blocks outside, groups inside: a block (32 rows, at most 576 KB) stays in L2
+    // while every group of x passes over it.
+    for (long n = j->n0; n < j->n1; n += BLOCK) {
+        const uint16_t *w = (const uint16_t *)j->w + n * K;
+        for (long m0 = 0; m0 < j->M; m0 += GROUP) {
+            const uint32_t *xp = (const uint32_t *)j->x + m0 * (K / 2);
+            if (j->M - m0 > GROUP || last == GROUP)
+                GROUP_PASS(0, 1, 4, GROUP);
+            else
+                GROUP_PASS(5, 6, 7, last);
+        }
+    }
+    _tile_release();
+}
+
+// Worker threads, started on first use and kept: a thread's first AMX instruction makes Linux
+// allocate its tile state, so threads made per call would pay that every product. Between
+// calls a worker stays awake for SPIN_NS, yielding its CPU to any other thread that wants it
+// (a decoder step calls about 180 times with MLX's work in between; waking a sleeping thread
+// costs more than that work on a virtual machine), then sleeps.
+static struct {
+    pthread_mutex_t mu, call;
+    pthread_cond_t wake, idle;
+    int size;                 // workers running
+    _Atomic long generation;  // bumped by each call
+    _Atomic int pending;      // workers still on this call
+    long born[THREADS];       // the generation each worker was started in
+    Job jobs[THREADS];        // [0] the caller's share, [1..size] the workers'
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          PTHREAD_COND_INITIALIZER, 0, 0, 0, {0}, {{0}}};
+
+static long clock_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void *worker(void *arg) {
+    const long i = (long)arg;
+    long seen = pool.born[i], now;  // the call that started it is yet to come
+    for (;;) {
+        const long until = clock_ns() + SPIN_NS;
+        for (int spin = 1; (now = atomic_load(&pool.generation)) == seen; spin++) {
+            _mm_pause();
+            if (spin % 64 == 0) {
+                if (clock_ns() > until) break;
+                sched_yield();
+            }
+        }
+        if (now == seen) {
+            pthread_mutex_lock(&pool.mu);
+            while ((now = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = now;
+        pool.jobs[i].run(&pool.jobs[i]);
+        if (atomic_fetch_sub(&pool.pending, 1) == 1) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_signal(&pool.idle);
+            pthread_mutex_unlock(&pool.mu);
+        }
+    }
+    return NULL;
+}
+
+// A forked child has none of the parent's threads.
+static void forked(void) {
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_mutex_init(&pool.call, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.idle, NULL);
+    pool.size = 0;
+}
+
+__attribute__((constructor)) static void loaded(void) { pthread_atfork(NULL, NULL, forked); }
+
+// Asks Linux for the AMX tile state (once per process), which bf16_rows needs. 0 on success.
+int bf16_rows_init(void) {
+    static int status = 1;
+    if (status == 1) status = (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */);
+    return status;
+}
+
+// Runs `job` on `threads` threads (the caller's and up to threads - 1 workers), splitting N
+// into shares of whole blocks of `align` rows. Returns the number of threads that took part
+// (fewer than asked if a worker could not start).
+static int dispatch(Job job, int threads, long align) {
+    pthread_mutex_lock(&pool.call);  // one call at a time: the workers and jobs are shared
+    if (threads > THREADS) threads = THREADS;
+    while (pool.size < threads - 1) {
+        pthread_t id;
+        pool.born[pool.size + 1] = atomic_load(&pool.generation);
+        if (pthread_create(&id, NULL, worker, (void *)(long)(pool.size + 1)) != 0) break;
+        pthread_detach(id);
+        pool.size++;
+    }
+    if (threads > pool.size + 1) threads = pool.size + 1;
+    if (threads < 1) threads = 1;
+    const long N = job.N, per = (N / threads + align - 1) / align * align;
+    for (int t = 0; t <= pool.size; t++) {  // workers beyond `threads` get nothing to do
+        const long n0 = t < threads ? t * per : N, n1 = t < threads - 1 ? (t + 1) * per : N;
+        pool.jobs[t] = job;
+        pool.jobs[t].n0 = n0 < N ? n0 : N;
+        pool.jobs[t].n1 = n1 < N ? n1 : N;
+    }
+    atomic_store(&pool.pending, pool.size);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add(&pool.generation, 1);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    pool.jobs[0].run(&pool.jobs[0]);
+    for (int spin = 0; atomic_load(&pool.pending) > 0 && spin < 100000; spin++) _mm_pause();
+    pthread_mutex_lock(&pool.mu);
+    while (atomic_load(&pool.pending) > 0) pthread_cond_wait(&pool.idle, &pool.mu);
+    pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&pool.call);
+    return threads;
+}
+
+// out = bf16(x) @ w.T on `threads` threads, splitting N. N and K must be multiples of 32;
+// `scratch` holds M x K uint16. Returns the number of threads that took part.
+int bf16_rows(const float *x, const uint16_t *w, float *out, long M, long N, long K, int threads,
+              uint32_t *scratch) {
+    // Round each row to bfloat16 (nearest, ties to even) and interleave: for each group of
+    // rows, entry [k / 2][a] holds row a's values k and k + 1, the B layout AMX reads.
+    for (long m0 = 0; m0 < M; m0 += GROUP) {
+        const int g = M - m0 < GROUP ? (int)(M - m0) : GROUP;
+        uint32_t *xp = scratch + m0 * (K / 2);
+        for (int a = 0; a < g; a++) {
+            const float *row = x + (m0 + a) * K;
+            for (long k = 0; k < K; k += 32) {
+                __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + k + 16), _mm512_loadu_ps(row + k));
+                uint32_t tmp[16];
+                _mm512_storeu_si512((void *)tmp, pairs);
+                for (int i = 0; i < 16; i++) xp[(k / 2 + i) * g + a] = tmp[i];
+            }
+        }
+    }
+    return dispatch((Job){bf16_run, scratch, w, NULL, NULL, out, M, N, K, 0, 0, 0, 0}, threads, BLOCK);
+}
+
+// Quantized weights (q_rows). A weight row's values are widened once per pass of up to QROWS
+// rows of x: s * q + b in float32, rounded after the product as mx.dequantize rounds (the
+// library is built with -ffp-contract=off), then each row multiplies them into
+// four accumulators (the 16-value chunks of k in turn), summed at the end of the weight row.
+#define QROWS 4    // rows of x per pass over a weight row
+#define QBLOCK 32  // weight rows per block: the rows of x pass over a block while it is in L1/L2
+// The weights are prefetched QFAR bytes ahead into L1 and QFAR2 bytes ahead into L2: one
+// row's stream per thread, which the hardware prefetchers alone run at about half the speed.
+#define QFAR 1024
+#define QFAR2 8192
+
+// The 32 weights of unit u (k = 32u ... 32u + 31) of row n, widened: lo holds the first 16
+// values (8 bits) or the even ones (4 bits), hi the others.
+static inline __attribute__((always_inline)) void q_unit(const int BITS, int shift, const uint8_t *q,
+                                                         const float *s, const float *b, long u, __m512 *lo,
+                                                         __m512 *hi) {
+    const long k = 32 * u, g = k >> shift;
+    const __m512 sg = _mm512_set1_ps(s[g]), bg = _mm512_set1_ps(b[g]);
+    if (BITS == 8) {
+        _mm_prefetch((const char *)(q + k + QFAR), _MM_HINT_T0);
+        _mm_prefetch((const char *)(q + k + QFAR2), _MM_HINT_T1);
+        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
+        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k + 16))));
+        *lo = _mm512_add_ps(_mm512_mul_ps(q0, sg), bg);
+        *hi = _mm512_add_ps(_mm512_mul_ps(q1, sg), bg);
+    } else {
+        // Byte i of the unit holds values 2i (low nibble) and 2i + 1 (high); the nibbles index
+        // a table of the group's 16 dequantized values.
+        if (u % 2 == 0) {
+            _mm_prefetch((const char *)(q + k / 2 + QFAR), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + k / 2 + QFAR2), _MM_HINT_T1);
+        }
+        const __m512 table = _mm512_add_ps(
+            _mm512_mul_ps(_mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), sg), bg);
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
+        *lo = _mm512_permutexvar_ps(bytes, table);
+        *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+    }
+}
+
+static inline __attribute__((always_inline)) void q_pass(const Job *j, long n, long m0, const int BITS,
+                                                         const int R) {
+    const long K = j->K, units = K / 32, groups = K / j->group;
+    const int shift = __builtin_ctz((unsigned)j->group);  // groups of 32, 64 or 128
+    const float *x = (const float *)j->x + m0 * K;
+    const uint8_t *q = (const uint8_t *)j->w + n * (K * BITS / 8);
+    const float *s = j->scales + n * groups, *b = j->biases + n * groups;
+    __m512 acc[QROWS][4], lo, hi;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+    // Unit u goes into accumulators 2 (u % 2) and 2 (u % 2) + 1, whatever R.
+#define Q_STEP(U, A)                                                                                  \
+    do {                                                                                              \
+        q_unit(BITS, shift, q, s, b, U, &lo, &hi);                                                         \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                         \
+            acc[r][A] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + 32 * (U)), lo, acc[r][A]);         \
+            acc[r][A + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + 32 * (U) + 16), hi, acc[r][A + 1]); \
+        }                                                                                             \
+    } while (0)
+    long u = 0;
+    for (; u + 1 < units; u += 2) {
+        Q_STEP(u, 0);
+        Q_STEP(u + 1, 2);
+    }
+    if (u < units) Q_STEP(u, 0);
+#undef Q_STEP
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+        j->out[(m0 + r) * j->N + n] = _mm512_reduce_add_ps(
+            _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][2]), _mm512_add_ps(acc[r][1], acc[r][3])));
+}
+
+static void q_run(const Job *j) {
+    for (long nb = j->n0; nb < j->n1; nb += QBLOCK) {
+        const long ne = nb + QBLOCK < j->n1 ? nb + QBLOCK : j->n1;
+        for (long m0 = 0; m0 < j->M; m0 += QROWS) {
+            // Constant bits and row counts: the accumulators stay in registers.
+            const long R = j->M - m0 < QROWS ? j->M - m0 : QROWS, variant = (j->bits == 8) * 4 + R;
+            for (long n = nb; n < ne; n++) {
+                switch (variant) {
+                    case 1: q_pass(j, n, m0, 4, 1); break;
+                    case 2: q_pass(j, n, m0, 4, 2); break;
+                    case 3: q_pass(j, n, m0, 4, 3); break;
+                    case 4: q_pass(j, n, m0, 4, 4); break;
+                    case 5: q_pass(j, n, m0, 8, 1); break;
+                    case 6: q_pass(j, n, m0, 8, 2); break;
+                    case 7: q_pass(j, n, m0, 8, 3); break;
+                    default: q_pass(j, n, m0, 8, 4);
+                }
+            }
+        }
+    }
+}
+
+static void dequantize_run(const Job *j) {
+    const long K = j->K, groups = K / j->group;
+    const int shift = __builtin_ctz((unsigned)j->group);
+    // 4 bits: the even values come in lo, the odd ones in hi; these put them back in order.
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (long n = j->n0; n < j->n1; n++) {
+        float *row = j->out + n * K;
+        const float *s = j->scales + n * groups, *b = j->biases + n * groups;
+        __m512 lo, hi;
+        for (long u = 0; u < K / 32; u++) {
+            if (j->bits == 8) {
+                q_unit(8, shift, (const uint8_t *)j->w + n * K, s, b, u, &lo, &hi);
+                _mm512_storeu_ps(row + 32 * u, lo);
+                _mm512_storeu_ps(row + 32 * u + 16, hi);
+            } else {
+                q_unit(4, shift, (const uint8_t *)j->w + n * (K / 2), s, b, u, &lo, &hi);
+                _mm512_storeu_ps(row + 32 * u, _mm512_permutex2var_ps(lo, first, hi));
+                _mm512_storeu_ps(row + 32 * u + 16, _mm512_permutex2var_ps(lo, second, hi));
+            }
+        }
+    }
+}
+
+// out = dequantize(w) (N x K float32, the values mx.dequantize gives) on `threads` threads, for
+// products of many rows, which a float32 GEMM then does faster than q_rows. Returns the number
+// of threads that took part.
+int q_dequantize(const void *w, const float *scales, const float *biases, float *out, long N, long K, int bits,
+                 int group, int threads) {
+    return dispatch((Job){dequantize_run, NULL, w, scales, biases, out, 0, N, K, 0, 0, bits, group}, threads, 1);
+}
+
+// out = x @ dequantize(w).T on `threads` threads, splitting N. bits: 4 or 8; K a multiple of
+// `group`, a multiple of 32. `scratch` holds M x K float32 (used for 4 bits). Returns the
+// number of threads that took part.
+int q_rows(const float *x, const void *w, const float *scales, const float *biases, float *out, long M, long N,
+           long K, int bits, int group, int threads, float *scratch) {
+    if (bits == 4) {  // each chunk of 32 values: the 16 even ones, then the 16 odd ones
+        const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+        for (long i = 0; i < M * K; i += 32) {
+            const __m512 lo = _mm512_loadu_ps(x + i), hi = _mm512_loadu_ps(x + i + 16);
+            _mm512_storeu_ps(scratch + i, _mm512_permutex2var_ps(lo, evens, hi));
+            _mm512_storeu_ps(scratch + i + 16, _mm512_permutex2var_ps(lo, odds, hi));
+        }
+        x = scratch;
+    }
+    return dispatch((Job){q_run, x, w, scales, biases, out, M, N, K, 0, 0, bits, group}, threads, QBLOCK);
+}

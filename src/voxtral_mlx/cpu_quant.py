@@ -1,0 +1,118 @@
+"""4- and 8-bit quantized products on x86-64 CPUs, through the kernel of `cpu_kernels`.
+
+MLX's CPU quantized matmul is a scalar loop: a decoder step of the 4B model takes about 3 s
+at 8 or 4 bits, ten times the bfloat16 step, though it reads a half or a quarter of the
+bytes. On the CPU, `load` gives a quantized model's layers the classes below where the
+kernel runs (AVX-512, a C compiler): the packed weights stay as stored and the kernel widens
+them to float32 in registers, to the values `mx.dequantize` gives; everything else (norms,
+RoPE, attention, the residual stream, the scales and biases) computes in float32, whatever
+dtype was asked for. Products of more than 32 rows (encoder chunks, the prompt) dequantize
+32 MB of weights at a time and multiply them with MKL's float32 GEMM where MKL is loaded,
+which beats the kernel there. Layers of other bit widths (6) keep MLX's product.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import cpu_kernels, mkl_bf16
+from .mkl_bf16 import _quiet_mkl_threads, replace_layers
+
+DEQUANTIZED = 1 << 23  # float32 weights dequantized at a time for a product of many rows (32 MB)
+
+
+def available() -> bool:
+    """Whether quantized products can go through the kernel here."""
+    return mx.default_device() == mx.cpu and cpu_kernels.library() is not None
+
+
+def fits(layer: nn.Module) -> bool:
+    """Whether the kernel multiplies `layer` (affine, 4 or 8 bits, groups of 32, 64 or 128)."""
+    return (isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and layer.mode == "affine"
+            and layer.group_size in (32, 64, 128) and layer.get("biases") is not None
+            and cpu_kernels.q_fits(layer.bits, layer.group_size, layer.weight.shape[1] * 32 // layer.bits))
+
+
+def _take(new: nn.Module, layer: nn.Module) -> None:
+    """The quantized weight as stored, float32 scales and biases, and numpy views of them."""
+    nn.Module.__init__(new)
+    new.group_size, new.bits, new.mode = layer.group_size, layer.bits, layer.mode
+    new.weight = layer.weight
+    new.scales, new.biases = layer.scales.astype(mx.float32), layer.biases.astype(mx.float32)
+    mx.eval(new.weight, new.scales, new.biases)
+    new._q = (np.asarray(new.weight), np.asarray(new.scales), np.asarray(new.biases))
+    new.freeze()
+
+
+def _product(new: nn.Module, x: mx.array) -> mx.array:
+    *lead, K = x.shape
+    rows = x.reshape(-1, K).astype(mx.float32)
+    mx.eval(rows)
+    a = np.ascontiguousarray(rows)
+    w, s, b = new._q
+    if a.shape[0] <= cpu_kernels.MAX_ROWS or not mkl_bf16.available():
+        out = cpu_kernels.q_rows_t(a, w, s, b, new.bits, new.group_size)
+    else:
+        out = np.empty((a.shape[0], w.shape[0]), np.float32)
+        step = max(1, DEQUANTIZED // K)
+        for n in range(0, w.shape[0], step):
+            block = cpu_kernels.q_dequantize(w[n : n + step], s[n : n + step], b[n : n + step], new.bits,
+                                             new.group_size)
+            mkl_bf16.sgemm_t(a, block, out[:, n : n + step])
+    return mx.array(out).reshape(*lead, out.shape[1])
+
+
+class Linear(nn.QuantizedLinear):
+    """A quantized linear layer multiplied by the kernel; the bias is float32."""
+
+    def __init__(self, layer: nn.QuantizedLinear):
+        _take(self, layer)
+        if "bias" in layer:
+            self.bias = layer.bias.astype(mx.float32)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _product(self, x)
+        return y + self.bias if "bias" in self else y
+
+
+class Embedding(nn.QuantizedEmbedding):
+    """The tied quantized embedding: rows dequantized in float32, the head through the kernel."""
+
+    def __init__(self, layer: nn.QuantizedEmbedding):
+        _take(self, layer)
+        self.num_embeddings, self.dims = layer.num_embeddings, layer.dims
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids], self.group_size, self.bits)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _product(self, x)
+
+
+def adopted(net: nn.Module) -> bool:
+    """Whether some layer of `net` multiplies through the kernel (see `adopt`)."""
+    return any(isinstance(m, (Linear, Embedding)) for _, m in net.named_modules())
+
+
+def describe(net: nn.Module) -> str | None:
+    """How `net` multiplies, for messages: None unless it went through `adopt`."""
+    if not adopted(net):
+        return None
+    bits = sorted({m.bits for _, m in net.named_modules() if isinstance(m, (Linear, Embedding))})
+    return f"{' and '.join(map(str, bits))}-bit products through the AVX-512 kernel, float32 elsewhere"
+
+
+def adopt(net: nn.Module) -> nn.Module:
+    """Give the quantized layers of `net` that the kernel can multiply the classes above; every
+    other float parameter becomes float32."""
+
+    def replace(m):
+        if not fits(m):
+            return None
+        return Linear(m) if isinstance(m, nn.QuantizedLinear) else Embedding(m)
+
+    replace_layers(net, replace)
+    _quiet_mkl_threads()
+    return net

@@ -1,0 +1,170 @@
+"""The quantized kernel (kernels/cpu_rows.c `q_rows`, cpu_kernels.q_rows_t) and the CPU
+quantized layers that use it (cpu_quant.py)."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from conftest import forced_logits, load_model, speech
+
+import voxtral_mlx
+from voxtral_mlx import cpu_kernels, cpu_quant, mkl_bf16
+from voxtral_mlx.convert import convert
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None,
+                                  reason=f"the quantized row kernel is not available: {cpu_kernels.reason}")
+
+
+def quantized(rng, N: int, K: int, bits: int, group: int):
+    """A random weight as `mx.quantize` stores it (numpy) and its float64 dequantization."""
+    q, s, b = mx.quantize(mx.array(rng.normal(size=(N, K)), mx.float32), group_size=group, bits=bits)
+    exact = np.array(mx.dequantize(q, s, b, group_size=group, bits=bits), np.float64)
+    return (np.array(q), np.array(s), np.array(b)), exact
+
+
+def call(x: np.ndarray, w, bits: int, group: int, threads: int) -> np.ndarray:
+    q, s, b = w
+    out = np.empty((x.shape[0], q.shape[0]), np.float32)
+    scratch = np.empty(x.size, np.float32)
+    used = cpu_kernels.library().q_rows(x.ctypes.data, q.ctypes.data, s.ctypes.data, b.ctypes.data, out.ctypes.data,
+                                        x.shape[0], q.shape[0], x.shape[1], bits, group, threads, scratch.ctypes.data)
+    assert used == threads
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("M,N,K,group", [(1, 32, 32, 32), (3, 70, 96, 32), (4, 64, 256, 64), (5, 33, 384, 128),
+                                         (33, 96, 3072, 64)])
+def test_products_are_float32_sums_with_the_dequantized_weight(bits, M, N, K, group):
+    rng = np.random.default_rng(M * N + K + bits)
+    w, exact = quantized(rng, N, K, bits, group)
+    x = rng.normal(size=(M, K)).astype(np.float32)
+    got = cpu_kernels.q_rows_t(x, *w, bits, group)
+    assert got.shape == (M, N) and got.dtype == np.float32
+    want = x.astype(np.float64) @ exact.T
+    bound = 1e-6 * np.sqrt(K) * (np.abs(x) @ np.abs(exact).T)
+    assert np.all(np.abs(got - want) <= 8 * bound)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 64)])
+def test_every_value_is_dequantized_in_place_as_mlx_does(bits, group):
+    # One-hot rows pick single weights: out[m, n] is the dequantized w[n, k_m] itself.
+    rng = np.random.default_rng(bits + group)
+    N, K = 40, 256
+    w, exact = quantized(rng, N, K, bits, group)
+    picks = np.arange(K)
+    got = cpu_kernels.q_rows_t(np.eye(K, dtype=np.float32)[picks], *w, bits, group)
+    assert np.array_equal(got, exact.T.astype(np.float32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it(bits):
+    rng = np.random.default_rng(bits)
+    K, N = 1024, 200
+    w, _ = quantized(rng, N, K, bits, 64)
+    x = rng.normal(size=(40, K)).astype(np.float32)
+    alone = np.concatenate([call(x[i : i + 1], w, bits, 64, 1) for i in range(40)])
+    for m in (2, 3, 4, 5, 9, 40):
+        for threads in (1, 2, 3):
+            assert np.array_equal(call(x[:m], w, bits, 64, threads), alone[:m]), (m, threads)
+    assert np.array_equal(cpu_kernels.q_rows_t(x[5:12], *w, bits, 64)[3], alone[8])
+
+
+@needs_kernel
+def test_q_rows_t_refuses_what_it_cannot_multiply():
+    rng = np.random.default_rng(0)
+    w, _ = quantized(rng, 32, 128, 8, 64)
+    x = np.ones((2, 128), np.float32)
+    with pytest.raises(ValueError, match="needs a contiguous uint32 weight of 32 columns and float32 scales"):
+        cpu_kernels.q_rows_t(x, w[0], w[1].astype(np.float16), w[2], 8, 64)
+    with pytest.raises(ValueError, match="needs a contiguous uint32 weight of 24 columns"):
+        cpu_kernels.q_rows_t(x, *w, 6, 64)
+    six, _ = quantized(rng, 32, 128, 6, 64)
+    with pytest.raises(ValueError, match=r"^the quantized kernel takes 4 or 8 bits in groups of a multiple of 32 \(6 bits"):
+        cpu_kernels.q_rows_t(x, *six, 6, 64)
+    assert not cpu_kernels.q_fits(8, 64, 96) and not cpu_kernels.q_fits(8, 16, 128) and cpu_kernels.q_fits(4, 32, 96)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 128)])
+def test_dequantize_gives_the_values_of_mx_dequantize(bits, group):
+    w, exact = quantized(np.random.default_rng(bits * group), 70, 384, bits, group)
+    assert np.array_equal(cpu_kernels.q_dequantize(*w, bits, group), exact.astype(np.float32))
+
+
+# The model's quantized layers on the CPU
+
+
+@needs_kernel
+@pytest.mark.skipif(not mkl_bf16.available(), reason="MKL is not loaded")
+def test_many_rows_multiply_dequantized_blocks_through_mkl(monkeypatch):
+    rng = np.random.default_rng(7)
+    K, N = 256, 70
+    layer = cpu_quant.Linear(nn.QuantizedLinear(K, N, bias=True, group_size=64, bits=8))
+    exact = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 8), np.float64)
+    calls = []
+    for name in ("q_rows_t", "q_dequantize"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: (calls.append((name, a[0].shape[0])),
+                                                                                  real(*a))[1])
+    monkeypatch.setattr(cpu_quant, "DEQUANTIZED", 16 * K)  # blocks of 16 weight rows: 16, 16, 16, 16, 6
+    for rows, expected in ((32, [("q_rows_t", 32)]), (33, [("q_dequantize", 16)] * 4 + [("q_dequantize", 6)])):
+        calls.clear()
+        x = rng.normal(size=(1, rows, K)).astype(np.float32)
+        got = np.array(layer(mx.array(x)))
+        want = x[0].astype(np.float64) @ exact.T + np.array(layer.bias)
+        assert calls == expected and got.shape == (1, rows, N)
+        assert np.abs(got[0] - want).max() < 1e-5 * np.abs(want).max()
+
+
+@pytest.fixture(scope="module")
+def quantized_dirs(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cpu_quant")
+    return {(bits, group): convert(tiny_dir, root / f"q{bits}-{group}", q_bits=bits, q_group_size=group).path
+            for bits, group in ((4, 32), (8, 64), (6, 64))}
+
+
+def mlx_model(path, monkeypatch):
+    """The same model with MLX's own quantized products."""
+    with monkeypatch.context() as m:
+        m.setattr(cpu_quant, "available", lambda: False)
+        return load_model(path)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 64)])
+def test_layers_take_the_kernel_and_keep_mlx_logits(quantized_dirs, bits, group, monkeypatch):
+    model = load_model(quantized_dirs[bits, group], dtype="bfloat16")
+    layers = [m for _, m in model.net.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    assert layers and all(isinstance(m, (cpu_quant.Linear, cpu_quant.Embedding)) for m in layers)
+    assert all(m.scales.dtype == mx.float32 for m in layers) and model.dtype == mx.float32
+    assert cpu_quant.describe(model.net) == f"{bits}-bit products through the AVX-512 kernel, float32 elsewhere"
+    reference = mlx_model(quantized_dirs[bits, group], monkeypatch)
+    assert not cpu_quant.adopted(reference.net)
+    audio = speech("jfk")[:48000]
+    tokens = reference.transcribe(audio).tokens
+    got, want = forced_logits(model, audio, tokens), forced_logits(reference, audio, tokens)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@needs_kernel
+def test_six_bit_layers_keep_mlx_products(quantized_dirs):
+    model = load_model(quantized_dirs[6, 64])
+    layers = [m for _, m in model.net.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    assert layers and not any(isinstance(m, (cpu_quant.Linear, cpu_quant.Embedding)) for m in layers)
+    assert cpu_quant.describe(model.net) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 64)])
+def test_quantized_batch_and_speculation_give_the_single_file_tokens(quantized_dirs, bits, group):
+    model = voxtral_mlx.load(quantized_dirs[bits, group])
+    clips = [speech("jfk")[:48000], speech("night1968_5s")[:64000], speech("jfk")[16000:40000]]
+    single = [model.transcribe(c).tokens for c in clips]
+    assert len(set(map(tuple, single))) == 3
+    assert [r.tokens for r in model.transcribe(clips, batch_size=3)] == single
+    assert model.transcribe(clips[1], speculate=8).tokens == single[1]
