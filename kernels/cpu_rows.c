@@ -256,32 +256,42 @@ int bf16_rows(const float *x, const uint16_t *w, float *out, long M, long N, lon
 #define QFAR 1024
 #define QFAR2 8192
 
-// The 32 weights of unit u (k = 32u ... 32u + 31) of row n, widened: lo holds the first 16
+// A group's scale and bias, broadcast; for 4 bits, also the table of its 16 dequantized values.
+typedef struct {
+    __m512 s, b, table;
+} QGroup;
+
+static inline __attribute__((always_inline)) QGroup q_group(const int BITS, const float *s, const float *b,
+                                                            long g) {
+    QGroup p = {_mm512_set1_ps(s[g]), _mm512_set1_ps(b[g]), _mm512_setzero_ps()};
+    if (BITS == 4)
+        p.table = _mm512_add_ps(_mm512_mul_ps(_mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), p.s),
+                                p.b);
+    return p;
+}
+
+// The 32 weights of unit u (k = 32u ... 32u + 31) of a row, widened: lo holds the first 16
 // values (8 bits) or the even ones (4 bits), hi the others.
-static inline __attribute__((always_inline)) void q_unit(const int BITS, int shift, const uint8_t *q,
-                                                         const float *s, const float *b, long u, __m512 *lo,
-                                                         __m512 *hi) {
-    const long k = 32 * u, g = k >> shift;
-    const __m512 sg = _mm512_set1_ps(s[g]), bg = _mm512_set1_ps(b[g]);
+static inline __attribute__((always_inline)) void q_widen(const int BITS, const uint8_t *q, long u,
+                                                          const QGroup *p, __m512 *lo, __m512 *hi) {
+    const long k = 32 * u;
     if (BITS == 8) {
         _mm_prefetch((const char *)(q + k + QFAR), _MM_HINT_T0);
         _mm_prefetch((const char *)(q + k + QFAR2), _MM_HINT_T1);
         const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
         const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k + 16))));
-        *lo = _mm512_add_ps(_mm512_mul_ps(q0, sg), bg);
-        *hi = _mm512_add_ps(_mm512_mul_ps(q1, sg), bg);
+        *lo = _mm512_add_ps(_mm512_mul_ps(q0, p->s), p->b);
+        *hi = _mm512_add_ps(_mm512_mul_ps(q1, p->s), p->b);
     } else {
         // Byte i of the unit holds values 2i (low nibble) and 2i + 1 (high); the nibbles index
-        // a table of the group's 16 dequantized values.
+        // the group's table.
         if (u % 2 == 0) {
             _mm_prefetch((const char *)(q + k / 2 + QFAR), _MM_HINT_T0);
             _mm_prefetch((const char *)(q + k / 2 + QFAR2), _MM_HINT_T1);
         }
-        const __m512 table = _mm512_add_ps(
-            _mm512_mul_ps(_mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), sg), bg);
         const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
-        *lo = _mm512_permutexvar_ps(bytes, table);
-        *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+        *lo = _mm512_permutexvar_ps(bytes, p->table);
+        *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), p->table);
     }
 }
 
@@ -293,23 +303,29 @@ static inline __attribute__((always_inline)) void q_pass(const Job *j, long n, l
     const uint8_t *q = (const uint8_t *)j->w + n * (K * BITS / 8);
     const float *s = j->scales + n * groups, *b = j->biases + n * groups;
     __m512 acc[QROWS][4], lo, hi;
+    QGroup p;
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
     // Unit u goes into accumulators 2 (u % 2) and 2 (u % 2) + 1, whatever R.
-#define Q_STEP(U, A)                                                                                  \
-    do {                                                                                              \
-        q_unit(BITS, shift, q, s, b, U, &lo, &hi);                                                         \
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                         \
-            acc[r][A] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + 32 * (U)), lo, acc[r][A]);         \
+#define Q_STEP(U, A)                                                                                      \
+    do {                                                                                                  \
+        q_widen(BITS, q, U, &p, &lo, &hi);                                                                \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                             \
+            acc[r][A] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + 32 * (U)), lo, acc[r][A]);             \
             acc[r][A + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + 32 * (U) + 16), hi, acc[r][A + 1]); \
-        }                                                                                             \
+        }                                                                                                 \
     } while (0)
     long u = 0;
-    for (; u + 1 < units; u += 2) {
+    for (; u + 1 < units; u += 2) {  // an even unit starts a group, unless groups are 32 wide
+        p = q_group(BITS, s, b, (32 * u) >> shift);
         Q_STEP(u, 0);
+        if (shift == 5) p = q_group(BITS, s, b, u + 1);
         Q_STEP(u + 1, 2);
     }
-    if (u < units) Q_STEP(u, 0);
+    if (u < units) {
+        p = q_group(BITS, s, b, (32 * u) >> shift);
+        Q_STEP(u, 0);
+    }
 #undef Q_STEP
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
@@ -350,12 +366,13 @@ static void dequantize_run(const Job *j) {
         const float *s = j->scales + n * groups, *b = j->biases + n * groups;
         __m512 lo, hi;
         for (long u = 0; u < K / 32; u++) {
+            const QGroup p = q_group(j->bits, s, b, (32 * u) >> shift);
             if (j->bits == 8) {
-                q_unit(8, shift, (const uint8_t *)j->w + n * K, s, b, u, &lo, &hi);
+                q_widen(8, (const uint8_t *)j->w + n * K, u, &p, &lo, &hi);
                 _mm512_storeu_ps(row + 32 * u, lo);
                 _mm512_storeu_ps(row + 32 * u + 16, hi);
             } else {
-                q_unit(4, shift, (const uint8_t *)j->w + n * (K / 2), s, b, u, &lo, &hi);
+                q_widen(4, (const uint8_t *)j->w + n * (K / 2), u, &p, &lo, &hi);
                 _mm512_storeu_ps(row + 32 * u, _mm512_permutex2var_ps(lo, first, hi));
                 _mm512_storeu_ps(row + 32 * u + 16, _mm512_permutex2var_ps(lo, second, hi));
             }

@@ -203,12 +203,18 @@ def q_rows_t(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
     return out
 
 
-def q_dequantize(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int) -> np.ndarray:
+def q_dequantize(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """`dequantize(w)` [N, K] float32 (the values of `mx.dequantize`) for w, scales and biases as in
-    `q_rows_t`, on every core: for products of many rows, which a float32 GEMM does faster."""
+    `q_rows_t`, on every core: for products of many rows, which a float32 GEMM does faster.
+    `out`: where to write it (float32, at least N x K values; a view of its start is returned)."""
     n, k = w.shape[0], w.shape[1] * 32 // bits
     _check(w, scales, biases, bits, group_size, k)
-    out = np.empty((n, k), np.float32)
+    if out is None:
+        out = np.empty((n, k), np.float32)
+    elif out.dtype != np.float32 or out.size < n * k or not out.flags.c_contiguous:
+        raise ValueError(f"q_dequantize needs a contiguous float32 out of at least {n} x {k} values")
+    out = out.reshape(-1)[: n * k].reshape(n, k)
     library().q_dequantize(w.ctypes.data, scales.ctypes.data, biases.ctypes.data, out.ctypes.data, n, k, bits,
                            group_size, threads())
     return out

@@ -13,6 +13,8 @@ which beats the kernel there. Layers of other bit widths (6) keep MLX's product.
 
 from __future__ import annotations
 
+import threading
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -46,6 +48,17 @@ def _take(new: nn.Module, layer: nn.Module) -> None:
     new.freeze()
 
 
+_local = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    """A float32 buffer of `size` values kept per thread: fresh pages for every block of every
+    product of a prompt would be zeroed by the kernel first (a second per prompt)."""
+    if getattr(_local, "scratch", np.empty(0, np.float32)).size < size:
+        _local.scratch = np.empty(size, np.float32)
+    return _local.scratch[:size]
+
+
 def _product(new: nn.Module, x: mx.array) -> mx.array:
     *lead, K = x.shape
     rows = x.reshape(-1, K).astype(mx.float32)
@@ -57,9 +70,10 @@ def _product(new: nn.Module, x: mx.array) -> mx.array:
     else:
         out = np.empty((a.shape[0], w.shape[0]), np.float32)
         step = max(1, DEQUANTIZED // K)
+        scratch = _scratch(step * K)
         for n in range(0, w.shape[0], step):
             block = cpu_kernels.q_dequantize(w[n : n + step], s[n : n + step], b[n : n + step], new.bits,
-                                             new.group_size)
+                                             new.group_size, scratch)
             mkl_bf16.sgemm_t(a, block, out[:, n : n + step])
     return mx.array(out).reshape(*lead, out.shape[1])
 
