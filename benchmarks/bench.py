@@ -33,7 +33,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from voxtral_mlx import cpu_quant, mkl_bf16  # noqa: E402
+from voxtral_mlx import cpu_quant, encoder, mkl_bf16  # noqa: E402
 from voxtral_mlx.weights import blas_backend  # noqa: E402
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
@@ -73,8 +73,10 @@ def decoder_bytes(model) -> int:
     return layers + head + net.norm.weight.nbytes
 
 
-def components(model, delay_ms, steps: int = 48, tokens: int = 64) -> dict:
-    """Encoder per audio second (on `tokens` tokens of audio), prefill, and decoder steps, each timed on its own."""
+def components(model, delay_ms, steps: int = 48, tokens: int = 64, context: int = 0) -> dict:
+    """Encoder per audio second (on `tokens` tokens of audio), prefill, and decoder steps, each timed on its own.
+    `context`: the steps run as if that many positions preceded them (the decoder caches are
+    filled with random keys and values after the prefill, up to the window): a long stream's steps."""
     net, audio = model.net, model.audio
     session = model.stream(delay_ms=delay_ms)
     rng = np.random.default_rng(0)
@@ -95,6 +97,12 @@ def components(model, delay_ms, steps: int = 48, tokens: int = 64) -> dict:
     token = mx.argmax(logits)
     mx.eval(token, [c.state for c in caches.decoder])
     prefill_s = time.perf_counter() - start
+    for c in caches.decoder if context else []:
+        B, H, _, D = c.keys.shape
+        n = min(L + context, c.capacity)
+        c.keys, c.values = (mx.random.normal((B, H, n, D), c.keys.dtype) for _ in range(2))
+        c.offset = L + context
+        mx.eval(c.keys, c.values)
 
     times = []
     mx.async_eval(token)
@@ -109,7 +117,7 @@ def components(model, delay_ms, steps: int = 48, tokens: int = 64) -> dict:
     token.item()
     step_ms = np.array(times[4:]) * 1000  # after the pipeline fills
     return {"encoder_ms_per_audio_s": 1000 * encoder_s / seconds, "prefill_ms": 1000 * prefill_s,
-            "prefill_positions": L, "step_ms_mean": float(step_ms.mean()),
+            "prefill_positions": L, "step_context": context, "step_ms_mean": float(step_ms.mean()),
             "step_ms_p50": float(np.percentile(step_ms, 50)), "step_ms_p95": float(np.percentile(step_ms, 95))}
 
 
@@ -292,11 +300,17 @@ def main(argv=None):
     ap.add_argument("--pad-rate", type=float, default=0.55, help="pad rate on speech for the speculate mode")
     ap.add_argument("--steps", type=int, default=48, help="decoder steps timed in the parts mode")
     ap.add_argument("--encoder-tokens", type=int, default=64, help="tokens of audio encoded in the parts mode")
+    ap.add_argument("--context", type=int, default=0,
+                    help="parts mode: time the decoder steps after this many positions (8192: a stream past 11 minutes)")
+    ap.add_argument("--mlx-attention", action="store_true",
+                    help="decoder steps attend with MLX's attention, not the CPU kernel (to compare)")
     ap.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH_GBS, help="memory bandwidth, GB/s")
     ap.add_argument("--compare", choices=["voxmlx"], help="also run this engine on the same clip")
     ap.add_argument("--compare-python", default=sys.executable, help="the Python that has it installed")
     ap.add_argument("--json", help="append the records to this file")
     args = ap.parse_args(argv)
+    if args.mlx_attention:
+        encoder.through_kernel = lambda *a: False
 
     info = machine()
     # The other engine first, in its own process, so that the two models never share the memory.
@@ -314,7 +328,7 @@ def main(argv=None):
     records = []
     modes = args.modes.split(",")
     if "parts" in modes:
-        rec = components(model, args.delay_ms, args.steps, args.encoder_tokens)
+        rec = components(model, args.delay_ms, args.steps, args.encoder_tokens, args.context)
         floor_ms = decoder_bytes(model) / (args.bandwidth * 1e9) * 1000
         rec.update(mode="parts", step_floor_ms=floor_ms, step_vs_floor=rec["step_ms_p50"] / floor_ms,
                    bandwidth_gbs=args.bandwidth, peak_rss_mb=peak_rss_mb(), **common)
@@ -366,9 +380,10 @@ def print_table(records, info, load_s):
           f"{info['device'].upper()}, BLAS: {info['blas']}")
     for r in records:
         if r["mode"] == "parts":
+            after = f" after {r['step_context']} positions" if r.get("step_context") else ""
             print(f"\n{r['dtype']}, quantization {r['quantization']}, load {load_s:.1f} s: encoder "
                   f"{r['encoder_ms_per_audio_s']:.0f} ms per audio second, prefill of {r['prefill_positions']} "
-                  f"positions {r['prefill_ms']:.0f} ms, decoder step {r['step_ms_mean']:.0f} / "
+                  f"positions {r['prefill_ms']:.0f} ms, decoder step{after} {r['step_ms_mean']:.0f} / "
                   f"{r['step_ms_p50']:.0f} / {r['step_ms_p95']:.0f} ms (mean / p50 / p95), "
                   f"{r['step_vs_floor']:.1f}x the {r['step_floor_ms']:.0f} ms floor at {r['bandwidth_gbs']:.0f} GB/s")
     rows = [r for r in records if r["mode"] not in ("parts", "speculate")]

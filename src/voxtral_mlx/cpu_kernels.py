@@ -114,7 +114,9 @@ def _load():
     lib.bf16_rows.argtypes = [p, p, p, n, n, n, i, p]
     lib.q_rows.argtypes = [p, p, p, p, p, n, n, n, i, i, i, p]
     lib.q_dequantize.argtypes = [p, p, p, p, n, n, i, i, i]
-    lib.bf16_rows.restype = lib.q_rows.restype = lib.q_dequantize.restype = lib.bf16_rows_init.restype = i
+    lib.attend.argtypes = [p, p, p, p, n, i, n, n, n, ctypes.c_float, p, p, i]
+    for fn in (lib.bf16_rows, lib.q_rows, lib.q_dequantize, lib.attend, lib.bf16_rows_init):
+        fn.restype = i
     return lib, None
 
 
@@ -217,4 +219,36 @@ def q_dequantize(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: in
     out = out.reshape(-1)[: n * k].reshape(n, k)
     library().q_dequantize(w.ctypes.data, scales.ctypes.data, biases.ctypes.data, out.ctypes.data, n, k, bits,
                            group_size, threads())
+    return out
+
+
+def attend_fits(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether one position's attention goes through the kernel (`attend`)."""
+    return head_dim % 16 == 0 and heads % kv_heads == 0 and heads // kv_heads <= 64 and library() is not None
+
+
+def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, stored: int, mask: np.ndarray | None,
+           scale: float) -> np.ndarray:
+    """softmax(q k^T scale) v for one position: q [B, H, 1, D] float32 over the first `stored`
+    slots of a cache keys, values [B, Hk, capacity, D] float32 (query head h reads key head
+    h // (H / Hk)); mask [stored] bool, True where a slot is in the window, or None. Exact
+    softmax, float32 sums; every stream's numbers are its own whatever the batch."""
+    B, H, L, D = q.shape
+    Hk, capacity = keys.shape[1], keys.shape[2]
+    if (L != 1 or keys.shape != (B, Hk, capacity, D) or values.shape != keys.shape or not 0 < stored <= capacity
+            or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (q, keys, values))
+            or (mask is not None and mask.shape != (stored,))):
+        raise ValueError(f"attend needs float32 contiguous q [B, H, 1, D] and caches [B, Hk, >= {stored}, D], and a "
+                         f"mask of {stored}, got {q.shape}, {keys.shape}, {values.shape}, "
+                         f"{None if mask is None else mask.shape}")
+    if not attend_fits(H, Hk, D):
+        raise ValueError(f"attend takes head sizes of a multiple of 16 and up to 64 query heads per key head "
+                         f"({H} / {Hk} heads of {D})" if library() is not None else
+                         f"the attention kernel is not available: {reason}")
+    out = np.empty_like(q)
+    scores = np.empty(B * H * stored, np.float32)
+    flags = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
+    library().attend(q.ctypes.data, keys.ctypes.data, values.ctypes.data, out.ctypes.data, B * Hk, H // Hk, stored,
+                     D, capacity * D, scale, None if flags is None else flags.ctypes.data, scores.ctypes.data,
+                     threads())
     return out

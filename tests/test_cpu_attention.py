@@ -1,0 +1,160 @@
+"""The attention kernel for decoder steps on the CPU (kernels/cpu_rows.c `attend`,
+cpu_kernels.attend, encoder.kernel_attention)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import checkpoint, forced_logits, load_model, speech
+
+from voxtral_mlx import cpu_kernels, encoder
+from voxtral_mlx.cache import RingKVCache
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None,
+                                  reason=f"the attention kernel is not available: {cpu_kernels.reason}")
+
+
+def reference(q, keys, values, stored, mask, scale):
+    """float64 softmax attention of q [B, H, 1, D] over the first `stored` slots."""
+    B, H, _, D = q.shape
+    Hk = keys.shape[1]
+    k = np.repeat(keys[:, :, :stored].astype(np.float64), H // Hk, axis=1)
+    v = np.repeat(values[:, :, :stored].astype(np.float64), H // Hk, axis=1)
+    s = q.astype(np.float64) @ np.swapaxes(k, -1, -2) * np.float64(np.float32(scale))
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v, np.abs(s[np.isfinite(s)]).max()
+
+
+def case(rng, B, H, Hk, D, capacity, stored, masked):
+    q = rng.normal(size=(B, H, 1, D)).astype(np.float32)
+    keys, values = (rng.normal(size=(B, Hk, capacity, D)).astype(np.float32) for _ in range(2))
+    mask = rng.random(stored) > 0.4 if masked else None
+    if masked:
+        mask[rng.integers(stored)] = True
+    return q, keys, values, mask
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,H,Hk,D,capacity,stored", [(1, 4, 2, 16, 20, 1), (1, 4, 2, 16, 20, 17),
+                                                      (2, 32, 8, 128, 300, 257), (3, 5, 1, 64, 40, 40),
+                                                      (1, 6, 3, 48, 1100, 1029)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_is_the_exact_softmax_within_float32(B, H, Hk, D, capacity, stored, masked):
+    rng = np.random.default_rng(B * H + D + stored)
+    q, keys, values, mask = case(rng, B, H, Hk, D, capacity, stored, masked)
+    q *= 2  # peaked scores: the exponentials span a wide range
+    got = cpu_kernels.attend(q, keys, values, stored, mask, 0.3)
+    assert got.shape == q.shape and got.dtype == np.float32
+    want, top = reference(q, keys, values, stored, mask, 0.3)
+    # A score s carries a float32 error of about 1e-7 |s|, which its weight e^s turns into a
+    # relative error of the same size: the bound grows with the largest score (about 20 here).
+    assert np.abs(got - want).max() < 2e-7 * (1 + top)
+
+
+@needs_kernel
+def test_scores_far_below_the_top_weigh_nothing():
+    # exp underflows to 0 below -87.3: a key 1000 below the best must not count, nor NaN.
+    q = np.zeros((1, 2, 1, 16), np.float32)
+    q[..., 0] = 1
+    keys = np.zeros((1, 1, 3, 16), np.float32)
+    keys[0, 0, :, 0] = [0.0, -1000.0, 1.0]
+    values = np.arange(3 * 16, dtype=np.float32).reshape(1, 1, 3, 16)
+    got = cpu_kernels.attend(q, keys, values, 3, None, 1.0)
+    p = np.exp([-1.0, -1001.0, 0.0]) / np.exp([-1.0, -1001.0, 0.0]).sum()
+    assert np.allclose(got[0, 0, 0], p @ values[0, 0], rtol=1e-6) and np.isfinite(got).all()
+
+
+@needs_kernel
+def test_every_stream_gets_its_own_bits_whatever_the_batch_and_threads():
+    rng = np.random.default_rng(5)
+    q, keys, values, mask = case(rng, 3, 32, 8, 128, 600, 555, True)
+    lib = cpu_kernels.library()
+
+    def call(b0, b1, threads):
+        qs, ks, vs = (np.ascontiguousarray(a[b0:b1]) for a in (q, keys, values))
+        out = np.empty_like(qs)
+        scores = np.empty((b1 - b0) * 32 * 555, np.float32)
+        flags = mask.astype(np.uint8)
+        used = lib.attend(qs.ctypes.data, ks.ctypes.data, vs.ctypes.data, out.ctypes.data, (b1 - b0) * 8, 4, 555,
+                          128, 600 * 128, 0.125, flags.ctypes.data, scores.ctypes.data, threads)
+        assert used == threads
+        return out
+
+    alone = np.concatenate([call(b, b + 1, 1) for b in range(3)])
+    for threads in (1, 2, 3):
+        assert np.array_equal(call(0, 3, threads), alone)
+
+
+@needs_kernel
+def test_attend_refuses_what_it_cannot_compute():
+    rng = np.random.default_rng(0)
+    q, keys, values, _ = case(rng, 1, 4, 2, 16, 8, 8, False)
+    with pytest.raises(ValueError, match=r"attend needs float32 contiguous q \[B, H, 1, D\] and caches"):
+        cpu_kernels.attend(q, keys, values, 9, None, 1.0)
+    with pytest.raises(ValueError, match="a mask of 8, got"):
+        cpu_kernels.attend(q, keys, values, 8, np.ones(7, bool), 1.0)
+    with pytest.raises(ValueError, match="attend needs float32"):
+        cpu_kernels.attend(q.astype(np.float64), keys, values, 8, None, 1.0)
+    q8, k8, v8, _ = case(rng, 1, 4, 2, 8, 8, 8, False)
+    with pytest.raises(ValueError, match=r"^attend takes head sizes of a multiple of 16 .* \(4 / 2 heads of 8\)"):
+        cpu_kernels.attend(q8, k8, v8, 8, None, 1.0)
+    assert not cpu_kernels.attend_fits(4, 2, 8) and not cpu_kernels.attend_fits(130, 2, 16)
+    assert cpu_kernels.attend_fits(32, 8, 128)
+
+
+@needs_kernel
+def test_a_ring_left_strided_by_a_full_write_is_read_right():
+    rng = np.random.default_rng(3)
+    cache = RingKVCache(window=4)
+    k, v = (mx.array(rng.normal(size=(1, 3, 2, 16)).astype(np.float32)).transpose(0, 2, 1, 3) for _ in range(2))
+    cache.update_and_fetch(k, v)  # 3 positions into a ring of 4 ...
+    k6, v6 = (mx.array(rng.normal(size=(1, 6, 2, 16)).astype(np.float32)).transpose(0, 2, 1, 3) for _ in range(2))
+    cache.update_and_fetch(k6, v6)  # ... then 6: the write covers the whole ring
+    q = mx.array(rng.normal(size=(1, 4, 1, 16)).astype(np.float32))
+    k1, v1 = (mx.array(rng.normal(size=(1, 2, 1, 16)).astype(np.float32)) for _ in range(2))
+    keys, values = cache.update_and_fetch(k1, v1)
+    expected = mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.25)
+    got = encoder.kernel_attention(q, cache, None, 0.25)
+    assert np.asarray(cache.keys).flags.c_contiguous
+    assert mx.abs(got - expected).max().item() < 1e-6
+
+
+# The model's decoder steps
+
+
+@pytest.fixture(scope="module")
+def wide_heads_dir(ckpt_root):
+    """Decoder heads of 64 values: the kernel's four-register path for the values."""
+    return checkpoint(ckpt_root, head_dim=64, dec_window=20, seed=2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fixture", ["tiny_dir", "wide_heads_dir"])
+def test_steps_take_the_kernel_and_keep_mlx_logits(fixture, request, monkeypatch):
+    model = load_model(request.getfixturevalue(fixture))
+    calls = []
+    real = cpu_kernels.attend
+    monkeypatch.setattr(cpu_kernels, "attend", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    audio = speech("jfk")[:40000]
+    tokens = model.transcribe(audio).tokens
+    got = forced_logits(model, audio, tokens)
+    assert calls and all(shape[2] == 1 for shape in calls)
+    monkeypatch.setattr(encoder, "through_kernel", lambda *a: False)
+    calls.clear()
+    want = forced_logits(model, audio, tokens)
+    assert calls == [] and np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@needs_kernel
+def test_masked_steps_of_speculative_streams_keep_their_tokens(wide_heads_dir, monkeypatch):
+    model = load_model(wide_heads_dir)
+    masks = []
+    real = cpu_kernels.attend
+    monkeypatch.setattr(cpu_kernels, "attend", lambda *a: (masks.append(a[4] is not None), real(*a))[1])
+    audio = speech("night1968_5s")
+    with_kernel = model.transcribe(audio, speculate=4).tokens
+    assert any(masks)  # rings with spare slots past their window: single steps read a mask
+    monkeypatch.setattr(encoder, "through_kernel", lambda *a: False)
+    assert model.transcribe(audio, speculate=4).tokens == with_kernel == model.transcribe(audio).tokens
