@@ -199,6 +199,12 @@ int bf16_rows_init(void) {
 // into shares of whole blocks of `align` rows. Returns the number of threads that took part
 // (fewer than asked if a worker could not start).
 static int dispatch(Job job, int threads, long align) {
+    if (threads <= 1) {  // on the caller alone: the workers are left asleep
+        job.n0 = 0;
+        job.n1 = job.N;
+        job.run(&job);
+        return 1;
+    }
     pthread_mutex_lock(&pool.call);  // one call at a time: the workers and jobs are shared
     if (threads > THREADS) threads = THREADS;
     while (pool.size < threads - 1) {

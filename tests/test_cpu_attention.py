@@ -133,6 +133,7 @@ def wide_heads_dir(ckpt_root):
 @needs_kernel
 @pytest.mark.parametrize("fixture", ["tiny_dir", "wide_heads_dir"])
 def test_steps_take_the_kernel_and_keep_mlx_logits(fixture, request, monkeypatch):
+    monkeypatch.setattr(encoder, "ATTEND_MIN", 0)  # the tiny model's attention is below the threshold
     model = load_model(request.getfixturevalue(fixture))
     calls = []
     real = cpu_kernels.attend
@@ -149,6 +150,7 @@ def test_steps_take_the_kernel_and_keep_mlx_logits(fixture, request, monkeypatch
 
 @needs_kernel
 def test_masked_steps_of_speculative_streams_keep_their_tokens(wide_heads_dir, monkeypatch):
+    monkeypatch.setattr(encoder, "ATTEND_MIN", 0)
     model = load_model(wide_heads_dir)
     masks = []
     real = cpu_kernels.attend
@@ -158,3 +160,16 @@ def test_masked_steps_of_speculative_streams_keep_their_tokens(wide_heads_dir, m
     assert any(masks)  # rings with spare slots past their window: single steps read a mask
     monkeypatch.setattr(encoder, "through_kernel", lambda *a: False)
     assert model.transcribe(audio, speculate=4).tokens == with_kernel == model.transcribe(audio).tokens
+
+
+@needs_kernel
+def test_small_attention_stays_with_mlx(tiny_dir, monkeypatch):
+    calls = []
+    real = cpu_kernels.attend
+    monkeypatch.setattr(cpu_kernels, "attend", lambda *a: (calls.append(a[3]), real(*a))[1])
+    model = load_model(tiny_dir)  # 4 heads of 16: 128 multiply-adds per cached position
+    model.transcribe(speech("jfk")[:40000])
+    assert calls == []
+    monkeypatch.setattr(encoder, "ATTEND_MIN", 128 * 40)
+    model.transcribe(speech("jfk")[:40000])
+    assert calls and min(calls) == 40

@@ -152,6 +152,14 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
+SMALL = 1 << 18  # multiply-adds below which a call runs on the caller alone (tens of microseconds)
+
+
+def threads_for(work: int) -> int:
+    """Threads for a call of `work` multiply-adds: waking a worker costs more than a small one."""
+    return 1 if work < SMALL else threads()
+
+
 def fits(rows: int, n: int, k: int) -> bool:
     """Whether a product of `rows` rows with an n x k weight goes through the kernel."""
     return rows <= MAX_ROWS and n % 32 == 0 and k % 32 == 0 and amx()
@@ -168,7 +176,8 @@ def rows_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
                          if amx() else f"the bfloat16 row kernel is not available: {amx_reason}")
     out = np.empty((m, n), np.float32)
     scratch = np.empty(m * k, np.uint16)
-    library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads(), scratch.ctypes.data)
+    library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(m * n * k),
+                        scratch.ctypes.data)
     return out
 
 
@@ -201,7 +210,7 @@ def q_rows_t(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
     out = np.empty((m, n), np.float32)
     scratch = np.empty(m * k if bits == 4 else 0, np.float32)
     library().q_rows(x.ctypes.data, w.ctypes.data, scales.ctypes.data, biases.ctypes.data, out.ctypes.data, m, n, k,
-                     bits, group_size, threads(), scratch.ctypes.data)
+                     bits, group_size, threads_for(m * n * k), scratch.ctypes.data)
     return out
 
 
@@ -218,7 +227,7 @@ def q_dequantize(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: in
         raise ValueError(f"q_dequantize needs a contiguous float32 out of at least {n} x {k} values")
     out = out.reshape(-1)[: n * k].reshape(n, k)
     library().q_dequantize(w.ctypes.data, scales.ctypes.data, biases.ctypes.data, out.ctypes.data, n, k, bits,
-                           group_size, threads())
+                           group_size, threads_for(n * k))
     return out
 
 
@@ -250,5 +259,5 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, stored: int, mas
     flags = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
     library().attend(q.ctypes.data, keys.ctypes.data, values.ctypes.data, out.ctypes.data, B * Hk, H // Hk, stored,
                      D, capacity * D, scale, None if flags is None else flags.ctypes.data, scores.ctypes.data,
-                     threads())
+                     threads_for(2 * B * H * stored * D))
     return out

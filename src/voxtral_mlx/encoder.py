@@ -84,11 +84,15 @@ def numpy_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None
     return mx.array(out.reshape(B, H, L, D)).astype(q.dtype)
 
 
+ATTEND_MIN = 1 << 16  # multiply-adds below which MLX's attention, which needs no host round trip, is cheaper
+
+
 def through_kernel(cache: RingKVCache, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether a decoder step's attention over a float32 cache goes through `cpu_kernels.attend`
     (the CPU, AVX-512): 2-3x MLX's on long caches (26 layers over a full 8192-position window,
-    two cores: 130-140 ms per step against 470)."""
-    return (mx.default_device() == mx.cpu and cache.keys.dtype == mx.float32
+    two cores: 130-140 ms per step against 470). The 4B model takes it from 8 cached positions."""
+    work = 2 * cache.keys.shape[0] * heads * cache.stored * head_dim
+    return (work >= ATTEND_MIN and mx.default_device() == mx.cpu and cache.keys.dtype == mx.float32
             and cpu_kernels.attend_fits(heads, kv_heads, head_dim))
 
 
