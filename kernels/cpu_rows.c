@@ -1,9 +1,12 @@
-// Products of a few float32 rows with a weight matrix at the speed of memory, on x86-64 CPUs.
+// Products of a few float32 rows with a weight matrix at the speed of memory, and a decoder
+// step's attention over its cache, on x86-64 CPUs.
 //
 // bf16_rows (AMX):     out[m, n] = sum_k bf16(x[m, k]) * w[n, k]       w: N x K bfloat16 bits
 // q_rows (AVX-512F):   out[m, n] = sum_k x[m, k] * (s[n, g] * q[n, k] + b[n, g])
 //                      q: N x K unsigned 4- or 8-bit values packed as MLX packs them (a value
 //                      per nibble or byte, lowest first), s and b: float32 per group of k
+// q_dequantize:        the float32 s * q + b themselves, for products of many rows
+// attend (AVX-512F):   softmax(q k^T scale) v for one position, per key head (at the end)
 //
 // For the decoder: one row per stream when files decode as a batch, or the positions of a
 // speculative pass. MKL's bfloat16 GEMM halves its speed from two rows on, so four streams
@@ -533,9 +536,11 @@ static void attend_run(const Job *j) {
 // out = softmax(q k^T scale + mask) v for N pairs of G <= 64 query heads [G, D] and a cache
 // [M, D] each (keys and values `stride` values apart per pair, D a multiple of 16), on
 // `threads` threads splitting the pairs. `mask`: M bytes, 0 for a key outside the window, or
-// NULL. `scores` holds N x G x M floats. Returns the number of threads that took part.
+// NULL. `scores` holds N x G x M floats. Returns the number of threads that took part, 0 for
+// shapes it does not take.
 int attend(const float *q, const float *k, const float *v, float *out, long N, int G, long M, long D, long stride,
            float scale, const uint8_t *mask, float *scores, int threads) {
+    if (G < 1 || G > 64 || D % 16 != 0 || M < 1) return 0;  // nothing computed
     Job job = {.run = attend_run, .x = q, .w = k, .out = out, .M = M, .N = N, .K = D, .bits = G, .v = v,
                .mask = mask, .stride = stride, .scale = scale, .scores = scores};
     return dispatch(job, threads, 1);

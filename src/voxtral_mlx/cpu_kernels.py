@@ -197,7 +197,8 @@ def _check(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gro
                          f"{scales.dtype} {scales.shape}, {biases.dtype} {biases.shape}")
     if not q_fits(bits, group_size, k):
         raise ValueError(f"the quantized kernel takes 4 or 8 bits in groups of a multiple of 32 ({bits} bits, group "
-                         f"{group_size})" if library() is not None else f"the quantized kernel is not available: {reason}")
+                         f"{group_size})" if library() is not None
+                         else f"the quantized kernel is not available: {reason}")
 
 
 def q_rows_t(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,

@@ -32,7 +32,8 @@ def available() -> bool:
 
 def fits(layer: nn.Module) -> bool:
     """Whether the kernel multiplies `layer` (affine, 4 or 8 bits, groups of 32, 64 or 128)."""
-    return (isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and layer.mode == "affine"
+    return (isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+            and getattr(layer, "mode", "affine") == "affine"
             and layer.group_size in (32, 64, 128) and layer.get("biases") is not None
             and cpu_kernels.q_fits(layer.bits, layer.group_size, layer.weight.shape[1] * 32 // layer.bits))
 
@@ -40,7 +41,7 @@ def fits(layer: nn.Module) -> bool:
 def _take(new: nn.Module, layer: nn.Module) -> None:
     """The quantized weight as stored, float32 scales and biases, and numpy views of them."""
     nn.Module.__init__(new)
-    new.group_size, new.bits, new.mode = layer.group_size, layer.bits, layer.mode
+    new.group_size, new.bits, new.mode = layer.group_size, layer.bits, getattr(layer, "mode", "affine")
     new.weight = layer.weight
     new.scales, new.biases = layer.scales.astype(mx.float32), layer.biases.astype(mx.float32)
     mx.eval(new.weight, new.scales, new.biases)
@@ -52,8 +53,8 @@ _local = threading.local()
 
 
 def _scratch(size: int) -> np.ndarray:
-    """A float32 buffer of `size` values kept per thread: fresh pages for every block of every
-    product of a prompt would be zeroed by the kernel first (a second per prompt)."""
+    """A float32 buffer of `size` values kept per thread (at most 32 MB): Linux zeroes fresh
+    pages on first touch, which for a new buffer per block cost about 0.6 s per prompt."""
     if getattr(_local, "scratch", np.empty(0, np.float32)).size < size:
         _local.scratch = np.empty(size, np.float32)
     return _local.scratch[:size]
