@@ -107,9 +107,9 @@ _single_threaded = False
 
 
 def _quiet_mkl_threads():
-    """With a row kernel of `cpu_kernels` in use, MLX's own float32 products through MKL (attention, between
-    the kernel's products) run on one thread: MKL's idle threads spin for 200 ms after each
-    call and would take the second core from the kernel's worker (a decoder step measured
+    """With the kernels of `cpu_kernels` in use, MLX's own float32 products through MKL (those
+    between the kernel's products) run on one thread: MKL's idle threads spin for 200 ms after
+    each call and would take the second core from the kernel's worker (a decoder step measured
     360 ms with them spinning, 306 ms without). This module's large products still use every
     core, through MKL's per-thread setting. The setting stays for the process: a float32 model
     loaded after a bfloat16 one multiplies on one thread."""
@@ -158,7 +158,7 @@ def describe(net: nn.Module) -> str | None:
     """How `net` multiplies, for messages: None unless it went through `adopt`."""
     if not adopted(net):
         return None
-    return "bfloat16 products through MKL" + (" and the AMX row kernel" if cpu_kernels.library() else "")
+    return "bfloat16 products through MKL" + (" and the AMX row kernel" if cpu_kernels.amx() else "")
 
 
 def replace_layers(net: nn.Module, replace) -> nn.Module:
