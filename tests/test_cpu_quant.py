@@ -84,9 +84,10 @@ def test_q_rows_t_refuses_what_it_cannot_multiply():
     with pytest.raises(ValueError, match="needs a contiguous uint32 weight of 24 columns"):
         cpu_kernels.q_rows_t(x, *w, 6, 64)
     six, _ = quantized(rng, 32, 128, 6, 64)
-    with pytest.raises(ValueError, match=r"^the quantized kernel takes 4 or 8 bits in groups of a multiple of 32 \(6"):
+    with pytest.raises(ValueError, match=r"^the quantized kernel takes 4 or 8 bits in groups of 32, 64 or 128 \(6"):
         cpu_kernels.q_rows_t(x, *six, 6, 64)
     assert not cpu_kernels.q_fits(8, 64, 96) and not cpu_kernels.q_fits(8, 16, 128) and cpu_kernels.q_fits(4, 32, 96)
+    assert not cpu_kernels.q_fits(8, 96, 192)  # a multiple of 32, but no group size of MLX's
 
 
 @needs_kernel

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,6 +43,7 @@ MAX_ROWS = 32  # bfloat16: beyond this (the encoder's frames), MKL's GEMM is the
 CPU_FLAGS = ("avx512f",)  # the library, and the quantized kernel
 AMX_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")  # the bfloat16 kernel
 Q_BITS = (4, 8)
+Q_GROUPS = (32, 64, 128)  # MLX's group sizes; the kernel finds a value's group by a shift
 FLAGS = ("-O2", "-ffp-contract=off", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-fPIC", "-shared",
          "-pthread")
 
@@ -152,6 +154,17 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
+_local = threading.local()
+
+
+def scratch(size: int) -> np.ndarray:
+    """A float32 buffer of `size` values kept per thread for the kernels' temporaries: Linux zeroes
+    fresh pages on first touch, which for new 32 MB blocks cost about 0.6 s per prompt."""
+    if getattr(_local, "scratch", np.empty(0, np.float32)).size < size:
+        _local.scratch = np.empty(size, np.float32)
+    return _local.scratch[:size]
+
+
 SMALL = 1 << 18  # multiply-adds below which a call runs on the caller alone (tens of microseconds)
 
 
@@ -175,16 +188,16 @@ def rows_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         raise ValueError(f"rows_t takes at most {MAX_ROWS} rows and multiples of 32 ({m} x {k} by {n} x {k})"
                          if amx() else f"the bfloat16 row kernel is not available: {amx_reason}")
     out = np.empty((m, n), np.float32)
-    scratch = np.empty(m * k, np.uint16)
+    pairs = np.empty(m * k, np.uint16)
     library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(m * n * k),
-                        scratch.ctypes.data)
+                        pairs.ctypes.data)
     return out
 
 
 def q_fits(bits: int, group_size: int, k: int) -> bool:
     """Whether a product with a k-column weight of `bits` bits in groups of `group_size` goes
     through the quantized kernel."""
-    return bits in Q_BITS and group_size % 32 == 0 and k % group_size == 0 and library() is not None
+    return bits in Q_BITS and group_size in Q_GROUPS and k % group_size == 0 and library() is not None
 
 
 def _check(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int, k: int):
@@ -196,7 +209,7 @@ def _check(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gro
                          f"float32 scales and biases of {k} / {group_size} columns, got {w.dtype} {w.shape}, "
                          f"{scales.dtype} {scales.shape}, {biases.dtype} {biases.shape}")
     if not q_fits(bits, group_size, k):
-        raise ValueError(f"the quantized kernel takes 4 or 8 bits in groups of a multiple of 32 ({bits} bits, group "
+        raise ValueError(f"the quantized kernel takes 4 or 8 bits in groups of 32, 64 or 128 ({bits} bits, group "
                          f"{group_size})" if library() is not None
                          else f"the quantized kernel is not available: {reason}")
 
@@ -209,9 +222,9 @@ def q_rows_t(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
     (m, k), n = x.shape, w.shape[0]
     _check(w, scales, biases, bits, group_size, k)
     out = np.empty((m, n), np.float32)
-    scratch = np.empty(m * k if bits == 4 else 0, np.float32)
+    reordered = np.empty(m * k if bits == 4 else 0, np.float32)
     library().q_rows(x.ctypes.data, w.ctypes.data, scales.ctypes.data, biases.ctypes.data, out.ctypes.data, m, n, k,
-                     bits, group_size, threads_for(m * n * k), scratch.ctypes.data)
+                     bits, group_size, threads_for(m * n * k), reordered.ctypes.data)
     return out
 
 
@@ -256,7 +269,7 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, stored: int, mas
                          f"({H} / {Hk} heads of {D})" if library() is not None else
                          f"the attention kernel is not available: {reason}")
     out = np.empty_like(q)
-    scores = np.empty(B * H * stored, np.float32)
+    scores = scratch(B * H * stored)
     flags = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
     library().attend(q.ctypes.data, keys.ctypes.data, values.ctypes.data, out.ctypes.data, B * Hk, H // Hk, stored,
                      D, capacity * D, scale, None if flags is None else flags.ctypes.data, scores.ctypes.data,

@@ -13,8 +13,6 @@ which beats the kernel there. Layers of other bit widths (6) keep MLX's product.
 
 from __future__ import annotations
 
-import threading
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -33,8 +31,7 @@ def available() -> bool:
 def fits(layer: nn.Module) -> bool:
     """Whether the kernel multiplies `layer` (affine, 4 or 8 bits, groups of 32, 64 or 128)."""
     return (isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-            and getattr(layer, "mode", "affine") == "affine"
-            and layer.group_size in (32, 64, 128) and layer.get("biases") is not None
+            and getattr(layer, "mode", "affine") == "affine" and layer.get("biases") is not None
             and cpu_kernels.q_fits(layer.bits, layer.group_size, layer.weight.shape[1] * 32 // layer.bits))
 
 
@@ -49,17 +46,6 @@ def _take(new: nn.Module, layer: nn.Module) -> None:
     new.freeze()
 
 
-_local = threading.local()
-
-
-def _scratch(size: int) -> np.ndarray:
-    """A float32 buffer of `size` values kept per thread (at most 32 MB): Linux zeroes fresh
-    pages on first touch, which for a new buffer per block cost about 0.6 s per prompt."""
-    if getattr(_local, "scratch", np.empty(0, np.float32)).size < size:
-        _local.scratch = np.empty(size, np.float32)
-    return _local.scratch[:size]
-
-
 def _product(new: nn.Module, x: mx.array) -> mx.array:
     *lead, K = x.shape
     rows = x.reshape(-1, K).astype(mx.float32)
@@ -71,7 +57,7 @@ def _product(new: nn.Module, x: mx.array) -> mx.array:
     else:
         out = np.empty((a.shape[0], w.shape[0]), np.float32)
         step = max(1, DEQUANTIZED // K)
-        scratch = _scratch(step * K)
+        scratch = cpu_kernels.scratch(step * K)
         for n in range(0, w.shape[0], step):
             block = cpu_kernels.q_dequantize(w[n : n + step], s[n : n + step], b[n : n + step], new.bits,
                                              new.group_size, scratch)
