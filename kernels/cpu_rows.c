@@ -5,6 +5,7 @@
 // q_rows (AVX-512F):   out[m, n] = sum_k x[m, k] * (s[n, g] * q[n, k] + b[n, g])
 //                      q: N x K unsigned 4- or 8-bit values packed as MLX packs them (a value
 //                      per nibble or byte, lowest first), s and b: float32 per group of k
+// q_amx (AMX):         the same sums as q_rows, as sum_g s[n, g] * (x . q)_g + b[n, g] * (sum x)_g
 // q_dequantize:        the float32 s * q + b themselves, for products of many rows
 // attend (AVX-512F):   softmax(q k^T scale) v for one position, per key head (at the end)
 //
@@ -15,14 +16,16 @@
 // the rows of x, rounded and interleaved in pairs once per call, are the B operand: each
 // weight byte is loaded from memory once for every row, and up to 16 rows cost what one costs.
 // q_rows: each weight value is widened to float32 once per four rows (s * q + b, the value
-// mx.dequantize gives) and multiplied in float32.
+// mx.dequantize gives) and multiplied in float32, one multiply-add per row and value. q_amx,
+// for many rows: x in three 8-bit parts per group, multiplied by the integers q exactly in
+// int32 by AMX and scaled after.
 //
 // Each out[m, n] is accumulated in the same order whatever M, the row's group, the tile
 // width or the thread count: a stream's numbers do not depend on the batch around it.
 //
 // Built by voxtral_mlx/cpu_kernels.py with the system C compiler on first use, on x86-64
-// Linux CPUs with AVX-512 (bf16_rows: with AMX); elsewhere, or without a compiler, MKL and
-// MLX multiply instead.
+// Linux CPUs with AVX-512 (bf16_rows and q_amx: with AMX); elsewhere, or without a compiler,
+// MKL and MLX multiply instead.
 
 #include <immintrin.h>
 #include <math.h>
@@ -30,6 +33,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -68,6 +72,10 @@ struct Job {
     long stride;
     float scale;
     float *scores;  // N x G x M
+    // q_amx: x as 8-bit parts in tiles (see q_amx), the sums and scales 2^E of x per group
+    // [K / group][rows], the rows of x (M rounded up to whole tiles of 16).
+    const float *xsum, *xscale;
+    long rows;
 };
 
 // Tiles 0, 1: sums for a full group; 2, 3: weight rows; 4: a full group of x;
@@ -80,6 +88,7 @@ static void configure(int last) {
     c.colsb[0] = c.colsb[1] = c.colsb[4] = GROUP * 4;
     c.colsb[2] = c.colsb[3] = 64;
     c.colsb[5] = c.colsb[6] = c.colsb[7] = (uint16_t)(last * 4);
+    __asm__ volatile("" : : "m"(c) : "memory");  // GCC 12 may drop the stores above without this
     _tile_loadconfig(&c);
 }
 
@@ -425,6 +434,268 @@ int q_rows(const float *x, const void *w, const float *scales, const float *bias
     Job job = {.run = q_run, .x = x, .w = w, .scales = scales, .biases = biases, .out = out, .M = M, .N = N,
                .K = K, .bits = bits, .group = group};
     return dispatch(job, threads, QBLOCK);
+}
+
+// Quantized products through AMX (q_amx), for products of many rows (the prompt, encoder
+// chunks), where q_rows costs one multiply-add per row and value and MKL's float32 GEMM of
+// the dequantized weights is what it beats. AMX multiplies 8-bit integers exactly, 16 x 16 x 64
+// per instruction. The weights are integers 0..15 or 0..255 (4 bits: each nibble a byte of its
+// own); each row of x is written, per group of 64 or 128 values, as
+//     x = 2^E (p0 + 2^-7 (p1 + 2^-7 p2)),  p0, p1, p2 signed 8-bit,  2^E >= max |x| / 128
+// (21 bits below the group's largest value, each part cut toward zero but the last, rounded;
+// float32 holds 24 bits below each value, so a value 2^f below its group's largest keeps
+// 21 - f). AMX sums q * p exactly in int32 per group and part, and
+//     out[m, n] = sum over groups, in order, of  s * t + b * X,  t = 2^E (((S2 2^-7) + S1) 2^-7 + S0)
+// (S the part sums, X the group's float32 sum of x, each term added as (acc + s * t) + b * X,
+// so a one-hot x reads back s * q + b exactly as mx.dequantize rounds it). The sums are exact
+// integers and the rest is done per (m, n) in the same order, so a row's numbers are the same
+// whatever rows are multiplied with it.
+//
+// x is the signed A operand, a part per tile (tiles 3-5, 16 rows x 64 values), the weights the
+// unsigned B operand (tile 6), each chunk's 16 rows x 64 bytes turned into 16 x 16 groups of 4
+// bytes once per block of 16 weight rows for every tile of x; the sums (tiles 0-2) come out
+// with a row of x per tile row, a vector over the weight rows, as the accumulators want them.
+// (With the weights as the A operand and x's parts as columns, up to 16 rows cost about what
+// one does, but one row took 10-20% longer than q_rows here: the sums must be transposed per
+// group and the packed weights are read in 16 interleaved streams.)
+
+#define QA_PARTS 3
+
+static void qa_configure(void) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 7; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    __asm__ volatile("" : : "m"(c) : "memory");  // GCC 12 may drop the stores above without this
+    _tile_loadconfig(&c);
+}
+
+// A thread's buffer of at least `bytes`, kept between calls (worker threads live on).
+static void *grow(void **buf, size_t *size, size_t bytes) {
+    if (*size < bytes) {
+        free(*buf);
+        *buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        *size = *buf ? bytes : 0;
+    }
+    return *buf;
+}
+
+static __thread void *qa_buffers[3];
+static __thread size_t qa_sizes[3];
+static _Atomic int qa_short;  // a thread of the current call could not get its buffers
+
+// Weight rows n..n+15 as bytes into a[u][16][64], a tile per chunk u of 64 values; rows past
+// N are zeros. 4 bits: a chunk's 64 values as the 32 low nibbles, then the 32 high ones
+// (values 0, 2, .., 62, then 1, 3, .., 63; x is reordered to match).
+static void qa_bytes(const Job *j, long n, uint8_t *a) {
+    const long K = j->K, chunks = K / 64;
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    for (int r = 0; r < 16; r++) {
+        uint8_t *row = a + r * 64;
+        if (n + r >= j->N) {
+            for (long u = 0; u < chunks; u++) _mm512_storeu_si512((void *)(row + 1024 * u), _mm512_setzero_si512());
+            continue;
+        }
+        if (j->bits == 8) {
+            const uint8_t *q = (const uint8_t *)j->w + (n + r) * K;
+            for (long u = 0; u < chunks; u++)
+                _mm512_storeu_si512((void *)(row + 1024 * u), _mm512_loadu_si512((const void *)(q + 64 * u)));
+            continue;
+        }
+        const uint8_t *q = (const uint8_t *)j->w + (n + r) * (K / 2);
+        for (long u = 0; u < chunks; u++) {
+            if (u % 2 == 0) _mm_prefetch((const char *)(q + 32 * u + 16 * (K / 2)), _MM_HINT_T1);  // the next block
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * u));
+            _mm256_storeu_si256((__m256i *)(row + 1024 * u), _mm256_and_si256(v, low));
+            _mm256_storeu_si256((__m256i *)(row + 1024 * u + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+        }
+    }
+}
+
+// A 16 x 16 matrix of 32-bit values, transposed in place.
+static inline __attribute__((always_inline)) void qa_transpose(int32_t *a) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const void *)(a + 16 * i));
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 16; i++) _mm512_storeu_si512((void *)(a + 16 * i), r[i]);
+}
+
+// The sums of one group for a tile of 16 rows of x (part p of row m at sums + 256 p + 16 m,
+// a vector over the 16 weight rows) into their accumulators at[16][16]; sb: the block's
+// scales by group [G16][16], then its biases.
+static inline __attribute__((always_inline)) void qa_add(const Job *j, float *at, const int32_t *sums, long g,
+                                                         long t, const float *sb, long G16) {
+    const long rows = j->rows;
+    const __m512 step = _mm512_set1_ps(1.0f / 128);
+    const __m512 s = _mm512_loadu_ps(sb + g * 16), b = _mm512_loadu_ps(sb + (G16 + g) * 16);
+    for (int m = 0; m < 16; m++) {
+        const long row = t * 16 + m;
+        __m512 part[QA_PARTS];
+        for (int p = 0; p < QA_PARTS; p++)
+            part[p] = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(sums + 256 * p + 16 * m)));
+        __m512 total = _mm512_add_ps(_mm512_mul_ps(part[2], step), part[1]);
+        total = _mm512_add_ps(_mm512_mul_ps(total, step), part[0]);
+        total = _mm512_mul_ps(total, _mm512_set1_ps(j->xscale[g * rows + row]));
+        __m512 a = _mm512_add_ps(_mm512_loadu_ps(at + 16 * m), _mm512_mul_ps(s, total));
+        a = _mm512_add_ps(a, _mm512_mul_ps(b, _mm512_set1_ps(j->xsum[g * rows + row])));
+        _mm512_storeu_ps(at + 16 * m, a);
+    }
+}
+
+static void qa_run(const Job *j) {
+    const long K = j->K, G = K / j->group, chunks = K / 64, per = j->group / 64, rows = j->rows, N = j->N;
+    const long xtiles = rows / 16;
+    const int8_t *xa = (const int8_t *)j->x;  // [xtiles][chunks][QA_PARTS][16][64]
+    uint8_t *abuf = grow(&qa_buffers[0], &qa_sizes[0], 16 * K);
+    float *acc = grow(&qa_buffers[1], &qa_sizes[1], 16 * rows * sizeof(float));
+    const long G16 = (G + 15) / 16 * 16;  // sb: the block's scales [G16][16], then its biases
+    float *sb = grow(&qa_buffers[2], &qa_sizes[2], 2 * G16 * 16 * sizeof(float));
+    __attribute__((aligned(64))) int32_t sums[3 * 256];
+    if (!abuf || !acc || !sb) {
+        atomic_store(&qa_short, 1);
+        return;
+    }
+    qa_configure();
+    for (long n = j->n0; n < j->n1; n += 16) {
+        qa_bytes(j, n, abuf);
+        for (long u = 0; u < chunks; u++) qa_transpose((int32_t *)(abuf + 1024 * u));
+        // The block's scales and biases by group, 16 x 16 at a time (rows past N zero).
+        for (int h = 0; h < 2; h++) {
+            const float *from = h ? j->biases : j->scales;
+            for (long g0 = 0; g0 < G; g0 += 16) {
+                float *tile = sb + (h * G16 + g0) * 16;
+                const __mmask16 groups = G - g0 >= 16 ? 0xffff : (__mmask16)((1u << (G - g0)) - 1);
+                for (int r = 0; r < 16; r++)
+                    _mm512_storeu_ps(tile + 16 * r, n + r < N ? _mm512_maskz_loadu_ps(groups, from + (n + r) * G + g0)
+                                                              : _mm512_setzero_ps());
+                qa_transpose((int32_t *)tile);
+            }
+        }
+        memset(acc, 0, 16 * rows * sizeof(float));
+        for (long t = 0; t < xtiles; t++) {
+            for (long g = 0; g < G; g++) {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                for (long u = g * per; u < (g + 1) * per; u++) {
+                    const int8_t *x = xa + (t * chunks + u) * QA_PARTS * 1024;
+                    _tile_loadd(6, abuf + 1024 * u, 64);
+                    _tile_loadd(3, x, 64);
+                    _tile_loadd(4, x + 1024, 64);
+                    _tile_loadd(5, x + 2048, 64);
+                    _tile_dpbsud(0, 3, 6);
+                    _tile_dpbsud(1, 4, 6);
+                    _tile_dpbsud(2, 5, 6);
+                }
+                _tile_stored(0, sums, 64);
+                _tile_stored(1, sums + 256, 64);
+                _tile_stored(2, sums + 512, 64);
+                qa_add(j, acc + t * 256, sums, g, t, sb, G16);
+            }
+        }
+        for (long m = 0; m < j->M; m++)
+            for (int i = 0; i < 16 && n + i < N; i++) j->out[m * N + n + i] = acc[m * 16 + i];
+    }
+    _tile_release();
+}
+
+// out = x @ dequantize(w).T (as q_rows) through AMX, on `threads` threads splitting N; any M
+// (fastest from 16 rows), groups of 64 or 128. Returns the number of threads that took part,
+// or -1 where memory ran out.
+int q_amx(const float *x, const void *w, const float *scales, const float *biases, float *out, long M, long N,
+          long K, int bits, int group, int threads) {
+    const long rows = (M + 15) / 16 * 16, G = K / group, chunks = K / 64;
+    // x: per tile of 16 rows and chunk of 64 values, three parts [16][64]; rows past M are zeros.
+    int8_t *xa = aligned_alloc(64, (size_t)rows * K * QA_PARTS);
+    float *xsum = aligned_alloc(64, (G * rows * sizeof(float) + 63) / 64 * 64);
+    float *xscale = aligned_alloc(64, (G * rows * sizeof(float) + 63) / 64 * 64);
+    if (!xa || !xsum || !xscale) {
+        free(xa);
+        free(xsum);
+        free(xscale);
+        return -1;
+    }
+    // 4 bits: each chunk's values 0, 2, .., 62, then 1, 3, .., 63, as the weight bytes are.
+    const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+    for (long m = 0; m < rows; m++) {
+        const float *row = x + (m < M ? m : 0) * K;
+        for (long g = 0; g < G; g++) {
+            __m512 sum = _mm512_setzero_ps(), top = _mm512_setzero_ps();
+            if (m < M)
+                for (long k = g * group; k < (g + 1) * group; k += 16) {
+                    const __m512 v = _mm512_loadu_ps(row + k);
+                    sum = _mm512_add_ps(sum, v);
+                    top = _mm512_max_ps(top, _mm512_abs_ps(v));
+                }
+            xsum[g * rows + m] = _mm512_reduce_add_ps(sum);
+            // top = f 2^e, 0.5 <= f < 1 (e = 0 for 0, -126 below the normal floats), and
+            // |x| 2^-E < 128 for E = e - 7
+            const float high = _mm512_reduce_max_ps(top);
+            uint32_t bits32;
+            memcpy(&bits32, &high, 4);
+            const int biased = (int)((bits32 >> 23) & 0xff), E = (high == 0 ? 0 : biased ? biased - 126 : -126) - 7;
+            const uint32_t power = E >= -126 ? (uint32_t)(E + 127) << 23 : 1u << (E + 149);  // 2^E, exactly
+            memcpy(&xscale[g * rows + m], &power, 4);
+            const __m512 down = _mm512_set1_ps((float)-E);
+            for (long k = g * group; k < (g + 1) * group; k += 64) {
+                __m512 v[4];
+                for (int i = 0; i < 4; i++) v[i] = m < M ? _mm512_loadu_ps(row + k + 16 * i) : _mm512_setzero_ps();
+                if (bits == 4) {
+                    const __m512 e0 = _mm512_permutex2var_ps(v[0], evens, v[1]), e1 = _mm512_permutex2var_ps(v[2], evens, v[3]);
+                    const __m512 o0 = _mm512_permutex2var_ps(v[0], odds, v[1]), o1 = _mm512_permutex2var_ps(v[2], odds, v[3]);
+                    v[0] = e0, v[1] = e1, v[2] = o0, v[3] = o1;
+                }
+                int8_t *tile = xa + ((m / 16) * chunks + k / 64) * QA_PARTS * 1024 + (m % 16) * 64;
+                for (int i = 0; i < 4; i++) {
+                    __m512 y = _mm512_scalef_ps(v[i], down);
+                    for (int p = 0; p < QA_PARTS; p++) {
+                        __m512i q;
+                        if (p < QA_PARTS - 1) {
+                            q = _mm512_cvttps_epi32(y);  // toward zero: |q| <= 127
+                            y = _mm512_mul_ps(_mm512_sub_ps(y, _mm512_cvtepi32_ps(q)), _mm512_set1_ps(128.0f));
+                        } else {  // nearest; |y| < 128 but may round to 128
+                            q = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(y), _mm512_set1_epi32(-127)),
+                                                 _mm512_set1_epi32(127));
+                        }
+                        _mm_storeu_si128((__m128i *)(tile + p * 1024 + 16 * i), _mm512_cvtepi32_epi8(q));
+                    }
+                }
+            }
+        }
+    }
+    Job job = {.run = qa_run, .x = xa, .w = w, .scales = scales, .biases = biases, .out = out, .M = M, .N = N, .K = K, .bits = bits,
+               .group = group, .xsum = xsum, .xscale = xscale, .rows = rows};
+    atomic_store(&qa_short, 0);
+    const int used = dispatch(job, threads, 16);
+    free(xa);
+    free(xsum);
+    free(xscale);
+    return atomic_load(&qa_short) ? -1 : used;
 }
 
 // Attention of one position (a decoder step) over a key/value cache, in float32: for each

@@ -164,10 +164,16 @@ def test_without_amx_only_the_bfloat16_kernel_is_refused(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx512f", "amx_tile"})
     cpu_kernels.amx.cache_clear()
     try:
-        assert not cpu_kernels.amx() and cpu_kernels.amx_reason == "the CPU lacks amx_bf16, avx512_bf16"
+        reason = "the CPU lacks amx_bf16, amx_int8, avx512_bf16, avx512bw"
+        assert not cpu_kernels.amx() and cpu_kernels.amx_reason == reason
         assert not cpu_kernels.fits(1, 64, 64) and cpu_kernels.q_fits(8, 64, 128)
-        with pytest.raises(ValueError, match="^the bfloat16 row kernel is not available: the CPU lacks amx_bf16"):
+        assert not cpu_kernels.q_amx_fits(8, 64, 128)
+        with pytest.raises(ValueError, match=f"^the bfloat16 row kernel is not available: {reason}$"):
             cpu_kernels.rows_t(np.ones((1, 64), np.float32), np.ones((64, 64), np.uint16))
+        q, scales = np.zeros((16, 32), np.uint32), np.zeros((16, 2), np.float32)
+        with pytest.raises(ValueError, match=f"^the AMX quantized kernel is not available: {reason}$"):
+            cpu_kernels.q_amx_t(np.ones((40, 128), np.float32), q, scales, scales, 8, 64)
+        assert cpu_kernels.q_rows_t(np.ones((40, 128), np.float32), q, scales, scales, 8, 64).shape == (40, 16)
     finally:
         cpu_kernels.amx.cache_clear()
 

@@ -1,5 +1,5 @@
-"""The quantized kernel (kernels/cpu_rows.c `q_rows`, cpu_kernels.q_rows_t) and the CPU
-quantized layers that use it (cpu_quant.py)."""
+"""The quantized kernels (kernels/cpu_rows.c `q_rows` and `q_amx`, cpu_kernels.q_rows_t and
+q_amx_t) and the CPU quantized layers that use them (cpu_quant.py)."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,6 +14,7 @@ from voxtral_mlx.convert import convert
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None,
                                   reason=f"the quantized row kernel is not available: {cpu_kernels.reason}")
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx(), reason=f"the AMX kernels are not available: {cpu_kernels.amx_reason}")
 
 
 def quantized(rng, N: int, K: int, bits: int, group: int):
@@ -23,55 +24,73 @@ def quantized(rng, N: int, K: int, bits: int, group: int):
     return (np.array(q), np.array(s), np.array(b)), exact
 
 
-def call(x: np.ndarray, w, bits: int, group: int, threads: int) -> np.ndarray:
+def call(kernel: str, x: np.ndarray, w, bits: int, group: int, threads: int) -> np.ndarray:
+    """One of the kernels on a given number of threads."""
     q, s, b = w
     out = np.empty((x.shape[0], q.shape[0]), np.float32)
-    scratch = np.empty(x.size, np.float32)
-    used = cpu_kernels.library().q_rows(x.ctypes.data, q.ctypes.data, s.ctypes.data, b.ctypes.data, out.ctypes.data,
-                                        x.shape[0], q.shape[0], x.shape[1], bits, group, threads, scratch.ctypes.data)
+    lib, rows = cpu_kernels.library(), x.shape[0]
+    if kernel == "q_rows":
+        scratch = np.empty(x.size, np.float32)
+        used = lib.q_rows(x.ctypes.data, q.ctypes.data, s.ctypes.data, b.ctypes.data, out.ctypes.data, rows,
+                          q.shape[0], x.shape[1], bits, group, threads, scratch.ctypes.data)
+    else:
+        used = lib.q_amx(x.ctypes.data, q.ctypes.data, s.ctypes.data, b.ctypes.data, out.ctypes.data, rows, q.shape[0],
+                         x.shape[1], bits, group, threads)
     assert used == threads
     return out
 
 
-@needs_kernel
+KERNELS = [pytest.param("q_rows", marks=needs_kernel), pytest.param("q_amx", marks=needs_amx)]
+PRODUCT = {"q_rows": lambda *a: cpu_kernels.q_rows_t(*a), "q_amx": lambda *a: cpu_kernels.q_amx_t(*a)}
+
+
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("M,N,K,group", [(1, 32, 32, 32), (3, 70, 96, 32), (4, 64, 256, 64), (5, 33, 384, 128),
-                                         (33, 96, 3072, 64)])
-def test_products_are_float32_sums_with_the_dequantized_weight(bits, M, N, K, group):
-    rng = np.random.default_rng(M * N + K + bits)
+@pytest.mark.parametrize("kernel,M,N,K,group", [
+    *(pytest.param("q_rows", *shape, marks=needs_kernel)
+      for shape in ((1, 32, 32, 32), (3, 70, 96, 32), (4, 64, 256, 64), (5, 33, 384, 128), (33, 96, 3072, 64))),
+    # q_amx: tiles of 16 rows of x (the last padded), 16 weight rows at a time (the last
+    # part-empty), 20 groups (16 and 4 to a tile of scales)
+    *(pytest.param("q_amx", *shape, marks=needs_amx)
+      for shape in ((1, 32, 64, 64), (3, 70, 192, 64), (16, 48, 512, 64), (17, 50, 128, 128), (33, 96, 3072, 64),
+                    (40, 40, 1280, 128), (20, 24, 1280, 64)))])
+def test_products_are_float32_sums_with_the_dequantized_weight(kernel, bits, M, N, K, group):
+    rng = np.random.default_rng(M * N + K + bits + group)
     w, exact = quantized(rng, N, K, bits, group)
     x = rng.normal(size=(M, K)).astype(np.float32)
-    got = cpu_kernels.q_rows_t(x, *w, bits, group)
+    got = PRODUCT[kernel](x, *w, bits, group)
     assert got.shape == (M, N) and got.dtype == np.float32
     want = x.astype(np.float64) @ exact.T
     bound = 1e-6 * np.sqrt(K) * (np.abs(x) @ np.abs(exact).T)
     assert np.all(np.abs(got - want) <= 8 * bound)
 
 
-@needs_kernel
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 64)])
-def test_every_value_is_dequantized_in_place_as_mlx_does(bits, group):
+@pytest.mark.parametrize("kernel,bits,group", [
+    pytest.param("q_rows", 4, 32, marks=needs_kernel), pytest.param("q_rows", 4, 128, marks=needs_kernel),
+    pytest.param("q_rows", 8, 64, marks=needs_kernel), pytest.param("q_amx", 4, 64, marks=needs_amx),
+    pytest.param("q_amx", 4, 128, marks=needs_amx), pytest.param("q_amx", 8, 64, marks=needs_amx),
+    pytest.param("q_amx", 8, 128, marks=needs_amx)])
+def test_every_value_is_dequantized_in_place_as_mlx_does(kernel, bits, group):
     # One-hot rows pick single weights: out[m, n] is the dequantized w[n, k_m] itself.
     rng = np.random.default_rng(bits + group)
     N, K = 40, 256
     w, exact = quantized(rng, N, K, bits, group)
-    picks = np.arange(K)
-    got = cpu_kernels.q_rows_t(np.eye(K, dtype=np.float32)[picks], *w, bits, group)
+    got = PRODUCT[kernel](np.eye(K, dtype=np.float32), *w, bits, group)
     assert np.array_equal(got, exact.T.astype(np.float32))
 
 
-@needs_kernel
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it(bits):
+def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it(kernel, bits):
+    # q_amx: the integer sums are exact and the rest is per row, wherever it sits in a tile.
     rng = np.random.default_rng(bits)
     K, N = 1024, 200
     w, _ = quantized(rng, N, K, bits, 64)
     x = rng.normal(size=(40, K)).astype(np.float32)
-    alone = np.concatenate([call(x[i : i + 1], w, bits, 64, 1) for i in range(40)])
-    for m in (2, 3, 4, 5, 9, 40):
+    alone = np.concatenate([call(kernel, x[i : i + 1], w, bits, 64, 1) for i in range(40)])
+    for m in (2, 3, 4, 5, 6, 9, 16, 17, 40):
         for threads in (1, 2, 3):
-            assert np.array_equal(call(x[:m], w, bits, 64, threads), alone[:m]), (m, threads)
-    assert np.array_equal(cpu_kernels.q_rows_t(x[5:12], *w, bits, 64)[3], alone[8])
+            assert np.array_equal(call(kernel, x[:m], w, bits, 64, threads), alone[:m]), (m, threads)
+    assert np.array_equal(PRODUCT[kernel](x[5:12], *w, bits, 64)[3], alone[8])
 
 
 @needs_kernel
@@ -97,6 +116,48 @@ def test_dequantize_gives_the_values_of_mx_dequantize(bits, group):
     assert np.array_equal(cpu_kernels.q_dequantize(*w, bits, group), exact.astype(np.float32))
 
 
+# The AMX kernel (q_amx): the same products as exact 8-bit integer products
+
+
+@needs_amx
+def test_amx_rows_of_any_scale_hold_21_bits_below_each_groups_largest_value():
+    # Each group of a row is split below its own largest value: a value 2^15 times the others
+    # costs them 15 of their 24 bits (the sums stay within 2^-20 of the largest times the
+    # weights); values of 1e-30 or 1e30 lose nothing; a row of zeros gives exact zeros.
+    rng = np.random.default_rng(3)
+    K, N, group = 256, 48, 64
+    w, exact = quantized(rng, N, K, 4, group)
+    x = rng.normal(size=(5, K)).astype(np.float32)
+    x[0, 5] = 3e4
+    x[1] *= np.float32(1e-30)
+    x[2] *= np.float32(1e30)
+    x[3] = 0
+    x[4, 64:192] = 0
+    got = cpu_kernels.q_amx_t(x, *w, 4, group)
+    want = x.astype(np.float64) @ exact.T
+    largest = np.abs(x).astype(np.float64).reshape(5, K // group, group).max(axis=2)  # [rows, groups]
+    by_group = np.abs(exact).reshape(N, K // group, group).sum(axis=2)             # [N, groups]
+    bound = 8e-6 * np.sqrt(K) * (np.abs(x).astype(np.float64) @ np.abs(exact).T) + 2.0**-20 * largest @ by_group.T
+    assert np.all(np.abs(got - want) <= bound)
+    assert np.all(np.abs(got - want)[1:] <= 8e-6 * np.sqrt(K) * (np.abs(x[1:]).astype(np.float64) @ np.abs(exact).T))
+    assert np.all(got[3] == 0)
+
+
+@needs_amx
+def test_q_amx_t_refuses_what_it_cannot_multiply():
+    rng = np.random.default_rng(0)
+    w, _ = quantized(rng, 16, 128, 4, 32)
+    x = np.ones((1, 128), np.float32)
+    with pytest.raises(ValueError, match="groups of 64 or 128"):
+        cpu_kernels.q_amx_t(x, *w, 4, 32)
+    w, _ = quantized(rng, 16, 128, 4, 64)
+    with pytest.raises(ValueError, match="float32 scales and biases of 128 / 64 columns"):
+        cpu_kernels.q_amx_t(x, w[0], w[1][:, :1].copy(), w[2], 4, 64)
+    assert cpu_kernels.q_amx_t(x[:0], *w, 4, 64).shape == (0, 16)
+    assert not cpu_kernels.q_amx_fits(8, 64, 96) and not cpu_kernels.q_amx_fits(4, 32, 128)
+    assert cpu_kernels.q_amx_fits(8, 128, 256)
+
+
 # The model's quantized layers on the CPU
 
 
@@ -105,6 +166,7 @@ def test_dequantize_gives_the_values_of_mx_dequantize(bits, group):
 def test_many_rows_multiply_dequantized_blocks_through_mkl(monkeypatch):
     rng = np.random.default_rng(7)
     K, N = 256, 70
+    monkeypatch.setattr(cpu_kernels, "q_amx_fits", lambda *a: False)  # the path of CPUs without AMX
     layer = cpu_quant.Linear(nn.QuantizedLinear(K, N, bias=True, group_size=64, bits=8))
     exact = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 8), np.float64)
     calls = []
@@ -122,11 +184,31 @@ def test_many_rows_multiply_dequantized_blocks_through_mkl(monkeypatch):
         assert np.abs(got[0] - want).max() < 1e-5 * np.abs(want).max()
 
 
+@needs_amx
+def test_many_rows_go_through_amx_and_a_steps_rows_through_the_row_kernel(monkeypatch):
+    rng = np.random.default_rng(8)
+    K, N = 256, 70
+    layer = cpu_quant.Linear(nn.QuantizedLinear(K, N, bias=True, group_size=64, bits=4))
+    exact = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4), np.float64)
+    calls = []
+    for name in ("q_rows_t", "q_amx_t", "q_dequantize"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: (calls.append((name, a[0].shape[0])),
+                                                                                  real(*a))[1])
+    for rows, expected in ((1, "q_rows_t"), (32, "q_rows_t"), (33, "q_amx_t"), (376, "q_amx_t")):
+        calls.clear()
+        x = rng.normal(size=(1, rows, K)).astype(np.float32)
+        got = np.array(layer(mx.array(x)))
+        want = x[0].astype(np.float64) @ exact.T + np.array(layer.bias)
+        assert calls == [(expected, rows)] and got.shape == (1, rows, N)
+        assert np.abs(got[0] - want).max() < 1e-5 * np.abs(want).max()
+
+
 @pytest.fixture(scope="module")
 def quantized_dirs(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cpu_quant")
     return {(bits, group): convert(tiny_dir, root / f"q{bits}-{group}", q_bits=bits, q_group_size=group).path
-            for bits, group in ((4, 32), (8, 64), (6, 64))}
+            for bits, group in ((4, 32), (4, 64), (8, 64), (6, 64))}
 
 
 def mlx_model(path, monkeypatch):
@@ -137,13 +219,16 @@ def mlx_model(path, monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("bits,group", [(4, 32), (8, 64)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 64)])
 def test_layers_take_the_kernel_and_keep_mlx_logits(quantized_dirs, bits, group, monkeypatch):
     model = load_model(quantized_dirs[bits, group], dtype="bfloat16")
     layers = [m for _, m in model.net.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     assert layers and all(isinstance(m, (cpu_quant.Linear, cpu_quant.Embedding)) for m in layers)
     assert all(m.scales.dtype == mx.float32 for m in layers) and model.dtype == mx.float32
-    assert cpu_quant.describe(model.net) == f"{bits}-bit products through the AVX-512 kernel, float32 elsewhere"
+    amx = cpu_kernels.amx() and group in cpu_kernels.Q_AMX_GROUPS
+    assert all(m._amx == amx for m in layers)
+    many = " (AMX for many rows)" if amx else ""
+    assert cpu_quant.describe(model.net) == f"{bits}-bit products through the AVX-512 kernel{many}, float32 elsewhere"
     reference = mlx_model(quantized_dirs[bits, group], monkeypatch)
     assert not cpu_quant.adopted(reference.net)
     audio = speech("jfk")[:48000]
@@ -161,7 +246,7 @@ def test_six_bit_layers_keep_mlx_products(quantized_dirs):
 
 
 @needs_kernel
-@pytest.mark.parametrize("bits,group", [(4, 32), (8, 64)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 64)])
 def test_quantized_batch_and_speculation_give_the_single_file_tokens(quantized_dirs, bits, group):
     model = voxtral_mlx.load(quantized_dirs[bits, group])
     clips = [speech("jfk")[:48000], speech("night1968_5s")[:64000], speech("jfk")[16000:40000]]
