@@ -11,6 +11,7 @@ from conftest import forced_logits, load_model, speech
 import voxtral_mlx
 from voxtral_mlx import cpu_kernels, cpu_quant, mkl_bf16
 from voxtral_mlx.convert import convert
+from voxtral_mlx.streaming import StreamingSession
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None,
                                   reason=f"the quantized row kernel is not available: {cpu_kernels.reason}")
@@ -254,3 +255,18 @@ def test_quantized_batch_and_speculation_give_the_single_file_tokens(quantized_d
     assert len(set(map(tuple, single))) == 3
     assert [r.tokens for r in model.transcribe(clips, batch_size=3)] == single
     assert model.transcribe(clips[1], speculate=8).tokens == single[1]
+
+
+@needs_kernel
+def test_batches_hold_no_more_files_than_the_row_kernel_takes(quantized_dirs, monkeypatch):
+    # A step of more streams would go to another kernel; with room for two rows, three files
+    # are decoded as a batch of two and one, each with its own tokens.
+    model = voxtral_mlx.load(quantized_dirs[4, 64])
+    clips = [speech("jfk")[:32000], speech("night1968_5s")[:32000], speech("jfk")[16000:40000]]
+    single = [model.transcribe(c).tokens for c in clips]
+    monkeypatch.setattr(cpu_kernels, "MAX_ROWS", 2)
+    sizes = []
+    real = StreamingSession.lockstep
+    monkeypatch.setattr(StreamingSession, "lockstep",
+                        lambda net, tokenizer, audio, n, **kw: (sizes.append(n), real(net, tokenizer, audio, n, **kw))[1])
+    assert [r.tokens for r in model.transcribe(clips, batch_size=3)] == single and sizes == [2, 1]

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from . import cpu_kernels, cpu_quant, mkl_bf16
 from .audio import SAMPLE_RATE, AudioError, load_audio, prepare_audio
 from .config import AudioArgs
 from .model import VoxtralRealtime
@@ -158,6 +159,7 @@ class Voxtral:
                 for a list, as `on_token(i, record)`.
             batch_size: for a list, the most recordings decoded together (default 4). More is
                 faster, up to the machine's compute, and takes a decoder cache per recording.
+                On a CPU whose products go through voxtral-mlx's kernels, at most 32.
             on_result: for a list, called as `on_result(i, transcription)` as soon as recording
                 `i` is done (in a batch the shorter ones finish first).
             speculate: check this many positions per decoder pass, guessing pads (2..32; 0:
@@ -188,6 +190,11 @@ class Voxtral:
                             on_result, **options) -> list[Transcription]:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of recordings, 1 or more, not {batch_size!r}")
+        if cpu_quant.adopted(self.net) or mkl_bf16.adopted(self.net):
+            # A decoder step of more streams than the CPU row kernels take would go to another
+            # kernel, which sums in another order: the transcripts would no longer be exactly
+            # each file's own.
+            batch_size = min(batch_size, cpu_kernels.MAX_ROWS)
         results: list[Transcription] = []
         for start in range(0, len(audio), batch_size):
             # Loaded a batch at a time, so that a long list never holds all its audio at once.
