@@ -76,6 +76,8 @@ struct Job {
     // [K / group][rows], the rows of x (M rounded up to whole tiles of 16).
     const float *xsum, *xscale;
     long rows;
+    int8_t *parts_out;  // q_amx's split of x: where the parts, sums and scales go
+    float *sums_out, *scales_out;
 };
 
 // Tiles 0, 1: sums for a full group; 2, 3: weight rows; 4: a full group of x;
@@ -626,23 +628,14 @@ static void qa_run(const Job *j) {
 // out = x @ dequantize(w).T (as q_rows) through AMX, on `threads` threads splitting N; any M
 // (fastest from 16 rows), groups of 64 or 128. Returns the number of threads that took part,
 // or -1 where memory ran out.
-int q_amx(const float *x, const void *w, const float *scales, const float *biases, float *out, long M, long N,
-          long K, int bits, int group, int threads) {
-    const long rows = (M + 15) / 16 * 16, G = K / group, chunks = K / 64;
-    // x: per tile of 16 rows and chunk of 64 values, three parts [16][64]; rows past M are zeros.
-    int8_t *xa = aligned_alloc(64, (size_t)rows * K * QA_PARTS);
-    float *xsum = aligned_alloc(64, (G * rows * sizeof(float) + 63) / 64 * 64);
-    float *xscale = aligned_alloc(64, (G * rows * sizeof(float) + 63) / 64 * 64);
-    if (!xa || !xsum || !xscale) {
-        free(xa);
-        free(xsum);
-        free(xscale);
-        return -1;
-    }
+// q_amx's rows m = n0..n1 of x (rows past M zeros): their parts in tiles, sums and scales.
+static void qa_split_run(const Job *j) {
+    const long K = j->K, G = K / j->group, group = j->group, chunks = K / 64, rows = j->rows, M = j->M;
+    const float *x = (const float *)j->x;
     // 4 bits: each chunk's values 0, 2, .., 62, then 1, 3, .., 63, as the weight bytes are.
     const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
-    for (long m = 0; m < rows; m++) {
+    for (long m = j->n0; m < j->n1; m++) {
         const float *row = x + (m < M ? m : 0) * K;
         for (long g = 0; g < G; g++) {
             __m512 sum = _mm512_setzero_ps(), top = _mm512_setzero_ps();
@@ -652,7 +645,7 @@ int q_amx(const float *x, const void *w, const float *scales, const float *biase
                     sum = _mm512_add_ps(sum, v);
                     top = _mm512_max_ps(top, _mm512_abs_ps(v));
                 }
-            xsum[g * rows + m] = _mm512_reduce_add_ps(sum);
+            j->sums_out[g * rows + m] = _mm512_reduce_add_ps(sum);
             // top = f 2^e, 0.5 <= f < 1 (e = 0 for 0, -126 below the normal floats), and
             // |x| 2^-E < 128 for E = e - 7
             const float high = _mm512_reduce_max_ps(top);
@@ -660,17 +653,17 @@ int q_amx(const float *x, const void *w, const float *scales, const float *biase
             memcpy(&bits32, &high, 4);
             const int biased = (int)((bits32 >> 23) & 0xff), E = (high == 0 ? 0 : biased ? biased - 126 : -126) - 7;
             const uint32_t power = E >= -126 ? (uint32_t)(E + 127) << 23 : 1u << (E + 149);  // 2^E, exactly
-            memcpy(&xscale[g * rows + m], &power, 4);
+            memcpy(&j->scales_out[g * rows + m], &power, 4);
             const __m512 down = _mm512_set1_ps((float)-E);
             for (long k = g * group; k < (g + 1) * group; k += 64) {
                 __m512 v[4];
                 for (int i = 0; i < 4; i++) v[i] = m < M ? _mm512_loadu_ps(row + k + 16 * i) : _mm512_setzero_ps();
-                if (bits == 4) {
+                if (j->bits == 4) {
                     const __m512 e0 = _mm512_permutex2var_ps(v[0], evens, v[1]), e1 = _mm512_permutex2var_ps(v[2], evens, v[3]);
                     const __m512 o0 = _mm512_permutex2var_ps(v[0], odds, v[1]), o1 = _mm512_permutex2var_ps(v[2], odds, v[3]);
                     v[0] = e0, v[1] = e1, v[2] = o0, v[3] = o1;
                 }
-                int8_t *tile = xa + ((m / 16) * chunks + k / 64) * QA_PARTS * 1024 + (m % 16) * 64;
+                int8_t *tile = j->parts_out + ((m / 16) * chunks + k / 64) * QA_PARTS * 1024 + (m % 16) * 64;
                 for (int i = 0; i < 4; i++) {
                     __m512 y = _mm512_scalef_ps(v[i], down);
                     for (int p = 0; p < QA_PARTS; p++) {
@@ -688,8 +681,27 @@ int q_amx(const float *x, const void *w, const float *scales, const float *biase
             }
         }
     }
-    Job job = {.run = qa_run, .x = xa, .w = w, .scales = scales, .biases = biases, .out = out, .M = M, .N = N, .K = K, .bits = bits,
-               .group = group, .xsum = xsum, .xscale = xscale, .rows = rows};
+}
+
+int q_amx(const float *x, const void *w, const float *scales, const float *biases, float *out, long M, long N,
+          long K, int bits, int group, int threads) {
+    const long rows = (M + 15) / 16 * 16, G = K / group;
+    // x: per tile of 16 rows and chunk of 64 values, three parts [16][64]; rows past M are zeros.
+    int8_t *xa = aligned_alloc(64, (size_t)rows * K * QA_PARTS);
+    float *xsum = aligned_alloc(64, (G * rows * sizeof(float) + 63) / 64 * 64);
+    float *xscale = aligned_alloc(64, (G * rows * sizeof(float) + 63) / 64 * 64);
+    if (!xa || !xsum || !xscale) {
+        free(xa);
+        free(xsum);
+        free(xscale);
+        return -1;
+    }
+    // x split on every thread, whole tiles of 16 rows each.
+    Job split = {.run = qa_split_run, .x = x, .M = M, .N = rows, .K = K, .bits = bits, .group = group, .rows = rows,
+                 .parts_out = xa, .sums_out = xsum, .scales_out = xscale};
+    dispatch(split, threads, 16);
+    Job job = {.run = qa_run, .x = xa, .w = w, .scales = scales, .biases = biases, .out = out, .M = M, .N = N, .K = K,
+               .bits = bits, .group = group, .xsum = xsum, .xscale = xscale, .rows = rows};
     atomic_store(&qa_short, 0);
     const int used = dispatch(job, threads, 16);
     free(xa);
