@@ -33,6 +33,15 @@ def test_products_are_float32_sums_of_bfloat16_terms(M, N, K):
     assert np.all(np.abs(got[0] - exact) <= 8 * bound)
 
 
+@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (3, 5, 7), (40, 64, 640)])
+def test_numpy_rows_get_the_bits_of_mlx_rows(M, N, K):
+    # host_step's products: the row kernel where it fits (the first), else MKL.
+    rng = np.random.default_rng(M)
+    x, w = rng.normal(size=(M, K)).astype(np.float32), mkl_bf16.bits(mx.array(rng.normal(size=(N, K)), mx.bfloat16))
+    got = mkl_bf16.rows_t(x, w)
+    assert got.dtype == np.float32 and np.array_equal(got, np.array(mkl_bf16.matmul_t(mx.array(x), w)))
+
+
 def test_bfloat16_on_the_cpu_keeps_product_weights_bfloat16_and_the_rest_float32(small_windows_dir):
     model = voxtral_mlx.load(small_windows_dir, dtype="bfloat16")
     modules = dict(model.net.named_modules())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 
 class RingKVCache:
@@ -53,14 +54,15 @@ class RingKVCache:
         queries = mx.arange(self.offset, self.offset + n)[:, None]
         return (keys[None, :] <= queries) & (keys[None, :] > queries - self.window)  # [n, stored + n]
 
-    def _reserve(self, like: mx.array, size: int):
+    def _reserve(self, like: mx.array | np.ndarray, size: int):
+        """Room for `size` slots of keys shaped like `like` [B, H, n, D]."""
         size = min(self.capacity, size)
         have = 0 if self.keys is None else self.keys.shape[2]
         if size <= have:
             return
         B, H, _, D = like.shape
         new = min(self.capacity, max(size, have + self.step))
-        pad = mx.zeros((B, H, new - have, D), like.dtype)
+        pad = mx.zeros((B, H, new - have, D), like.dtype if isinstance(like, mx.array) else mx.float32)
         if self.keys is None:
             self.keys, self.values = pad, mx.zeros_like(pad)
         else:
@@ -106,6 +108,29 @@ class RingKVCache:
         keep = min(n, self.capacity)
         self._write(k[:, :, n - keep :], v[:, :, n - keep :], self.offset + n - keep)
         self.offset += n
+        return keys, values
+
+    def host_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ring as numpy views of its memory, evaluated and C-contiguous, for the CPU kernels
+        that read it and `write_host`."""
+        mx.eval(self.keys, self.values)
+        keys, values = np.asarray(self.keys), np.asarray(self.values)
+        if not (keys.flags.c_contiguous and values.flags.c_contiguous):
+            # A write that covered the whole ring left it a strided view of the written keys: copy it
+            # once into a ring of its own, which later writes update in place.
+            self.keys, self.values = mx.contiguous(self.keys), mx.contiguous(self.values)
+            mx.eval(self.keys, self.values)
+            keys, values = np.asarray(self.keys), np.asarray(self.values)
+        return keys, values
+
+    def write_host(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store one position's float32 `k, v` [B, H, D] in its slot, in place, and return the ring
+        as `host_arrays` does. Everything MLX computes from the ring must have been evaluated."""
+        self._reserve(k[:, :, None], self.offset + 1)
+        keys, values = self.host_arrays()
+        slot = self.offset % self.capacity
+        keys[:, :, slot], values[:, :, slot] = k, v
+        self.offset += 1
         return keys, values
 
     def rollback(self, n: int):

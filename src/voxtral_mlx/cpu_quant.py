@@ -51,24 +51,29 @@ def _take(new: nn.Module, layer: nn.Module) -> None:
     new.freeze()
 
 
+def product(new: nn.Module, a: np.ndarray) -> np.ndarray:
+    """`a @ dequantize(W).T` [M, N] float32 for float32 rows `a` [M, K] (C-contiguous)."""
+    w, s, b = new._q
+    if a.shape[0] <= cpu_kernels.MAX_ROWS or not (new._amx or mkl_bf16.available()):
+        return cpu_kernels.q_rows_t(a, w, s, b, new.bits, new.group_size)
+    if new._amx:
+        return cpu_kernels.q_amx_t(a, w, s, b, new.bits, new.group_size)
+    K = a.shape[1]
+    out = np.empty((a.shape[0], w.shape[0]), np.float32)
+    step = max(1, DEQUANTIZED // K)
+    scratch = cpu_kernels.scratch(step * K)
+    for n in range(0, w.shape[0], step):
+        block = cpu_kernels.q_dequantize(w[n : n + step], s[n : n + step], b[n : n + step], new.bits,
+                                         new.group_size, scratch)
+        mkl_bf16.sgemm_t(a, block, out[:, n : n + step])
+    return out
+
+
 def _product(new: nn.Module, x: mx.array) -> mx.array:
     *lead, K = x.shape
     rows = x.reshape(-1, K).astype(mx.float32)
     mx.eval(rows)
-    a = np.ascontiguousarray(rows)
-    w, s, b = new._q
-    if a.shape[0] <= cpu_kernels.MAX_ROWS or not (new._amx or mkl_bf16.available()):
-        out = cpu_kernels.q_rows_t(a, w, s, b, new.bits, new.group_size)
-    elif new._amx:
-        out = cpu_kernels.q_amx_t(a, w, s, b, new.bits, new.group_size)
-    else:
-        out = np.empty((a.shape[0], w.shape[0]), np.float32)
-        step = max(1, DEQUANTIZED // K)
-        scratch = cpu_kernels.scratch(step * K)
-        for n in range(0, w.shape[0], step):
-            block = cpu_kernels.q_dequantize(w[n : n + step], s[n : n + step], b[n : n + step], new.bits,
-                                             new.group_size, scratch)
-            mkl_bf16.sgemm_t(a, block, out[:, n : n + step])
+    out = product(new, np.ascontiguousarray(rows))
     return mx.array(out).reshape(*lead, out.shape[1])
 
 
@@ -84,6 +89,11 @@ class Linear(nn.QuantizedLinear):
         y = _product(self, x)
         return y + self.bias if "bias" in self else y
 
+    def host(self, a: np.ndarray) -> np.ndarray:
+        """The layer on float32 numpy rows [M, K] (`host_step`)."""
+        y = product(self, a)
+        return y + np.asarray(self.bias) if "bias" in self else y
+
 
 class Embedding(nn.QuantizedEmbedding):
     """The tied quantized embedding: rows dequantized in float32, the head through the kernel."""
@@ -97,6 +107,10 @@ class Embedding(nn.QuantizedEmbedding):
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _product(self, x)
+
+    def host(self, a: np.ndarray) -> np.ndarray:
+        """The head on float32 numpy rows [M, dims] (`host_step`)."""
+        return product(self, a)
 
 
 def adopted(net: nn.Module) -> bool:

@@ -101,13 +101,7 @@ def kernel_attention(q: mx.array, cache: RingKVCache, mask: mx.array | None, sca
     mask [1, stored] True where visible, or None."""
     q32 = q.astype(mx.float32)
     mx.eval(q32, cache.keys, cache.values, *([] if mask is None else [mask]))
-    keys, values = np.asarray(cache.keys), np.asarray(cache.values)
-    if not (keys.flags.c_contiguous and values.flags.c_contiguous):
-        # A write that covered the whole ring left it a strided view of the written keys: copy it
-        # once into a ring of its own, which later writes update in place.
-        cache.keys, cache.values = mx.contiguous(cache.keys), mx.contiguous(cache.values)
-        mx.eval(cache.keys, cache.values)
-        keys, values = np.asarray(cache.keys), np.asarray(cache.values)
+    keys, values = cache.host_arrays()
     out = cpu_kernels.attend(np.ascontiguousarray(q32), keys, values, cache.stored,
                              None if mask is None else np.asarray(mask).reshape(-1), scale)
     return mx.array(out).astype(q.dtype)
@@ -118,13 +112,17 @@ def numpy_swiglu(gate: mx.array, up: mx.array) -> mx.array:
     encoder's chunks (376 frames x 5120: 50 ms against 8.5 ms, every layer)."""
     g32, u32 = gate.astype(mx.float32), up.astype(mx.float32)
     mx.eval(g32, u32)
-    g, u = np.asarray(g32), np.asarray(u32)
+    return mx.array(silu_product(np.asarray(g32), np.asarray(u32))).astype(gate.dtype)
+
+
+def silu_product(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """`silu(g) * u` for float32 numpy arrays."""
     with np.errstate(over="ignore"):  # exp(-g) overflows to inf for g < -88: silu is then -0
         denominator = np.exp(-g)
     denominator += np.float32(1)
     out = g / denominator
     out *= u
-    return mx.array(out).astype(gate.dtype)
+    return out
 
 
 class FeedForward(nn.Module):

@@ -75,12 +75,23 @@ def matmul_t(x: mx.array, w: np.ndarray) -> mx.array:
         rows = x.reshape(-1, K).astype(mx.float32)
         mx.eval(rows)
         return mx.array(cpu_kernels.rows_t(np.asarray(rows), w)).reshape(*lead, N)
-    a = bits(x.reshape(-1, K).astype(mx.bfloat16))
-    out = np.empty((a.shape[0], N), np.float32)
+    return mx.array(_gemm_t(bits(x.reshape(-1, K).astype(mx.bfloat16)), w)).reshape(*lead, N)
+
+
+def rows_t(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """`matmul_t` on float32 numpy rows a [M, K]: [M, N] float32."""
+    if cpu_kernels.fits(a.shape[0], w.shape[0], a.shape[1]):
+        return cpu_kernels.rows_t(a, w)
+    return _gemm_t(bits(mx.array(a).astype(mx.bfloat16)), w)
+
+
+def _gemm_t(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """`a @ w.T` [M, N] float32 through MKL for bfloat16 bits a [M, K] and w [N, K]."""
+    (M, K), N = a.shape, w.shape[0]
+    out = np.empty((M, N), np.float32)
     with _all_cores():
-        _GEMM(ROW_MAJOR, NO_TRANS, TRANS, a.shape[0], N, K, 1.0, a.ctypes.data, K, w.ctypes.data, K, 0.0,
-              out.ctypes.data, N)
-    return mx.array(out).reshape(*lead, N)
+        _GEMM(ROW_MAJOR, NO_TRANS, TRANS, M, N, K, 1.0, a.ctypes.data, K, w.ctypes.data, K, 0.0, out.ctypes.data, N)
+    return out
 
 
 def sgemm_t(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
@@ -133,6 +144,11 @@ class Linear(nn.Module):
         y = matmul_t(x, self._w)
         return y + self.bias if "bias" in self else y
 
+    def host(self, a: np.ndarray) -> np.ndarray:
+        """The layer on float32 numpy rows [M, K] (`host_step`)."""
+        y = rows_t(a, self._w)
+        return y + np.asarray(self.bias) if "bias" in self else y
+
 
 class Embedding(nn.Module):
     """The tied embedding: rows looked up in bfloat16 and widened, the head through MKL."""
@@ -147,6 +163,10 @@ class Embedding(nn.Module):
 
     def as_linear(self, x: mx.array) -> mx.array:
         return matmul_t(x, self._w)
+
+    def host(self, a: np.ndarray) -> np.ndarray:
+        """The head on float32 numpy rows [M, dims] (`host_step`)."""
+        return rows_t(a, self._w)
 
 
 def adopted(net: nn.Module) -> bool:

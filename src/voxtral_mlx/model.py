@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 from .cache import RingKVCache
 from .config import AudioArgs, ModelArgs
+from . import host_step
 from .decoder import DecoderBlock, delay_embedding
 from .encoder import StemState, WhisperEncoder
 
@@ -109,6 +110,8 @@ class VoxtralRealtime(nn.Module):
         The B streams share positions, so they share the mask."""
         if tokens.ndim == 1:
             return self.decode(audio[None], tokens[None], caches, scales, every)[0]
+        if tokens.shape[1] == 1 and not every and host_step.fits(self, caches.decoder):
+            return host_step.decode(self, audio, tokens, caches.decoder, scales)
         tok = self.embedding_module.tok_embeddings
         x = audio + tok(tokens)  # [B, n, dim]
         mask = caches.decoder[0].make_mask(x.shape[1])
