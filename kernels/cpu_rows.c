@@ -68,7 +68,8 @@ struct Job {
     // attend: x the queries, w the keys, v the values, out the outputs; N pairs of G = bits
     // query heads and one key head, M keys of K values each, `stride` values apart per pair.
     const float *v;
-    const uint8_t *mask;  // M entries, 0 where a key is out of the window; NULL: all visible
+    const uint8_t *mask;  // mask_rows x M entries, 0 where a key is out of a query's view; NULL: all visible
+    int mask_rows;        // query g of a pair reads mask row g % mask_rows
     long stride;
     float scale;
     float *scores;  // N x G x M
@@ -782,7 +783,8 @@ static void attend_run(const Job *j) {
                 __m512 acc = _mm512_setzero_ps();
                 for (long d = 0; d < D; d += 16)
                     acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d), _mm512_loadu_ps(k + m * D + d), acc);
-                p[g * M + m] = j->mask && !j->mask[m] ? -INFINITY : _mm512_reduce_add_ps(acc) * j->scale;
+                p[g * M + m] = j->mask && !j->mask[(g % j->mask_rows) * M + m] ? -INFINITY
+                                                                               : _mm512_reduce_add_ps(acc) * j->scale;
             }
         }
         // Softmax numerators (e^(s - max)) in place; the sums divide the outputs.
@@ -816,15 +818,16 @@ static void attend_run(const Job *j) {
     }
 }
 
-// out = softmax(q k^T scale + mask) v for N pairs of G <= 64 query heads [G, D] and a cache
-// [M, D] each (keys and values `stride` values apart per pair, D a multiple of 16), on
-// `threads` threads splitting the pairs. `mask`: M bytes, 0 for a key outside the window, or
+// out = softmax(q k^T scale + mask) v for N pairs of G <= 64 queries [G, D] and a cache [M, D]
+// each (keys and values `stride` values apart per pair, D a multiple of 16), on `threads`
+// threads splitting the pairs. `mask`: mask_rows x M bytes, 0 for a key that query g does not
+// see (row g % mask_rows: the query heads of a key head, each over the same positions), or
 // NULL. `scores` holds N x G x M floats. Returns the number of threads that took part, 0 for
 // shapes it does not take.
 int attend(const float *q, const float *k, const float *v, float *out, long N, int G, long M, long D, long stride,
-           float scale, const uint8_t *mask, float *scores, int threads) {
-    if (G < 1 || G > 64 || D % 16 != 0 || M < 1) return 0;  // nothing computed
+           float scale, const uint8_t *mask, int mask_rows, float *scores, int threads) {
+    if (G < 1 || G > 64 || D % 16 != 0 || M < 1 || mask_rows < 1) return 0;  // nothing computed
     Job job = {.run = attend_run, .x = q, .w = k, .out = out, .M = M, .N = N, .K = D, .bits = G, .v = v,
-               .mask = mask, .stride = stride, .scale = scale, .scores = scores};
+               .mask = mask, .mask_rows = mask_rows, .stride = stride, .scale = scale, .scores = scores};
     return dispatch(job, threads, 1);
 }

@@ -54,6 +54,23 @@ def test_attention_is_the_exact_softmax_within_float32(B, H, Hk, D, capacity, st
 
 
 @needs_kernel
+@pytest.mark.parametrize("B,H,Hk,L,D,capacity,stored", [(1, 4, 4, 4, 64, 40, 33), (2, 32, 8, 16, 128, 300, 257),
+                                                        (1, 3, 1, 21, 16, 30, 30)])
+def test_several_positions_each_see_their_own_slots(B, H, Hk, L, D, capacity, stored):
+    rng = np.random.default_rng(L)
+    q = rng.normal(size=(B, H, L, D)).astype(np.float32)
+    keys, values = (rng.normal(size=(B, Hk, capacity, D)).astype(np.float32) for _ in range(2))
+    mask = rng.random((L, stored)) > 0.3
+    mask[np.arange(L), rng.integers(stored, size=L)] = True
+    got = cpu_kernels.attend(q, keys, values, stored, mask, 0.3)
+    assert got.shape == q.shape
+    for position in range(L):
+        want, top = reference(q[:, :, position : position + 1], keys, values, stored, mask[position], 0.3)
+        assert np.abs(got[:, :, position : position + 1] - want).max() < 2e-7 * (1 + top)
+    assert cpu_kernels.attend_fits(H, Hk, D, 64 // (H // Hk)) and not cpu_kernels.attend_fits(H, Hk, D, 64 // (H // Hk) + 1)
+
+
+@needs_kernel
 def test_scores_far_below_the_top_weigh_nothing():
     # exp underflows to 0 below -87.3: a key 1000 below the best must not count, nor NaN.
     q = np.zeros((1, 2, 1, 16), np.float32)
@@ -78,7 +95,7 @@ def test_every_stream_gets_its_own_bits_whatever_the_batch_and_threads():
         scores = np.empty((b1 - b0) * 32 * 555, np.float32)
         flags = mask.astype(np.uint8)
         used = lib.attend(qs.ctypes.data, ks.ctypes.data, vs.ctypes.data, out.ctypes.data, (b1 - b0) * 8, 4, 555,
-                          128, 600 * 128, 0.125, flags.ctypes.data, scores.ctypes.data, threads)
+                          128, 600 * 128, 0.125, flags.ctypes.data, 1, scores.ctypes.data, threads)
         assert used == threads
         return out
 
@@ -91,14 +108,16 @@ def test_every_stream_gets_its_own_bits_whatever_the_batch_and_threads():
 def test_attend_refuses_what_it_cannot_compute():
     rng = np.random.default_rng(0)
     q, keys, values, _ = case(rng, 1, 4, 2, 16, 8, 8, False)
-    with pytest.raises(ValueError, match=r"attend needs float32 contiguous q \[B, H, 1, D\] and caches"):
+    with pytest.raises(ValueError, match=r"attend needs float32 contiguous q \[B, H, L, D\] and caches"):
         cpu_kernels.attend(q, keys, values, 9, None, 1.0)
-    with pytest.raises(ValueError, match="a mask of 8, got"):
+    with pytest.raises(ValueError, match="a mask of 1 x 8, got"):
         cpu_kernels.attend(q, keys, values, 8, np.ones(7, bool), 1.0)
+    with pytest.raises(ValueError, match=r"a mask of 2 x 8, got .* \(8,\)$"):  # one row per position
+        cpu_kernels.attend(np.concatenate([q, q], axis=2), keys, values, 8, np.ones(8, bool), 1.0)
     with pytest.raises(ValueError, match="attend needs float32"):
         cpu_kernels.attend(q.astype(np.float64), keys, values, 8, None, 1.0)
     q8, k8, v8, _ = case(rng, 1, 4, 2, 8, 8, 8, False)
-    with pytest.raises(ValueError, match=r"^attend takes head sizes of a multiple of 16 .* \(4 / 2 heads of 8\)"):
+    with pytest.raises(ValueError, match=r"^attend takes head sizes of a multiple of 16 .* \(4 / 2 heads of 8, L = 1\)"):
         cpu_kernels.attend(q8, k8, v8, 8, None, 1.0)
     assert not cpu_kernels.attend_fits(4, 2, 8) and not cpu_kernels.attend_fits(130, 2, 16)
     assert cpu_kernels.attend_fits(32, 8, 128)

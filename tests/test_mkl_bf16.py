@@ -35,7 +35,7 @@ def test_products_are_float32_sums_of_bfloat16_terms(M, N, K):
 
 @pytest.mark.parametrize("M,N,K", [(1, 96, 64), (3, 5, 7), (40, 64, 640)])
 def test_numpy_rows_get_the_bits_of_mlx_rows(M, N, K):
-    # host_step's products: the row kernel where it fits (the first), else MKL.
+    # host's products: the row kernel where it fits (the first), else MKL.
     rng = np.random.default_rng(M)
     x, w = rng.normal(size=(M, K)).astype(np.float32), mkl_bf16.bits(mx.array(rng.normal(size=(N, K)), mx.bfloat16))
     got = mkl_bf16.rows_t(x, w)

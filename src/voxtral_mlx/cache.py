@@ -54,6 +54,13 @@ class RingKVCache:
         queries = mx.arange(self.offset, self.offset + n)[:, None]
         return (keys[None, :] <= queries) & (keys[None, :] > queries - self.window)  # [n, stored + n]
 
+    def ring_mask(self, n: int) -> mx.array:
+        """Visibility [n, stored] of the ring's slots to n queries at positions offset..offset+n-1,
+        once their keys are written in place (`fits_in_place(n)`)."""
+        keys = self.slot_positions(self.offset + n)
+        queries = mx.arange(self.offset, self.offset + n)[:, None]
+        return (keys[None, :] <= queries) & (keys[None, :] > queries - self.window)
+
     def _reserve(self, like: mx.array | np.ndarray, size: int):
         """Room for `size` slots of keys shaped like `like` [B, H, n, D]."""
         size = min(self.capacity, size)
@@ -123,15 +130,19 @@ class RingKVCache:
             keys, values = np.asarray(self.keys), np.asarray(self.values)
         return keys, values
 
-    def write_host(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store one position's float32 `k, v` [B, H, D] in its slot, in place, and return the ring
-        as `host_arrays` does. Everything MLX computes from the ring must have been evaluated."""
-        self._reserve(k[:, :, None], self.offset + 1)
+    def write_host(self, k: np.ndarray, v: np.ndarray):
+        """`update_and_fetch`'s write, through numpy views of the ring, in place: float32 `k, v`
+        [B, H, n, D]. Everything MLX computes from the ring must have been evaluated."""
+        n = k.shape[2]
+        self._reserve(k, self.offset + n)
         keys, values = self.host_arrays()
-        slot = self.offset % self.capacity
-        keys[:, :, slot], values[:, :, slot] = k, v
-        self.offset += 1
-        return keys, values
+        keep = min(n, self.capacity)
+        start = (self.offset + n - keep) % self.capacity
+        head = min(keep, self.capacity - start)
+        for ring, new in ((keys, k), (values, v)):
+            ring[:, :, start : start + head] = new[:, :, n - keep : n - keep + head]
+            ring[:, :, : keep - head] = new[:, :, n - keep + head :]
+        self.offset += n
 
     def rollback(self, n: int):
         """Take back the last n positions written (at most `spare`)."""

@@ -125,7 +125,7 @@ def _load():
     lib.q_rows.argtypes = [p, p, p, p, p, n, n, n, i, i, i, p]
     lib.q_amx.argtypes = [p, p, p, p, p, n, n, n, i, i, i]
     lib.q_dequantize.argtypes = [p, p, p, p, n, n, i, i, i]
-    lib.attend.argtypes = [p, p, p, p, n, i, n, n, n, ctypes.c_float, p, p, i]
+    lib.attend.argtypes = [p, p, p, p, n, i, n, n, n, ctypes.c_float, p, i, p, i]
     for fn in (lib.bf16_rows, lib.q_rows, lib.q_amx, lib.q_dequantize, lib.attend, lib.bf16_rows_init):
         fn.restype = i
     return lib, None
@@ -277,33 +277,39 @@ def q_dequantize(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: in
     return out
 
 
-def attend_fits(heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether one position's attention goes through the kernel (`attend`)."""
-    return head_dim % 16 == 0 and heads % kv_heads == 0 and heads // kv_heads <= 64 and library() is not None
+def attend_fits(heads: int, kv_heads: int, head_dim: int, queries: int = 1) -> bool:
+    """Whether the attention of `queries` positions goes through the kernel (`attend`)."""
+    return (head_dim % 16 == 0 and heads % kv_heads == 0 and heads // kv_heads * queries <= 64
+            and library() is not None)
 
 
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, stored: int, mask: np.ndarray | None,
            scale: float) -> np.ndarray:
-    """softmax(q k^T scale) v for one position: q [B, H, 1, D] float32 over the first `stored`
+    """softmax(q k^T scale) v for L positions: q [B, H, L, D] float32 over the first `stored`
     slots of a cache keys, values [B, Hk, capacity, D] float32 (query head h reads key head
-    h // (H / Hk)); mask [stored] bool, True where a slot is in the window, or None. Exact
-    softmax, float32 sums; every stream's numbers are its own whatever the batch."""
+    h // (H / Hk)); mask [L, stored] (or [stored] for one position) bool, True where a query sees
+    a slot, or None. Exact softmax, float32 sums; every stream's numbers are its own whatever
+    the batch, each key read once for all the queries of its key head."""
     B, H, L, D = q.shape
     Hk, capacity = keys.shape[1], keys.shape[2]
-    if (L != 1 or keys.shape != (B, Hk, capacity, D) or values.shape != keys.shape or not 0 < stored <= capacity
+    if mask is not None and L == 1 and mask.shape == (stored,):
+        mask = mask.reshape(1, stored)
+    if (keys.shape != (B, Hk, capacity, D) or values.shape != keys.shape or not 0 < stored <= capacity
             or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (q, keys, values))
-            or (mask is not None and mask.shape != (stored,))):
-        raise ValueError(f"attend needs float32 contiguous q [B, H, 1, D] and caches [B, Hk, >= {stored}, D], and a "
-                         f"mask of {stored}, got {q.shape}, {keys.shape}, {values.shape}, "
+            or (mask is not None and mask.shape != (L, stored))):
+        raise ValueError(f"attend needs float32 contiguous q [B, H, L, D] and caches [B, Hk, >= {stored}, D], and a "
+                         f"mask of {L} x {stored}, got {q.shape}, {keys.shape}, {values.shape}, "
                          f"{None if mask is None else mask.shape}")
-    if not attend_fits(H, Hk, D):
-        raise ValueError(f"attend takes head sizes of a multiple of 16 and up to 64 query heads per key head "
-                         f"({H} / {Hk} heads of {D})" if library() is not None else
+    if not attend_fits(H, Hk, D, L):
+        raise ValueError(f"attend takes head sizes of a multiple of 16 and up to 64 queries per key head "
+                         f"({H} / {Hk} heads of {D}, L = {L})" if library() is not None else
                          f"the attention kernel is not available: {reason}")
     out = np.empty_like(q)
-    scores = scratch(B * H * stored)
+    scores = scratch(B * H * L * stored)
     flags = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
-    library().attend(q.ctypes.data, keys.ctypes.data, values.ctypes.data, out.ctypes.data, B * Hk, H // Hk, stored,
-                     D, capacity * D, scale, None if flags is None else flags.ctypes.data, scores.ctypes.data,
-                     threads_for(2 * B * H * stored * D))
+    # The query heads of a key head and their positions are its G = H / Hk * L queries, in
+    # the order of q's memory: query g is at position g % L.
+    library().attend(q.ctypes.data, keys.ctypes.data, values.ctypes.data, out.ctypes.data, B * Hk, H // Hk * L,
+                     stored, D, capacity * D, scale, None if flags is None else flags.ctypes.data, L,
+                     scores.ctypes.data, threads_for(2 * B * H * L * stored * D))
     return out

@@ -90,7 +90,7 @@ class Linear(nn.QuantizedLinear):
         return y + self.bias if "bias" in self else y
 
     def host(self, a: np.ndarray) -> np.ndarray:
-        """The layer on float32 numpy rows [M, K] (`host_step`)."""
+        """The layer on float32 numpy rows [M, K] (`host`)."""
         y = product(self, a)
         return y + np.asarray(self.bias) if "bias" in self else y
 
@@ -109,7 +109,7 @@ class Embedding(nn.QuantizedEmbedding):
         return _product(self, x)
 
     def host(self, a: np.ndarray) -> np.ndarray:
-        """The head on float32 numpy rows [M, dims] (`host_step`)."""
+        """The head on float32 numpy rows [M, dims] (`host`)."""
         return product(self, a)
 
 

@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import cpu_kernels, kernels
+from . import cpu_kernels, host, kernels
 from .cache import RingKVCache
 from .config import AudioArgs, EncoderArgs
 
@@ -66,22 +66,11 @@ def through_numpy(rows: int) -> bool:
 def numpy_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, scale: float) -> mx.array:
     """Softmax attention of q [B, H, L, D] over k, v [B, Hk, S, D] (query head h reads kv head
     h // (H / Hk)) in float32 numpy; mask [L, S] True where visible, or None."""
-    B, H, L, D = q.shape
-    Hk, S = k.shape[1], k.shape[2]
     q32, k32, v32 = (a.astype(mx.float32) for a in (q, k, v))
     mx.eval(q32, k32, v32, *([] if mask is None else [mask]))
-    # The query heads sharing a kv head are one matrix of G * L rows.
-    queries = np.asarray(q32).reshape(B, Hk, (H // Hk) * L, D)
-    scores = queries @ np.swapaxes(np.asarray(k32), -1, -2)  # [B, Hk, G * L, S]
-    scores *= np.float32(scale)
-    scores = scores.reshape(B, Hk, H // Hk, L, S)
-    if mask is not None:
-        scores += np.where(np.asarray(mask), np.float32(0), np.float32(-np.inf))
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    out = scores.reshape(B, Hk, (H // Hk) * L, S) @ np.asarray(v32)
-    return mx.array(out.reshape(B, H, L, D)).astype(q.dtype)
+    out = host.attention_rows(np.asarray(q32), np.asarray(k32), np.asarray(v32),
+                              None if mask is None else np.asarray(mask), scale)
+    return mx.array(out).astype(q.dtype)
 
 
 ATTEND_MIN = 1 << 16  # multiply-adds below which MLX's attention, which needs no host round trip, is cheaper
@@ -112,17 +101,7 @@ def numpy_swiglu(gate: mx.array, up: mx.array) -> mx.array:
     encoder's chunks (376 frames x 5120: 50 ms against 8.5 ms, every layer)."""
     g32, u32 = gate.astype(mx.float32), up.astype(mx.float32)
     mx.eval(g32, u32)
-    return mx.array(silu_product(np.asarray(g32), np.asarray(u32))).astype(gate.dtype)
-
-
-def silu_product(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """`silu(g) * u` for float32 numpy arrays."""
-    with np.errstate(over="ignore"):  # exp(-g) overflows to inf for g < -88: silu is then -0
-        denominator = np.exp(-g)
-    denominator += np.float32(1)
-    out = g / denominator
-    out *= u
-    return out
+    return mx.array(host.silu_product(np.asarray(g32), np.asarray(u32))).astype(gate.dtype)
 
 
 class FeedForward(nn.Module):
@@ -161,6 +140,8 @@ class EncoderTransformer(nn.Module):
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
 
     def __call__(self, x: mx.array, caches: list[RingKVCache]) -> mx.array:
+        if host.fits(self.layers, caches):
+            return host.encode(self, x, caches)
         mask = caches[0].make_mask(x.shape[1])
         for layer, cache in zip(self.layers, caches):
             x = layer(x, mask, cache)
@@ -211,8 +192,12 @@ class WhisperEncoder(nn.Module):
     def __call__(self, mel: mx.array, stem: StemState, caches: list[RingKVCache]) -> mx.array:
         """Encoder frames for consecutive mel frames [B, T, n_mels] -> [B, T / stride, dim]."""
         x = mel
+        # On the CPU each stream's convolution runs alone: the BLAS behind MLX's (MKL) can sum a
+        # product in an order that depends on its rows, and a stream's numbers must not depend
+        # on the streams beside it.
+        apart = x.shape[0] > 1 and mx.default_device() == mx.cpu
         for i, conv in enumerate(self.conv_layers):
             x = mx.concatenate([stem.tails[i], x], axis=1)
             stem.tails[i] = x[:, x.shape[1] - conv.tail :]
-            x = conv(x)
+            x = mx.concatenate([conv(x[b : b + 1]) for b in range(x.shape[0])]) if apart else conv(x)
         return self.transformer(x, caches)

@@ -145,7 +145,7 @@ class Linear(nn.Module):
         return y + self.bias if "bias" in self else y
 
     def host(self, a: np.ndarray) -> np.ndarray:
-        """The layer on float32 numpy rows [M, K] (`host_step`)."""
+        """The layer on float32 numpy rows [M, K] (`host`)."""
         y = rows_t(a, self._w)
         return y + np.asarray(self.bias) if "bias" in self else y
 
@@ -165,7 +165,7 @@ class Embedding(nn.Module):
         return matmul_t(x, self._w)
 
     def host(self, a: np.ndarray) -> np.ndarray:
-        """The head on float32 numpy rows [M, dims] (`host_step`)."""
+        """The head on float32 numpy rows [M, dims] (`host`)."""
         return rows_t(a, self._w)
 
 

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from .cache import RingKVCache
 from .config import AudioArgs, ModelArgs
-from . import host_step
+from . import host
 from .decoder import DecoderBlock, delay_embedding
 from .encoder import StemState, WhisperEncoder
 
@@ -95,6 +95,11 @@ class VoxtralRealtime(nn.Module):
         B, T, D = frames.shape
         k = self.args.downsample_factor
         grouped = frames.reshape(B, T // k, D * k)  # [B, T/8, 4 * enc_dim]
+        if B > 1 and mx.default_device() == mx.cpu:  # each stream alone, as the conv stem (encoder)
+            return mx.concatenate([self.adapt(grouped[b : b + 1]) for b in range(B)])
+        return self.adapt(grouped)
+
+    def adapt(self, grouped: mx.array) -> mx.array:
         for layer in self.embedding_module.audio_language_projection:
             grouped = layer(grouped)
         return grouped
@@ -110,8 +115,8 @@ class VoxtralRealtime(nn.Module):
         The B streams share positions, so they share the mask."""
         if tokens.ndim == 1:
             return self.decode(audio[None], tokens[None], caches, scales, every)[0]
-        if tokens.shape[1] == 1 and not every and host_step.fits(self, caches.decoder):
-            return host_step.decode(self, audio, tokens, caches.decoder, scales)
+        if host.fits(self.layers, caches.decoder, [self.embedding_module.tok_embeddings]):
+            return host.decode(self, audio, tokens, caches.decoder, scales, every)
         tok = self.embedding_module.tok_embeddings
         x = audio + tok(tokens)  # [B, n, dim]
         mask = caches.decoder[0].make_mask(x.shape[1])

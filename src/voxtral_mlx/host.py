@@ -1,0 +1,163 @@
+"""Decoder steps and encoder chunks on the CPU, in numpy around the kernels of `cpu_kernels`.
+
+Where a model's products are CPU kernels on numpy rows (`cpu_quant`, `mkl_bf16`), what MLX
+does around them costs as much as a product on few rows: some 15 small graphs per layer
+(10-80 us per op on vectors of 3072 values) and a host round trip per product. That was
+30-35 ms of a 4-bit decoder step of the 4B model on two cores, and more than half of an 80 ms
+streaming chunk's encoder pass (4 frames through 32 layers). Here the decoder step, from the
+embedding to the logits, and the encoder's transformer run on numpy arrays: norms, RoPE, SwiGLU
+and the residual stream in float32 numpy, the products through the layers' `host`, attention
+through `cpu_kernels.attend` (one position) or numpy over the ring, written in place. Every
+operation works row by row, so a stream's numbers do not depend on the streams beside it.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import cpu_kernels
+from .cache import RingKVCache
+
+
+def _products(block: nn.Module) -> list[nn.Module]:
+    a, f = block.attention, block.feed_forward
+    return [a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3]
+
+
+def fits(blocks: list[nn.Module], caches: list[RingKVCache], extra: list[nn.Module] = ()) -> bool:
+    """Whether these transformer blocks can run here over `caches`: on the CPU, with every
+    product (and those of `extra`) a kernel on numpy rows (`host`), the attention kernel, and
+    float32 rings."""
+    a = blocks[0].attention
+    return (mx.default_device() == mx.cpu and cpu_kernels.attend_fits(a.n_heads, a.n_kv_heads, a.head_dim)
+            and all(c.keys is None or c.keys.dtype == mx.float32 for c in caches)
+            and all(hasattr(m, "host") for m in [*extra, *(p for b in blocks for p in _products(b))]))
+
+
+def rotation(positions, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [..., head_dim / 2] float32 of RoPE's angles `p * theta^(-2d / head_dim)` for
+    a position or an array of them (angles in float64)."""
+    frequencies = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.multiply.outer(np.asarray(positions, np.float64), frequencies)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Interleaved pairs `(x[2d], x[2d + 1])` of x [..., head_dim] rotated."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+def rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
+    mean = np.mean(np.square(x), axis=-1, keepdims=True)
+    return x * (np.float32(1) / np.sqrt(mean + np.float32(norm.eps))) * np.asarray(norm.weight)
+
+
+def silu_product(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """`silu(g) * u` for float32 arrays."""
+    with np.errstate(over="ignore"):  # exp(-g) overflows to inf for g < -88: silu is then -0
+        denominator = np.exp(-g)
+    denominator += np.float32(1)
+    out = g / denominator
+    out *= u
+    return out
+
+
+def attention_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray:
+    """Softmax attention of float32 q [B, H, L, D] over k, v [B, Hk, S, D] (query head h reads
+    kv head h // (H / Hk)); mask [L, S] True where visible, or None."""
+    B, H, L, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    # The query heads sharing a kv head are one matrix of G * L rows.
+    scores = q.reshape(B, Hk, (H // Hk) * L, D) @ np.swapaxes(k, -1, -2)  # [B, Hk, G * L, S]
+    scores *= np.float32(scale)
+    scores = scores.reshape(B, Hk, H // Hk, L, S)
+    if mask is not None:
+        scores += np.where(mask, np.float32(0), np.float32(-np.inf))
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return (scores.reshape(B, Hk, (H // Hk) * L, S) @ v).reshape(B, H, L, D)
+
+
+def linear(layer: nn.Module, x: np.ndarray) -> np.ndarray:
+    """`layer` on float32 x [B, L, K]: every row at once where the row kernels take them (up to
+    `cpu_kernels.MAX_ROWS`), else each stream's rows apart, as in the stream's own run: the
+    products of many rows may sum in an order that depends on how many there are (MKL)."""
+    B, L, K = x.shape
+    if B == 1 or B * L <= cpu_kernels.MAX_ROWS:
+        return layer.host(np.ascontiguousarray(x).reshape(B * L, K)).reshape(B, L, -1)
+    return np.stack([layer.host(np.ascontiguousarray(x[b])) for b in range(B)])
+
+
+def attention(layer: nn.Module, h: np.ndarray, cache: RingKVCache, mask: np.ndarray | None, in_place: bool,
+              cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """`encoder.Attention` on the normed rows h [B, L, dim]. `in_place`: the chunk's keys are
+    written first and the kernel reads the ring (mask as `ring_mask(L)`, or `make_mask(1)`, gives
+    it); else it attends over the ring as it was and the chunk (mask as `make_mask(L)`)."""
+    B, L, _ = h.shape
+
+    def heads(product, n):  # [B, n, L, head_dim]
+        return linear(product, h).reshape(B, L, n, layer.head_dim).transpose(0, 2, 1, 3)
+
+    q, k, v = heads(layer.wq, layer.n_heads), heads(layer.wk, layer.n_kv_heads), heads(layer.wv, layer.n_kv_heads)
+    q, k = np.ascontiguousarray(rope(q, cos, sin)), rope(k, cos, sin)
+    if in_place:
+        cache.write_host(k, v)
+        keys, values = cache.host_arrays()
+        out = cpu_kernels.attend(q, keys, values, cache.stored, mask, layer.scale)
+    else:
+        stored = cache.stored
+        if stored:
+            keys, values = cache.host_arrays()
+            k_all, v_all = (np.concatenate([a[:, :, :stored], b], axis=2) for a, b in ((keys, k), (values, v)))
+        else:
+            k_all, v_all = k, v
+        out = attention_rows(q, k_all, v_all, mask, layer.scale)
+        cache.write_host(k, v)
+    return linear(layer.wo, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def feed_forward(layer: nn.Module, h: np.ndarray) -> np.ndarray:
+    return linear(layer.w2, silu_product(linear(layer.w1, h), linear(layer.w3, h)))
+
+
+def _start(x: mx.array, caches: list[RingKVCache], layer: nn.Module):
+    """x as numpy, the chunk's mask, whether its attention reads the rings in place, its rotations."""
+    L = x.shape[1]
+    ring = caches[0]
+    in_place = ring.fits_in_place(L) and cpu_kernels.attend_fits(layer.n_heads, layer.n_kv_heads, layer.head_dim, L)
+    mask = (ring.ring_mask(L) if L > 1 else ring.make_mask(1)) if in_place else ring.make_mask(L)
+    x = x.astype(mx.float32)
+    mx.eval(x, *([] if mask is None else [mask]))
+    cos, sin = rotation(ring.offset + np.arange(L), layer.head_dim, layer.rope_theta)
+    return np.array(x), None if mask is None else np.asarray(mask), in_place, cos, sin
+
+
+def encode(transformer: nn.Module, x: mx.array, caches: list[RingKVCache]) -> mx.array:
+    """`encoder.EncoderTransformer` (`fits`): frames [B, L, dim] -> [B, L, dim]."""
+    x, *chunk = _start(x, caches, transformer.layers[0].attention)
+    for block, cache in zip(transformer.layers, caches):
+        x = x + attention(block.attention, rms_norm(x, block.attention_norm), cache, *chunk)
+        x = x + feed_forward(block.feed_forward, rms_norm(x, block.ffn_norm))
+    return mx.array(rms_norm(x, transformer.norm))
+
+
+def decode(net: nn.Module, audio: mx.array, tokens: mx.array, caches: list[RingKVCache], scales: list[mx.array],
+           every: bool = False) -> mx.array:
+    """`net.decode` (`fits`): audio [B, n, dim], tokens [B, n] -> logits of the last position [B, vocab]
+    (`every`: of all, [B, n, vocab])."""
+    tok = net.embedding_module.tok_embeddings
+    scales = [s if s.dtype == mx.float32 else s.astype(mx.float32) for s in scales]
+    mx.eval(*scales)
+    x, *chunk = _start(audio + tok(tokens), caches, net.layers[0].attention)
+    for block, cache, scale in zip(net.layers, caches, scales):
+        x = x + attention(block.attention, rms_norm(x, block.attention_norm), cache, *chunk)
+        x = x + feed_forward(block.feed_forward, rms_norm(x, block.ffn_norm) * np.asarray(scale))
+    logits = linear(tok, rms_norm(x if every else x[:, -1:], net.norm))
+    return mx.array(logits if every else logits[:, 0])

@@ -1,0 +1,205 @@
+"""Decoder passes and encoder chunks on the CPU in numpy around the kernels (host.py) against MLX's graphs."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import checkpoint
+
+import voxtral_mlx
+from voxtral_mlx import cpu_kernels, cpu_quant, host, mkl_bf16
+from voxtral_mlx.convert import convert
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None,
+                                reason=f"the CPU kernels are not available: {cpu_kernels.reason}")
+
+
+@pytest.fixture(scope="module")
+def models(ckpt_root, tmp_path_factory):
+    """Quantized and bfloat16 (MKL) models with small windows and a ring of 20 positions, and
+    the float32 original."""
+    source = checkpoint(ckpt_root, enc_window=24, dec_window=20)
+    root = tmp_path_factory.mktemp("host")
+    out = {"float32": voxtral_mlx.load(source)}
+    for bits, group in ((4, 32), (4, 64), (8, 64), (6, 64)):
+        out[f"q{bits}-{group}"] = voxtral_mlx.load(convert(source, root / f"q{bits}-{group}", q_bits=bits,
+                                                           q_group_size=group).path)
+    if mkl_bf16.available():
+        out["bfloat16"] = voxtral_mlx.load(source, dtype="bfloat16")
+    return out
+
+
+ADOPTED = ["q4-32", "q4-64", "q8-64",
+           pytest.param("bfloat16", marks=pytest.mark.skipif(not mkl_bf16.available(), reason="MKL is not loaded"))]
+
+
+def steps(model, inputs, tokens, spare, on_host, monkeypatch):
+    """Logits [steps, B, vocab] of a prompt of 5 positions, then one position per step."""
+    net = model.net
+    with monkeypatch.context() as m:
+        if not on_host:
+            m.setattr(host, "fits", lambda *a: False)
+        caches = net.make_cache(inputs.shape[0], spare=spare)
+        scales = net.ffn_scales(6)
+        out = [net.decode(mx.array(inputs[:, :5]), mx.array(tokens[:, :5]), caches, scales)]
+        for p in range(5, inputs.shape[1]):
+            out.append(net.decode(mx.array(inputs[:, p : p + 1]), mx.array(tokens[:, p : p + 1]), caches, scales))
+        return np.stack([np.array(o) for o in out])
+
+
+def random_inputs(model, streams: int, positions: int, seed: int):
+    rng = np.random.default_rng(seed)
+    args = model.net.args.decoder
+    inputs = rng.normal(size=(streams, positions, args.dim)).astype(np.float32)
+    return inputs, rng.integers(0, args.vocab_size, size=(streams, positions))
+
+
+def close(got, want, name, exact=None, tolerance=1e-5):
+    """Within float32 rounding of MLX's graphs; in bfloat16, where each product rounds its input
+    to bfloat16 (which a last-bit difference can move a step), as close to the float32 model's
+    numbers `exact` as MLX's."""
+    scale = np.abs(want).max()
+    if name != "bfloat16":
+        assert np.abs(got - want).max() <= tolerance * scale
+        return
+    assert np.abs(got - want).max() <= 1e-2 * scale
+
+    def rms(error):
+        return np.sqrt(np.mean(error**2) / np.mean(exact**2))
+
+    assert rms(got - exact) < 1.1 * rms(want - exact) + 1e-6 < 3e-2
+
+
+@pytest.mark.parametrize("name", ADOPTED)
+@pytest.mark.parametrize("spare", [0, 3])
+def test_decoder_passes_on_the_host_give_the_logits_of_mlx_graphs(models, name, spare, monkeypatch):
+    # 40 positions: the ring of 20 wraps; with spare slots, steps read it through a mask.
+    model = models[name]
+    inputs, tokens = random_inputs(model, 2, 40, seed=spare)
+    calls = []
+    real = host.decode
+    monkeypatch.setattr(host, "decode", lambda *a: (calls.append(a[1].shape), real(*a))[1])
+    got = steps(model, inputs, tokens, spare, True, monkeypatch)
+    dim = model.net.args.decoder.dim
+    assert calls == [(2, 5, dim)] + [(2, 1, dim)] * 35
+    want = steps(model, inputs, tokens, spare, False, monkeypatch)
+    assert len(calls) == 36  # not through the host
+    close(got, want, name, name == "bfloat16" and steps(models["float32"], inputs, tokens, spare, False, monkeypatch))
+
+
+@pytest.mark.parametrize("name", ADOPTED)
+def test_passes_of_every_position_on_the_host_give_mlx_logits(models, name, monkeypatch):
+    # Speculative passes: several positions over a ring with spare slots, logits of each.
+    model = models[name]
+    inputs, tokens = random_inputs(model, 1, 30, seed=11)
+
+    def passes(m, on_host):
+        with monkeypatch.context() as patch:
+            if not on_host:
+                patch.setattr(host, "fits", lambda *a: False)
+            net = m.net
+            caches, scales = net.make_cache(spare=7), net.ffn_scales(6)
+            return np.concatenate([np.array(net.decode(mx.array(inputs[:, a:b]), mx.array(tokens[:, a:b]), caches,
+                                                       scales, every=True))[0]
+                                   for a, b in ((0, 8), (8, 16), (16, 19), (19, 27), (27, 30))])
+
+    close(passes(model, True), passes(model, False), name, name == "bfloat16" and passes(models["float32"], False))
+
+
+def encoder_frames(model, mel, chunks, on_host, monkeypatch, spare=0):
+    """The encoder's frames [B, T / 2, dim] for mel [B, T, n_mels] fed in chunks of these sizes."""
+    net = model.net
+    with monkeypatch.context() as m:
+        if not on_host:
+            m.setattr(host, "fits", lambda *a: False)
+        caches = net.make_cache(mel.shape[0], encoder_spare=spare)
+        out, start = [], 0
+        for size in chunks:
+            out.append(np.array(net.encoder(mx.array(mel[:, start : start + size]), caches.stem, caches.encoder)))
+            start += size
+        return np.concatenate(out, axis=1)
+
+
+CHUNKS = [2, 8, 16, 6, 60, 2, 2, 24]  # mel frames: 1 to 30 encoder frames, past a window of 24
+
+
+@pytest.mark.parametrize("name", ADOPTED)
+@pytest.mark.parametrize("spare", [0, 7])
+def test_encoder_chunks_on_the_host_give_the_frames_of_mlx_graphs(models, name, spare, monkeypatch):
+    # With 7 spare slots, chunks of up to 8 frames are written first and read in place.
+    model = models[name]
+    mel = np.random.default_rng(5).normal(size=(2, sum(CHUNKS), 128)).astype(np.float32)
+    calls = []
+    real = host.encode
+    monkeypatch.setattr(host, "encode", lambda *a: (calls.append(a[1].shape[1]), real(*a))[1])
+    in_place = []
+    real_attend = cpu_kernels.attend
+    monkeypatch.setattr(cpu_kernels, "attend", lambda q, *a: (in_place.append(q.shape[2]), real_attend(q, *a))[1])
+    got = encoder_frames(model, mel, CHUNKS, True, monkeypatch, spare)
+    assert calls == [c // 2 for c in CHUNKS]
+    layers = len(model.net.encoder.transformer.layers)
+    assert in_place == [L for c in CHUNKS for L in [c // 2] * layers if L <= spare + 1]
+    want = encoder_frames(model, mel, CHUNKS, False, monkeypatch, spare)
+    assert len(calls) == len(CHUNKS) and got.shape == want.shape == (2, sum(CHUNKS) // 2, got.shape[2])
+    # The chunk of 2 x 30 frames goes through q_amx (groups of 64), which keeps x to 21 bits
+    # below each group's largest value: a last-bit difference in x can move a product 2^-21.
+    close(got, want, name,
+          name == "bfloat16" and encoder_frames(models["float32"], mel, CHUNKS, False, monkeypatch, spare), 1e-4)
+
+
+@pytest.mark.parametrize("name", ADOPTED)
+def test_a_streams_numbers_do_not_depend_on_the_streams_beside_it(models, name, monkeypatch):
+    model = models[name]
+    if name == "bfloat16":
+        # This model's head (1314 rows, not a multiple of 32) goes to MKL's GEMM, whose sums
+        # depend on the number of rows: multiply it a row at a time. The 4B model's (131072
+        # rows) takes the row kernel, as every other product here.
+        head = model.net.embedding_module.tok_embeddings
+        real = head.host
+        monkeypatch.setattr(head, "host", lambda a: np.concatenate([real(a[i : i + 1]) for i in range(len(a))]))
+    inputs, tokens = random_inputs(model, 3, 30, seed=7)
+    mel = np.random.default_rng(6).normal(size=(3, sum(CHUNKS), 128)).astype(np.float32)
+    together = steps(model, inputs, tokens, 2, True, monkeypatch)
+    frames = encoder_frames(model, mel, CHUNKS, True, monkeypatch)
+    for b in range(3):
+        assert np.array_equal(together[:, b], steps(model, inputs[b : b + 1], tokens[b : b + 1], 2, True,
+                                                    monkeypatch)[:, 0])
+        assert np.array_equal(frames[b], encoder_frames(model, mel[b : b + 1], CHUNKS, True, monkeypatch)[0])
+    # The conv stem and the adapter (MLX's, 3 x 16 tokens: more rows than the row kernels take).
+    net = model.net
+    audio = np.array(net.encode(mx.array(mel[:, :128]), net.make_cache(3)))
+    for b in range(3):
+        assert np.array_equal(audio[b], np.array(net.encode(mx.array(mel[b : b + 1, :128]), net.make_cache(1)))[0])
+
+
+def test_passes_go_to_the_host_where_every_product_is_a_kernel_on_numpy_rows(models):
+    for name, model in models.items():
+        net = model.net
+        caches = net.make_cache()
+        adopted = cpu_quant.adopted(net) or mkl_bf16.adopted(net)
+        assert adopted == (name in ("q4-32", "q4-64", "q8-64", "bfloat16"))
+        assert host.fits(net.layers, caches.decoder, [net.embedding_module.tok_embeddings]) == adopted
+        assert host.fits(net.encoder.transformer.layers, caches.encoder) == adopted
+    net = models["q4-64"].net
+    caches = net.make_cache()
+    net.decode(mx.zeros((3, net.args.decoder.dim)), mx.array([1, 2, 3]), caches, net.ffn_scales(6))
+    assert host.fits(net.layers, caches.decoder)
+    caches.decoder[-1].keys = caches.decoder[-1].keys.astype(mx.bfloat16)
+    assert not host.fits(net.layers, caches.decoder)
+
+
+@pytest.mark.parametrize("position", [0, 1, 37, 8191, 10**6])
+def test_rope_turns_interleaved_pairs_by_the_positions_angles(position):
+    rng = np.random.default_rng(position)
+    x = rng.normal(size=(2, 3, 64)).astype(np.float32)
+    cos, sin = host.rotation(position, 64, 1e6)
+    got = host.rope(x, cos, sin)
+    angles = position * 1e6 ** (-np.arange(0, 64, 2) / 64)
+    pairs = x.astype(np.float64).reshape(2, 3, 32, 2)
+    want = np.stack([pairs[..., 0] * np.cos(angles) - pairs[..., 1] * np.sin(angles),
+                     pairs[..., 0] * np.sin(angles) + pairs[..., 1] * np.cos(angles)], axis=-1).reshape(x.shape)
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-6 * np.abs(want).max()
+    if position < 1000:  # MLX's angles are float32: at 8191, 1e-4 off; the host's are float64
+        mlx = np.array(mx.fast.rope(mx.array(x)[:, :, None], 64, traditional=True, base=1e6, scale=1.0,
+                                    offset=position))[:, :, 0]
+        assert np.abs(got - mlx).max() < 1e-5 * np.abs(want).max()
