@@ -203,3 +203,12 @@ def test_rope_turns_interleaved_pairs_by_the_positions_angles(position):
         mlx = np.array(mx.fast.rope(mx.array(x)[:, :, None], 64, traditional=True, base=1e6, scale=1.0,
                                     offset=position))[:, :, 0]
         assert np.abs(got - mlx).max() < 1e-5 * np.abs(want).max()
+
+
+def test_numpys_blas_runs_on_one_thread_once_the_kernels_multiply(models):
+    # Its idle threads would spin between calls and take the second core from the kernels' worker.
+    from threadpoolctl import threadpool_info
+
+    assert models["q4-64"] and cpu_quant.adopted(models["q4-64"].net)
+    pools = [p for p in threadpool_info() if p["internal_api"] == "openblas"]
+    assert pools and all(p["num_threads"] == 1 for p in pools)

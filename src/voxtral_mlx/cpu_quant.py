@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import cpu_kernels, mkl_bf16
-from .mkl_bf16 import _quiet_mkl_threads, replace_layers
+from .mkl_bf16 import _quiet_blas_threads, replace_layers
 
 DEQUANTIZED = 1 << 23  # float32 weights dequantized at a time for a product of many rows (32 MB)
 
@@ -138,5 +138,5 @@ def adopt(net: nn.Module) -> nn.Module:
         return Linear(m) if isinstance(m, nn.QuantizedLinear) else Embedding(m)
 
     replace_layers(net, replace)
-    _quiet_mkl_threads()
+    _quiet_blas_threads()
     return net

@@ -105,7 +105,7 @@ def sgemm_t(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
 
 @contextmanager
 def _all_cores():
-    """This thread's MKL calls on every core, even after `_quiet_mkl_threads`."""
+    """This thread's MKL calls on every core, even after `_quiet_blas_threads`."""
     before = _MKL.MKL_Set_Num_Threads_Local(cpu_kernels.threads()) if _single_threaded else 0
     try:
         yield
@@ -117,17 +117,29 @@ def _all_cores():
 _single_threaded = False
 
 
-def _quiet_mkl_threads():
-    """With the kernels of `cpu_kernels` in use, MLX's own float32 products through MKL (those
-    between the kernel's products) run on one thread: MKL's idle threads spin for 200 ms after
-    each call and would take the second core from the kernel's worker (a decoder step measured
-    360 ms with them spinning, 306 ms without). This module's large products still use every
-    core, through MKL's per-thread setting. The setting stays for the process: a float32 model
-    loaded after a bfloat16 one multiplies on one thread."""
-    global _single_threaded
-    if not _single_threaded and _MKL is not None and cpu_kernels.library() is not None:
+def _quiet_blas_threads():
+    """With the kernels of `cpu_kernels` in use, the BLAS calls between their products run on
+    one thread: idle BLAS threads spin after each call and take the second core from the
+    kernels' worker. MKL's (MLX's own float32 products) spin for 200 ms: a bfloat16 decoder step
+    took 360 ms with them, 306 ms without. numpy's OpenBLAS (the attention of `host`'s passes
+    of many rows): a 4-bit prompt of 39 positions took 2.6 s with its threads, 1.0 s without, the
+    encoder 870 ms per audio second against 523. This module's large products still use every
+    core, through MKL's per-thread setting. The settings stay for the process: a float32 model
+    loaded after a bfloat16 one multiplies on one thread, and so does numpy's matmul."""
+    global _single_threaded, _quiet_openblas
+    if cpu_kernels.library() is None:
+        return
+    if not _single_threaded and _MKL is not None:
         _MKL.MKL_Set_Num_Threads(1)
         _single_threaded = True
+    if not _quiet_openblas:
+        from threadpoolctl import ThreadpoolController
+
+        ThreadpoolController().select(internal_api="openblas").limit(limits=1)
+        _quiet_openblas = True
+
+
+_quiet_openblas = False
 
 
 class Linear(nn.Module):
@@ -209,5 +221,5 @@ def adopt(net: nn.Module) -> nn.Module:
     classes above over their bfloat16 weights, every other float parameter becomes float32."""
     replace_layers(net, lambda m: Linear(m) if isinstance(m, nn.Linear) else
                    Embedding(m) if isinstance(m, nn.Embedding) else None)
-    _quiet_mkl_threads()
+    _quiet_blas_threads()
     return net
