@@ -259,8 +259,8 @@ def test_quantized_batch_and_speculation_give_the_single_file_tokens(quantized_d
 
 @needs_kernel
 def test_batches_hold_no_more_files_than_the_row_kernel_takes(quantized_dirs, monkeypatch):
-    # A step of more streams would go to another kernel; with room for two rows, three files
-    # are decoded as a batch of two and one, each with its own tokens.
+    # The row kernels read the weights once for at most MAX_ROWS streams; with room for two
+    # rows, three files are decoded as a batch of two and one, each with its own tokens.
     model = voxtral_mlx.load(quantized_dirs[4, 64])
     clips = [speech("jfk")[:32000], speech("night1968_5s")[:32000], speech("jfk")[16000:40000]]
     single = [model.transcribe(c).tokens for c in clips]

@@ -44,8 +44,8 @@ from .kernels import kernel_source
 
 ENV = "VOXTRAL_MLX_CPU_KERNELS"
 SOURCE = "cpu_rows.c"
-# Rows the row kernels take; more (prompts, encoder chunks) go to MKL or q_amx, so a batch holds
-# at most this many files.
+# Rows the row kernels take; more (prompts, encoder chunks) go to MKL or q_amx, which `host`
+# gives a stream at a time, and a batch holds at most this many files.
 MAX_ROWS = 32
 CPU_FLAGS = ("avx512f",)  # the library, and the quantized kernel
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512bw")  # bf16_rows and q_amx

@@ -1,14 +1,16 @@
-"""Decoder steps and encoder chunks on the CPU, in numpy around the kernels of `cpu_kernels`.
+"""Decoder passes and encoder chunks on the CPU, in numpy around the kernels of `cpu_kernels`.
 
 Where a model's products are CPU kernels on numpy rows (`cpu_quant`, `mkl_bf16`), what MLX
-does around them costs as much as a product on few rows: some 15 small graphs per layer
-(10-80 us per op on vectors of 3072 values) and a host round trip per product. That was
-30-35 ms of a 4-bit decoder step of the 4B model on two cores, and more than half of an 80 ms
-streaming chunk's encoder pass (4 frames through 32 layers). Here the decoder step, from the
-embedding to the logits, and the encoder's transformer run on numpy arrays: norms, RoPE, SwiGLU
-and the residual stream in float32 numpy, the products through the layers' `host`, attention
-through `cpu_kernels.attend` (one position) or numpy over the ring, written in place. Every
-operation works row by row, so a stream's numbers do not depend on the streams beside it.
+did around them cost as much as the products of a few rows: some 15 small graphs per layer
+(10-80 us per op on vectors of 3072 values) and a host round trip per product. That was 35-40
+ms of a 4-bit decoder step of the 4B model on two cores (160 ms), and 90 ms of the encoder's
+pass over an 80 ms streaming chunk (210 ms). Here the decoder (steps, prompts, speculative
+passes) and the encoder's transformer run on numpy arrays: norms, RoPE, SwiGLU and the
+residual stream in float32 numpy, the products through the layers' `host`, the attention
+through `cpu_kernels.attend` over the ring, written first (a step, or a chunk that the ring's
+spare slots hold), else in numpy over the ring and the chunk. Every operation works row by
+row, and products of more rows than the row kernels take run stream by stream, so a stream's
+numbers do not depend on the streams beside it.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import host
 from .cache import RingKVCache
 from .config import AudioArgs, ModelArgs
-from . import host
 from .decoder import DecoderBlock, delay_embedding
 from .encoder import StemState, WhisperEncoder
 

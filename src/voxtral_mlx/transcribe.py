@@ -191,9 +191,8 @@ class Voxtral:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of recordings, 1 or more, not {batch_size!r}")
         if cpu_quant.adopted(self.net) or mkl_bf16.adopted(self.net):
-            # A decoder step of more streams than the CPU row kernels take would go to another
-            # kernel, which sums in another order: the transcripts would no longer be exactly
-            # each file's own.
+            # The CPU row kernels read the weights once for up to 32 streams; a step of more is
+            # multiplied stream by stream (`host.linear`), each reading every weight.
             batch_size = min(batch_size, cpu_kernels.MAX_ROWS)
         results: list[Transcription] = []
         for start in range(0, len(audio), batch_size):
