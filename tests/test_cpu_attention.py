@@ -67,7 +67,8 @@ def test_several_positions_each_see_their_own_slots(B, H, Hk, L, D, capacity, st
     for position in range(L):
         want, top = reference(q[:, :, position : position + 1], keys, values, stored, mask[position], 0.3)
         assert np.abs(got[:, :, position : position + 1] - want).max() < 2e-7 * (1 + top)
-    assert cpu_kernels.attend_fits(H, Hk, D, 64 // (H // Hk)) and not cpu_kernels.attend_fits(H, Hk, D, 64 // (H // Hk) + 1)
+    most = 64 // (H // Hk)  # queries per key head
+    assert cpu_kernels.attend_fits(H, Hk, D, most) and not cpu_kernels.attend_fits(H, Hk, D, most + 1)
 
 
 @needs_kernel
@@ -117,7 +118,8 @@ def test_attend_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match="attend needs float32"):
         cpu_kernels.attend(q.astype(np.float64), keys, values, 8, None, 1.0)
     q8, k8, v8, _ = case(rng, 1, 4, 2, 8, 8, 8, False)
-    with pytest.raises(ValueError, match=r"^attend takes head sizes of a multiple of 16 .* \(4 / 2 heads of 8, L = 1\)"):
+    with pytest.raises(ValueError, match=r"^attend takes head sizes of a multiple of 16 .*"
+                                         r" \(4 / 2 heads of 8, L = 1\)$"):
         cpu_kernels.attend(q8, k8, v8, 8, None, 1.0)
     assert not cpu_kernels.attend_fits(4, 2, 8) and not cpu_kernels.attend_fits(130, 2, 16)
     assert cpu_kernels.attend_fits(32, 8, 128)
