@@ -211,4 +211,6 @@ def test_numpys_blas_runs_on_one_thread_once_the_kernels_multiply(models):
 
     assert models["q4-64"] and cpu_quant.adopted(models["q4-64"].net)
     pools = [p for p in threadpool_info() if p["internal_api"] == "openblas"]
-    assert pools and all(p["num_threads"] == 1 for p in pools)
+    if not pools:
+        pytest.skip("numpy does not use OpenBLAS here")
+    assert all(p["num_threads"] == 1 for p in pools)
