@@ -50,14 +50,15 @@ class RingKVCache:
             if self.spare == 0 or self.offset + 1 <= self.window:
                 return None
             return (self.slot_positions(self.offset + 1) > self.offset - self.window)[None]  # [1, stored]
-        keys = mx.concatenate([self.slot_positions(), mx.arange(self.offset, self.offset + n)])
-        queries = mx.arange(self.offset, self.offset + n)[:, None]
-        return (keys[None, :] <= queries) & (keys[None, :] > queries - self.window)  # [n, stored + n]
+        return self._visible(mx.concatenate([self.slot_positions(), mx.arange(self.offset, self.offset + n)]), n)
 
     def ring_mask(self, n: int) -> mx.array:
         """Visibility [n, stored] of the ring's slots to n queries at positions offset..offset+n-1,
         once their keys are written in place (`fits_in_place(n)`)."""
-        keys = self.slot_positions(self.offset + n)
+        return self._visible(self.slot_positions(self.offset + n), n)
+
+    def _visible(self, keys: mx.array, n: int) -> mx.array:
+        """[n, len(keys)]: which key positions each of n queries from `offset` on sees."""
         queries = mx.arange(self.offset, self.offset + n)[:, None]
         return (keys[None, :] <= queries) & (keys[None, :] > queries - self.window)
 
@@ -130,9 +131,10 @@ class RingKVCache:
             keys, values = np.asarray(self.keys), np.asarray(self.values)
         return keys, values
 
-    def write_host(self, k: np.ndarray, v: np.ndarray):
+    def write_host(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`update_and_fetch`'s write, through numpy views of the ring, in place: float32 `k, v`
-        [B, H, n, D]. Everything MLX computes from the ring must have been evaluated."""
+        [B, H, n, D]; returns the views (`host_arrays`). Everything MLX computes from the ring
+        must have been evaluated."""
         n = k.shape[2]
         self._reserve(k, self.offset + n)
         keys, values = self.host_arrays()
@@ -143,6 +145,7 @@ class RingKVCache:
             ring[:, :, start : start + head] = new[:, :, n - keep : n - keep + head]
             ring[:, :, : keep - head] = new[:, :, n - keep + head :]
         self.offset += n
+        return keys, values
 
     def rollback(self, n: int):
         """Take back the last n positions written (at most `spare`)."""

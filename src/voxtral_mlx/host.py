@@ -110,8 +110,7 @@ def attention(layer: nn.Module, h: np.ndarray, cache: RingKVCache, mask: np.ndar
     q, k, v = heads(layer.wq, layer.n_heads), heads(layer.wk, layer.n_kv_heads), heads(layer.wv, layer.n_kv_heads)
     q, k = np.ascontiguousarray(rope(q, cos, sin)), rope(k, cos, sin)
     if in_place:
-        cache.write_host(k, v)
-        keys, values = cache.host_arrays()
+        keys, values = cache.write_host(k, v)
         out = cpu_kernels.attend(q, keys, values, cache.stored, mask, layer.scale)
     else:
         stored = cache.stored
