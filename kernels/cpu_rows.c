@@ -5,7 +5,8 @@
 // q_rows (AVX-512F):   out[m, n] = sum_k x[m, k] * (s[n, g] * q[n, k] + b[n, g])
 //                      q: N x K unsigned 4- or 8-bit values packed as MLX packs them (a value
 //                      per nibble or byte, lowest first), s and b: float32 per group of k
-// q_amx (AMX):         the same sums as q_rows, as sum_g s[n, g] * (x . q)_g + b[n, g] * (sum x)_g
+// q_amx (AMX):         the same sums as q_rows, as sum_g s[n, g] * (x . q)_g + b[n, g] * (sum x)_g,
+//                      over the weights as q_pack stores them
 // q_dequantize:        the float32 s * q + b themselves, for products of many rows
 // attend (AVX-512F):   softmax(q k^T scale) v for one position, per key head (at the end)
 //
@@ -16,9 +17,9 @@
 // the rows of x, rounded and interleaved in pairs once per call, are the B operand: each
 // weight byte is loaded from memory once for every row, and up to 16 rows cost what one costs.
 // q_rows: each weight value is widened to float32 once per four rows (s * q + b, the value
-// mx.dequantize gives) and multiplied in float32, one multiply-add per row and value. q_amx,
-// for many rows: x in three 8-bit parts per group, multiplied by the integers q exactly in
-// int32 by AMX and scaled after.
+// mx.dequantize gives) and multiplied in float32, one multiply-add per row and value (the
+// kernel of CPUs without AMX). q_amx: x in three or four 8-bit parts per group, multiplied by
+// the integers q exactly in int32 by AMX and scaled after; up to five rows cost what one does.
 //
 // Each out[m, n] is accumulated in the same order whatever M, the row's group, the tile
 // width or the thread count: a stream's numbers do not depend on the batch around it.
@@ -77,6 +78,7 @@ struct Job {
     // [K / group][rows], the rows of x (M rounded up to whole tiles of 16).
     const float *xsum, *xscale;
     long rows;
+    int bits_rows, parts;  // q_amx: rows of x per tile, parts per value
     int8_t *parts_out;  // q_amx's split of x: where the parts, sums and scales go
     float *sums_out, *scales_out;
 };
@@ -439,11 +441,10 @@ int q_rows(const float *x, const void *w, const float *scales, const float *bias
     return dispatch(job, threads, QBLOCK);
 }
 
-// Quantized products through AMX (q_amx), for products of many rows (the prompt, encoder
-// chunks), where q_rows costs one multiply-add per row and value and MKL's float32 GEMM of
-// the dequantized weights is what it beats. AMX multiplies 8-bit integers exactly, 16 x 16 x 64
-// per instruction. The weights are integers 0..15 or 0..255 (4 bits: each nibble a byte of its
-// own); each row of x is written, per group of 64 or 128 values, as
+// Quantized products through AMX (q_amx), for any number of rows: a decoder step's, a batch's,
+// the prompt's, an encoder chunk's. AMX multiplies 8-bit integers exactly, 16 x 16 x 64 per
+// instruction. The weights are integers 0..15 or 0..255; each row of x is written, per group of
+// 64 or 128 values, as
 //     x = 2^E (p0 + 2^-7 (p1 + 2^-7 p2)),  p0, p1, p2 signed 8-bit,  2^E >= max |x| / 128
 // (21 bits below the group's largest value, each part cut toward zero but the last, rounded;
 // float32 holds 24 bits below each value, so a value 2^f below its group's largest keeps
@@ -454,22 +455,26 @@ int q_rows(const float *x, const void *w, const float *scales, const float *bias
 // integers and the rest is done per (m, n) in the same order, so a row's numbers are the same
 // whatever rows are multiplied with it.
 //
-// x is the signed A operand, a part per tile (tiles 3-5, 16 rows x 64 values), the weights the
-// unsigned B operand (tile 6), each chunk's 16 rows x 64 bytes turned into 16 x 16 groups of 4
-// bytes once per block of 16 weight rows for every tile of x; the sums (tiles 0-2) come out
-// with a row of x per tile row, a vector over the weight rows, as the accumulators want them.
-// (With the weights as the A operand and x's parts as columns, up to 16 rows cost about what
-// one does, but one row took 10-20% longer than q_rows here: the sums must be transposed per
-// group and the packed weights are read in 16 interleaved streams.)
+// The weights are stored for this kernel (q_pack, once, at load): per block of 16 weight rows,
+// a chunk of 64 values is the unsigned B operand as AMX reads it (for 4 bits, its 1024 values
+// in 512 bytes, the nibbles split with two instructions per 64 bytes), and the blocks follow
+// one another, so each thread reads one sequential stream. Up to 5 rows of x, their three parts
+// each, are the 15 rows of one signed A operand: one instruction per chunk serves all of them,
+// and 4 rows cost about what one does. The sums come out a row of x and part per tile row, a
+// vector over the block's 16 weight rows, with the block's scales and biases stored the same
+// way. Two sets of tiles alternate between groups, so a group's sums are scaled while the next
+// group multiplies. (Before, the weights in MLX's layout were rearranged per call, 16 rows x 64
+// bytes at a time, and a part of 16 rows of x was a tile: one row cost three times q_rows.)
 
-#define QA_PARTS 3
+#define QA_ROWS 5  // the most rows of x per A tile: 5 x 3 parts, or 4 x 4, of its 16 rows
 
-static void qa_configure(void) {
+// Tiles 0, 1: sums; 2, 3: the parts of x; 4, 5: weights. `rows` rows of A and C per tile.
+static void qa_configure(int rows) {
     TileConfig c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int t = 0; t < 7; t++) {
-        c.rows[t] = 16;
+    for (int t = 0; t < 6; t++) {
+        c.rows[t] = t < 4 ? (uint8_t)rows : 16;
         c.colsb[t] = 64;
     }
     __asm__ volatile("" : : "m"(c) : "memory");  // GCC 12 may drop the stores above without this
@@ -486,40 +491,15 @@ static void *grow(void **buf, size_t *size, size_t bytes) {
     return *buf;
 }
 
-static __thread void *qa_buffers[3];
-static __thread size_t qa_sizes[3];
-static _Atomic int qa_short;  // a thread of the current call could not get its buffers
+static __thread void *qa_buffer;
+static __thread size_t qa_size;
+static _Atomic int qa_short;  // a thread of the current call could not get its buffer
 
-// Weight rows n..n+15 as bytes into a[u][16][64], a tile per chunk u of 64 values; rows past
-// N are zeros. 4 bits: a chunk's 64 values as the 32 low nibbles, then the 32 high ones
-// (values 0, 2, .., 62, then 1, 3, .., 63; x is reordered to match).
-static void qa_bytes(const Job *j, long n, uint8_t *a) {
-    const long K = j->K, chunks = K / 64;
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    for (int r = 0; r < 16; r++) {
-        uint8_t *row = a + r * 64;
-        if (n + r >= j->N) {
-            for (long u = 0; u < chunks; u++) _mm512_storeu_si512((void *)(row + 1024 * u), _mm512_setzero_si512());
-            continue;
-        }
-        if (j->bits == 8) {
-            const uint8_t *q = (const uint8_t *)j->w + (n + r) * K;
-            for (long u = 0; u < chunks; u++)
-                _mm512_storeu_si512((void *)(row + 1024 * u), _mm512_loadu_si512((const void *)(q + 64 * u)));
-            continue;
-        }
-        const uint8_t *q = (const uint8_t *)j->w + (n + r) * (K / 2);
-        for (long u = 0; u < chunks; u++) {
-            if (u % 2 == 0) _mm_prefetch((const char *)(q + 32 * u + 16 * (K / 2)), _MM_HINT_T1);  // the next block
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * u));
-            _mm256_storeu_si256((__m256i *)(row + 1024 * u), _mm256_and_si256(v, low));
-            _mm256_storeu_si256((__m256i *)(row + 1024 * u + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
-        }
-    }
-}
-
+// Block b's weights and scales in q_amx's layout (see q_amx): tile byte 64 i + 4 r + c holds
+// w[16 b + r, 64 u + 4 i + c] (i, r < 16, c < 4); 4 bits: byte i of the packed chunk holds tile
+// bytes i (low nibble) and 512 + i (high). Scales and biases [G][16]. Rows past N are zeros.
 // A 16 x 16 matrix of 32-bit values, transposed in place.
-static inline __attribute__((always_inline)) void qa_transpose(int32_t *a) {
+static inline __attribute__((always_inline)) void transpose16(int32_t *a) {
     __m512i r[16], t[16];
     for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const void *)(a + 16 * i));
     for (int i = 0; i < 16; i += 2) {
@@ -547,95 +527,174 @@ static inline __attribute__((always_inline)) void qa_transpose(int32_t *a) {
     for (int i = 0; i < 16; i++) _mm512_storeu_si512((void *)(a + 16 * i), r[i]);
 }
 
-// The sums of one group for a tile of 16 rows of x (part p of row m at sums + 256 p + 16 m,
-// a vector over the 16 weight rows) into their accumulators at[16][16]; sb: the block's
-// scales by group [G16][16], then its biases.
-static inline __attribute__((always_inline)) void qa_add(const Job *j, float *at, const int32_t *sums, long g,
-                                                         long t, const float *sb, long G16) {
+static void pack_run(const Job *j) {
+    const long K = j->K, N = j->N, G = K / j->group, chunks = K / 64, bytes = 16 * K * j->bits / 8;
+    const uint8_t *w = (const uint8_t *)j->w;
+    uint8_t *packed = (uint8_t *)j->parts_out;
+    const __m512i low = _mm512_set1_epi16(0x000f), high = _mm512_set1_epi16(0x0f00);
+    __attribute__((aligned(64))) uint8_t tile[1024];
+    for (long blk = j->n0 / 16; blk < (j->n1 + 15) / 16; blk++) {
+        for (long u = 0; u < chunks; u++) {
+            // Row r's 64 values as bytes at tile[64 r], then transposed as 16 x 16 groups of 4.
+            for (int r = 0; r < 16; r++) {
+                const long n = 16 * blk + r;
+                __m512i v = _mm512_setzero_si512();
+                if (n < N && j->bits == 8) {
+                    v = _mm512_loadu_si512((const void *)(w + n * K + 64 * u));
+                } else if (n < N) {  // byte i holds values 2i (low nibble) and 2i + 1: a word each
+                    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + n * (K / 2) + 32 * u)));
+                    v = _mm512_or_si512(_mm512_and_si512(b, low), _mm512_and_si512(_mm512_slli_epi16(b, 4), high));
+                }
+                _mm512_store_si512((void *)(tile + 64 * r), v);
+            }
+            transpose16((int32_t *)tile);
+            uint8_t *to = packed + blk * bytes + u * (1024 * j->bits / 8);
+            if (j->bits == 8) {
+                memcpy(to, tile, 1024);
+                continue;
+            }
+            for (int i = 0; i < 512; i += 64) {
+                const __m512i lo = _mm512_load_si512((const void *)(tile + i)), hi = _mm512_load_si512((const void *)(tile + 512 + i));
+                _mm512_storeu_si512((void *)(to + i), _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)));
+            }
+        }
+        for (long g = 0; g < G; g++)
+            for (int r = 0; r < 16; r++) {
+                const long n = 16 * blk + r;
+                j->sums_out[(blk * G + g) * 16 + r] = n < N ? j->scales[n * G + g] : 0;
+                j->scales_out[(blk * G + g) * 16 + r] = n < N ? j->biases[n * G + g] : 0;
+            }
+    }
+}
+
+// Stores w (N x K, MLX's packing), scales and biases (N x K / group) in q_amx's layout, on
+// `threads` threads: `packed` holds ceil(N / 16) x 16 x K x bits / 8 bytes, `s` and `b` as many
+// x K / group floats. Returns the number of threads that took part.
+int q_pack(const void *w, const float *scales, const float *biases, uint8_t *packed, float *s, float *b, long N,
+           long K, int bits, int group, int threads) {
+    Job job = {.run = pack_run, .w = w, .scales = scales, .biases = biases, .N = N, .K = K, .bits = bits,
+               .group = group, .parts_out = (int8_t *)packed, .sums_out = s, .scales_out = b};
+    return dispatch(job, threads, 16);
+}
+
+// 4 bits: chunk u's weights split into bytes at slot(u), one group ahead of their use, so that a
+// tile load does not wait for the stores (on the first tile of x of a set; the others read them
+// back).
+#define QA_SLOT(u) (t1 - t0 > 1 ? buf + 1024 * (u) : buf + 1024 * ((u) % 4))
+#define QA_SPLIT(u)                                                                                          \
+    do {                                                                                                     \
+        if (j->bits == 4 && t == t0) {                                                                       \
+            const uint8_t *q = wb + 512 * (u);                                                               \
+            uint8_t *to = QA_SLOT(u);                                                                        \
+            for (int l = 0; l < 8; l++) _mm_prefetch((const char *)(q + QA_FAR + 64 * l), _MM_HINT_T0);      \
+            for (int l = 0; l < 8; l++) {                                                                    \
+                const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * l));                           \
+                _mm512_store_si512((void *)(to + 64 * l), _mm512_and_si512(v, low));                        \
+                _mm512_store_si512((void *)(to + 512 + 64 * l), _mm512_and_si512(_mm512_srli_epi16(v, 4), low)); \
+            }                                                                                                \
+        }                                                                                                    \
+    } while (0)
+
+// Group g's sums (tile C) for the tile of x t, chunk by chunk, through A and B; then the next
+// group's weights split.
+#define QA_GROUP(C, A, B, g)                                                                   \
+    do {                                                                                       \
+        _tile_zero(C);                                                                         \
+        for (long u = (g) * per; u < ((g) + 1) * per; u++) {                                   \
+            if (j->bits == 8) {                                                                \
+                const uint8_t *q = wb + 1024 * u;                                              \
+                for (int l = 0; l < 16; l++) _mm_prefetch((const char *)(q + QA_FAR + 64 * l), _MM_HINT_T0); \
+                _tile_loadd(B, q, 64);                                                         \
+            } else {                                                                           \
+                _tile_loadd(B, QA_SLOT(u), 64);                                                \
+            }                                                                                  \
+            _tile_loadd(A, xa + (t * chunks + u) * P * R * 64, 64);                            \
+            _tile_dpbsud(C, A, B);                                                             \
+        }                                                                                      \
+        for (long u = ((g) + 1) * per; u < ((g) + 2) * per && u < chunks; u++) QA_SPLIT(u);   \
+    } while (0)
+
+#define QA_FAR 4096  // weights prefetched this many bytes ahead into L1
+#ifndef QA_SET
+#define QA_SET (1 << 20)
+#endif
+
+// Group g's sums (part p of row m at sums[3 m + p][16]) into the accumulators.
+static inline __attribute__((always_inline)) void qa_add(const Job *j, __m512 *acc, const int32_t *sums,
+                                                         const float *sb, const float *bb, long g, long row0,
+                                                         int valid) {
     const long rows = j->rows;
     const __m512 step = _mm512_set1_ps(1.0f / 128);
-    const __m512 s = _mm512_loadu_ps(sb + g * 16), b = _mm512_loadu_ps(sb + (G16 + g) * 16);
-    for (int m = 0; m < 16; m++) {
-        const long row = t * 16 + m;
-        __m512 part[QA_PARTS];
-        for (int p = 0; p < QA_PARTS; p++)
-            part[p] = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(sums + 256 * p + 16 * m)));
-        __m512 total = _mm512_add_ps(_mm512_mul_ps(part[2], step), part[1]);
-        total = _mm512_add_ps(_mm512_mul_ps(total, step), part[0]);
-        total = _mm512_mul_ps(total, _mm512_set1_ps(j->xscale[g * rows + row]));
-        __m512 a = _mm512_add_ps(_mm512_loadu_ps(at + 16 * m), _mm512_mul_ps(s, total));
-        a = _mm512_add_ps(a, _mm512_mul_ps(b, _mm512_set1_ps(j->xsum[g * rows + row])));
-        _mm512_storeu_ps(at + 16 * m, a);
+    const __m512 s = _mm512_loadu_ps(sb + g * 16), b = _mm512_loadu_ps(bb + g * 16);
+#pragma GCC unroll 5
+    for (int m = 0; m < QA_ROWS; m++) {
+        if (m >= valid) break;
+        const int32_t *part = sums + 16 * j->parts * m;
+        __m512 total = _mm512_cvtepi32_ps(_mm512_load_si512(part + 16 * (j->parts - 1)));
+        for (int p = j->parts - 2; p >= 0; p--)
+            total = _mm512_add_ps(_mm512_mul_ps(total, step), _mm512_cvtepi32_ps(_mm512_load_si512(part + 16 * p)));
+        total = _mm512_mul_ps(total, _mm512_set1_ps(j->xscale[g * rows + row0 + m]));
+        acc[m] = _mm512_add_ps(acc[m], _mm512_mul_ps(s, total));
+        acc[m] = _mm512_add_ps(acc[m], _mm512_mul_ps(b, _mm512_set1_ps(j->xsum[g * rows + row0 + m])));
     }
 }
 
 static void qa_run(const Job *j) {
-    const long K = j->K, G = K / j->group, chunks = K / 64, per = j->group / 64, rows = j->rows, N = j->N;
-    const long xtiles = rows / 16;
-    const int8_t *xa = (const int8_t *)j->x;  // [xtiles][chunks][QA_PARTS][16][64]
-    uint8_t *abuf = grow(&qa_buffers[0], &qa_sizes[0], 16 * K);
-    float *acc = grow(&qa_buffers[1], &qa_sizes[1], 16 * rows * sizeof(float));
-    const long G16 = (G + 15) / 16 * 16;  // sb: the block's scales [G16][16], then its biases
-    float *sb = grow(&qa_buffers[2], &qa_sizes[2], 2 * G16 * 16 * sizeof(float));
-    __attribute__((aligned(64))) int32_t sums[3 * 256];
-    if (!abuf || !acc || !sb) {
+    const long K = j->K, G = K / j->group, chunks = K / 64, per = j->group / 64, N = j->N;
+    const int R = j->bits_rows, P = j->parts;
+    const long T = j->rows / R, bytes = 16 * K * j->bits / 8;
+    const int8_t *xa = (const int8_t *)j->x;  // [T][chunks][R x P][64]
+    // The tiles of x go over the weights in sets that stay in L2 (QA_SET bytes of parts).
+    const long most = QA_SET / (chunks * P * R * 64) > 1 ? QA_SET / (chunks * P * R * 64) : 1;
+    const long sets = (T + most - 1) / most, set = (T + sets - 1) / sets;
+    // 4 bits: the block's weights as bytes, kept for the other tiles of x (one tile: four chunks).
+    uint8_t *buf = j->bits == 4 ? grow(&qa_buffer, &qa_size, set > 1 && T > 1 ? 16 * K : 4096) : NULL;
+    if (j->bits == 4 && !buf) {
         atomic_store(&qa_short, 1);
         return;
     }
-    qa_configure();
-    for (long n = j->n0; n < j->n1; n += 16) {
-        qa_bytes(j, n, abuf);
-        for (long u = 0; u < chunks; u++) qa_transpose((int32_t *)(abuf + 1024 * u));
-        // The block's scales and biases by group, 16 x 16 at a time (rows past N zero).
-        for (int h = 0; h < 2; h++) {
-            const float *from = h ? j->biases : j->scales;
-            for (long g0 = 0; g0 < G; g0 += 16) {
-                float *tile = sb + (h * G16 + g0) * 16;
-                const __mmask16 groups = G - g0 >= 16 ? 0xffff : (__mmask16)((1u << (G - g0)) - 1);
-                for (int r = 0; r < 16; r++)
-                    _mm512_storeu_ps(tile + 16 * r, n + r < N ? _mm512_maskz_loadu_ps(groups, from + (n + r) * G + g0)
-                                                              : _mm512_setzero_ps());
-                qa_transpose((int32_t *)tile);
-            }
-        }
-        memset(acc, 0, 16 * rows * sizeof(float));
-        for (long t = 0; t < xtiles; t++) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __attribute__((aligned(64))) int32_t sums[2][16 * 16];
+    qa_configure(R * P);
+    for (long t0 = 0; t0 < T; t0 += set) {
+    const long t1 = t0 + set < T ? t0 + set : T;
+    for (long blk = j->n0 / 16; blk < (j->n1 + 15) / 16; blk++) {
+        const uint8_t *wb = (const uint8_t *)j->w + blk * bytes;
+        const float *sb = j->scales + blk * G * 16, *bb = j->biases + blk * G * 16;
+        for (long t = t0; t < t1; t++) {
+            const int valid = (int)(j->M - t * R < R ? j->M - t * R : R);
+            __m512 acc[QA_ROWS];
+            for (int m = 0; m < QA_ROWS; m++) acc[m] = _mm512_setzero_ps();
+            for (long u = 0; u < per; u++) QA_SPLIT(u);
             for (long g = 0; g < G; g++) {
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                for (long u = g * per; u < (g + 1) * per; u++) {
-                    const int8_t *x = xa + (t * chunks + u) * QA_PARTS * 1024;
-                    _tile_loadd(6, abuf + 1024 * u, 64);
-                    _tile_loadd(3, x, 64);
-                    _tile_loadd(4, x + 1024, 64);
-                    _tile_loadd(5, x + 2048, 64);
-                    _tile_dpbsud(0, 3, 6);
-                    _tile_dpbsud(1, 4, 6);
-                    _tile_dpbsud(2, 5, 6);
+                if (g % 2 == 0) {
+                    QA_GROUP(0, 2, 4, g);
+                    if (g > 0) qa_add(j, acc, sums[1], sb, bb, g - 1, t * R, valid);
+                    _tile_stored(0, sums[0], 64);
+                } else {
+                    QA_GROUP(1, 3, 5, g);
+                    qa_add(j, acc, sums[0], sb, bb, g - 1, t * R, valid);
+                    _tile_stored(1, sums[1], 64);
                 }
-                _tile_stored(0, sums, 64);
-                _tile_stored(1, sums + 256, 64);
-                _tile_stored(2, sums + 512, 64);
-                qa_add(j, acc + t * 256, sums, g, t, sb, G16);
             }
+            qa_add(j, acc, sums[(G - 1) % 2], sb, bb, G - 1, t * R, valid);
+            const long n = 16 * blk;
+            const __mmask16 in = N - n >= 16 ? 0xffff : (__mmask16)((1u << (N - n)) - 1);
+            for (int m = 0; m < valid; m++) _mm512_mask_storeu_ps(j->out + (t * R + m) * N + n, in, acc[m]);
         }
-        for (long m = 0; m < j->M; m++)
-            for (int i = 0; i < 16 && n + i < N; i++) j->out[m * N + n + i] = acc[m * 16 + i];
+    }
     }
     _tile_release();
 }
+#undef QA_GROUP
+#undef QA_SPLIT
+#undef QA_SLOT
 
-// out = x @ dequantize(w).T (as q_rows) through AMX, on `threads` threads splitting N; any M
-// (fastest from 16 rows), groups of 64 or 128. Returns the number of threads that took part,
-// or -1 where memory ran out.
 // q_amx's rows m = n0..n1 of x (rows past M zeros): their parts in tiles, sums and scales.
 static void qa_split_run(const Job *j) {
     const long K = j->K, G = K / j->group, group = j->group, chunks = K / 64, rows = j->rows, M = j->M;
+    const int R = j->bits_rows, P = j->parts;
     const float *x = (const float *)j->x;
-    // 4 bits: each chunk's values 0, 2, .., 62, then 1, 3, .., 63, as the weight bytes are.
-    const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
     for (long m = j->n0; m < j->n1; m++) {
         const float *row = x + (m < M ? m : 0) * K;
         for (long g = 0; g < G; g++) {
@@ -657,26 +716,19 @@ static void qa_split_run(const Job *j) {
             memcpy(&j->scales_out[g * rows + m], &power, 4);
             const __m512 down = _mm512_set1_ps((float)-E);
             for (long k = g * group; k < (g + 1) * group; k += 64) {
-                __m512 v[4];
-                for (int i = 0; i < 4; i++) v[i] = m < M ? _mm512_loadu_ps(row + k + 16 * i) : _mm512_setzero_ps();
-                if (j->bits == 4) {
-                    const __m512 e0 = _mm512_permutex2var_ps(v[0], evens, v[1]), e1 = _mm512_permutex2var_ps(v[2], evens, v[3]);
-                    const __m512 o0 = _mm512_permutex2var_ps(v[0], odds, v[1]), o1 = _mm512_permutex2var_ps(v[2], odds, v[3]);
-                    v[0] = e0, v[1] = e1, v[2] = o0, v[3] = o1;
-                }
-                int8_t *tile = j->parts_out + ((m / 16) * chunks + k / 64) * QA_PARTS * 1024 + (m % 16) * 64;
+                int8_t *tile = j->parts_out + ((m / R) * chunks + k / 64) * P * R * 64 + P * (m % R) * 64;
                 for (int i = 0; i < 4; i++) {
-                    __m512 y = _mm512_scalef_ps(v[i], down);
-                    for (int p = 0; p < QA_PARTS; p++) {
+                    __m512 y = _mm512_scalef_ps(m < M ? _mm512_loadu_ps(row + k + 16 * i) : _mm512_setzero_ps(), down);
+                    for (int p = 0; p < P; p++) {
                         __m512i q;
-                        if (p < QA_PARTS - 1) {
+                        if (p < P - 1) {
                             q = _mm512_cvttps_epi32(y);  // toward zero: |q| <= 127
                             y = _mm512_mul_ps(_mm512_sub_ps(y, _mm512_cvtepi32_ps(q)), _mm512_set1_ps(128.0f));
                         } else {  // nearest; |y| < 128 but may round to 128
                             q = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(y), _mm512_set1_epi32(-127)),
                                                  _mm512_set1_epi32(127));
                         }
-                        _mm_storeu_si128((__m128i *)(tile + p * 1024 + 16 * i), _mm512_cvtepi32_epi8(q));
+                        _mm_storeu_si128((__m128i *)(tile + p * 64 + 16 * i), _mm512_cvtepi32_epi8(q));
                     }
                 }
             }
@@ -684,11 +736,17 @@ static void qa_split_run(const Job *j) {
     }
 }
 
+// out = x @ dequantize(w).T (as q_rows) through AMX, on `threads` threads splitting N; any M;
+// K a multiple of `group`, 64 or 128; w, scales and biases as q_pack stores them; x in `parts`
+// parts, 3 or 4. Returns the number of threads that took part, 0 for what it does not take,
+// or -1 where memory ran out.
 int q_amx(const float *x, const void *w, const float *scales, const float *biases, float *out, long M, long N,
-          long K, int bits, int group, int threads) {
-    const long rows = (M + 15) / 16 * 16, G = K / group;
-    // x: per tile of 16 rows and chunk of 64 values, three parts [16][64]; rows past M are zeros.
-    int8_t *xa = aligned_alloc(64, (size_t)rows * K * QA_PARTS);
+          long K, int bits, int group, int parts, int threads) {
+    if (parts < 3 || parts > 4 || (bits != 4 && bits != 8) || (group != 64 && group != 128) || K % group) return 0;
+    // Rows in tiles of R: as few tiles as the A tile holds, as even as can be.
+    const long most = 16 / parts, tiles = (M + most - 1) / most, R = (M + tiles - 1) / tiles, rows = tiles * R;
+    const long G = K / group;
+    int8_t *xa = aligned_alloc(64, (size_t)rows * K * parts);
     float *xsum = aligned_alloc(64, (G * rows * sizeof(float) + 63) / 64 * 64);
     float *xscale = aligned_alloc(64, (G * rows * sizeof(float) + 63) / 64 * 64);
     if (!xa || !xsum || !xscale) {
@@ -697,12 +755,13 @@ int q_amx(const float *x, const void *w, const float *scales, const float *biase
         free(xscale);
         return -1;
     }
-    // x split on every thread, whole tiles of 16 rows each.
+    // x split on every thread, whole tiles each.
     Job split = {.run = qa_split_run, .x = x, .M = M, .N = rows, .K = K, .bits = bits, .group = group, .rows = rows,
-                 .parts_out = xa, .sums_out = xsum, .scales_out = xscale};
-    dispatch(split, threads, 16);
+                 .bits_rows = (int)R, .parts = parts, .parts_out = xa, .sums_out = xsum, .scales_out = xscale};
+    dispatch(split, rows > R ? threads : 1, R);
     Job job = {.run = qa_run, .x = xa, .w = w, .scales = scales, .biases = biases, .out = out, .M = M, .N = N, .K = K,
-               .bits = bits, .group = group, .xsum = xsum, .xscale = xscale, .rows = rows};
+               .bits = bits, .group = group, .xsum = xsum, .xscale = xscale, .rows = rows, .bits_rows = (int)R,
+               .parts = parts};
     atomic_store(&qa_short, 0);
     const int used = dispatch(job, threads, 16);
     free(xa);

@@ -172,7 +172,10 @@ def test_without_amx_only_the_bfloat16_kernel_is_refused(monkeypatch):
             cpu_kernels.rows_t(np.ones((1, 64), np.float32), np.ones((64, 64), np.uint16))
         q, scales = np.zeros((16, 32), np.uint32), np.zeros((16, 2), np.float32)
         with pytest.raises(ValueError, match=f"^the AMX quantized kernel is not available: {reason}$"):
-            cpu_kernels.q_amx_t(np.ones((40, 128), np.float32), q, scales, scales, 8, 64)
+            cpu_kernels.q_pack(q, scales, scales, 8, 64)
+        packed = cpu_kernels.QPacked(np.zeros((1, 2048), np.uint8), *[np.zeros((1, 2, 16), np.float32)] * 2, 16, 8, 64)
+        with pytest.raises(ValueError, match=f"^the AMX quantized kernel is not available: {reason}$"):
+            cpu_kernels.q_amx_t(np.ones((40, 128), np.float32), packed)
         assert cpu_kernels.q_rows_t(np.ones((40, 128), np.float32), q, scales, scales, 8, 64).shape == (40, 16)
     finally:
         cpu_kernels.amx.cache_clear()

@@ -25,8 +25,8 @@ def quantized(rng, N: int, K: int, bits: int, group: int):
     return (np.array(q), np.array(s), np.array(b)), exact
 
 
-def call(kernel: str, x: np.ndarray, w, bits: int, group: int, threads: int) -> np.ndarray:
-    """One of the kernels on a given number of threads."""
+def call(kernel: str, x: np.ndarray, w, bits: int, group: int, threads: int, parts: int = 4) -> np.ndarray:
+    """One of the kernels on a given number of threads (q_amx: x in `parts` parts)."""
     q, s, b = w
     out = np.empty((x.shape[0], q.shape[0]), np.float32)
     lib, rows = cpu_kernels.library(), x.shape[0]
@@ -35,25 +35,28 @@ def call(kernel: str, x: np.ndarray, w, bits: int, group: int, threads: int) -> 
         used = lib.q_rows(x.ctypes.data, q.ctypes.data, s.ctypes.data, b.ctypes.data, out.ctypes.data, rows,
                           q.shape[0], x.shape[1], bits, group, threads, scratch.ctypes.data)
     else:
-        used = lib.q_amx(x.ctypes.data, q.ctypes.data, s.ctypes.data, b.ctypes.data, out.ctypes.data, rows, q.shape[0],
-                         x.shape[1], bits, group, threads)
+        p = cpu_kernels.q_pack(q, s, b, bits, group)
+        used = lib.q_amx(x.ctypes.data, p.weight.ctypes.data, p.scales.ctypes.data, p.biases.ctypes.data,
+                         out.ctypes.data, rows, q.shape[0], x.shape[1], bits, group, parts, threads)
     assert used == threads
     return out
 
 
 KERNELS = [pytest.param("q_rows", marks=needs_kernel), pytest.param("q_amx", marks=needs_amx)]
-PRODUCT = {"q_rows": lambda *a: cpu_kernels.q_rows_t(*a), "q_amx": lambda *a: cpu_kernels.q_amx_t(*a)}
+PRODUCT = {"q_rows": lambda *a: cpu_kernels.q_rows_t(*a),
+           "q_amx": lambda x, q, s, b, bits, group: cpu_kernels.q_amx_t(x, cpu_kernels.q_pack(q, s, b, bits, group))}
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("kernel,M,N,K,group", [
     *(pytest.param("q_rows", *shape, marks=needs_kernel)
       for shape in ((1, 32, 32, 32), (3, 70, 96, 32), (4, 64, 256, 64), (5, 33, 384, 128), (33, 96, 3072, 64))),
-    # q_amx: tiles of 16 rows of x (the last padded), 16 weight rows at a time (the last
-    # part-empty), 20 groups (16 and 4 to a tile of scales)
+    # q_amx: up to 32 rows in tiles of up to 4 (x in four parts), more in tiles of up to 5
+    # (three parts), the last padded; 16 weight rows at a time (the last part-empty); odd and
+    # even numbers of groups (two sets of tiles alternate)
     *(pytest.param("q_amx", *shape, marks=needs_amx)
-      for shape in ((1, 32, 64, 64), (3, 70, 192, 64), (16, 48, 512, 64), (17, 50, 128, 128), (33, 96, 3072, 64),
-                    (40, 40, 1280, 128), (20, 24, 1280, 64)))])
+      for shape in ((1, 32, 64, 64), (3, 70, 192, 64), (7, 48, 512, 64), (17, 50, 128, 128), (33, 96, 3072, 64),
+                    (40, 40, 1280, 128), (20, 24, 1280, 64), (32, 16, 640, 128), (46, 8, 192, 64)))])
 def test_products_are_float32_sums_with_the_dequantized_weight(kernel, bits, M, N, K, group):
     rng = np.random.default_rng(M * N + K + bits + group)
     w, exact = quantized(rng, N, K, bits, group)
@@ -77,21 +80,30 @@ def test_every_value_is_dequantized_in_place_as_mlx_does(kernel, bits, group):
     w, exact = quantized(rng, N, K, bits, group)
     got = PRODUCT[kernel](np.eye(K, dtype=np.float32), *w, bits, group)
     assert np.array_equal(got, exact.T.astype(np.float32))
+    for k in range(0, K, 32):  # q_amx: up to 32 rows in four parts
+        assert np.array_equal(PRODUCT[kernel](np.eye(K, dtype=np.float32)[k : k + 32], *w, bits, group),
+                              exact.T[k : k + 32].astype(np.float32))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it(kernel, bits):
-    # q_amx: the integer sums are exact and the rest is per row, wherever it sits in a tile.
+    # q_amx: the integer sums are exact and the rest is per row, wherever it sits in a tile,
+    # for either number of parts; q_amx_t splits x in four parts up to MAX_ROWS rows.
     rng = np.random.default_rng(bits)
     K, N = 1024, 200
     w, _ = quantized(rng, N, K, bits, 64)
     x = rng.normal(size=(40, K)).astype(np.float32)
-    alone = np.concatenate([call(kernel, x[i : i + 1], w, bits, 64, 1) for i in range(40)])
-    for m in (2, 3, 4, 5, 6, 9, 16, 17, 40):
-        for threads in (1, 2, 3):
-            assert np.array_equal(call(kernel, x[:m], w, bits, 64, threads), alone[:m]), (m, threads)
-    assert np.array_equal(PRODUCT[kernel](x[5:12], *w, bits, 64)[3], alone[8])
+    for parts in (4, 3) if kernel == "q_amx" else (4,):
+        alone = np.concatenate([call(kernel, x[i : i + 1], w, bits, 64, 1, parts) for i in range(40)])
+        for m in (2, 3, 4, 5, 6, 9, 16, 17, 40):
+            for threads in (1, 2, 3):
+                assert np.array_equal(call(kernel, x[:m], w, bits, 64, threads, parts), alone[:m]), (m, threads, parts)
+        if parts == 4:
+            assert np.array_equal(PRODUCT[kernel](x[5:12], *w, bits, 64)[3], alone[8])
+            assert np.array_equal(PRODUCT[kernel](x[:32], *w, bits, 64), alone[:32])
+    if kernel == "q_amx":
+        assert np.array_equal(PRODUCT[kernel](x, *w, bits, 64), alone)  # 40 rows: three parts
 
 
 @needs_kernel
@@ -121,42 +133,67 @@ def test_dequantize_gives_the_values_of_mx_dequantize(bits, group):
 
 
 @needs_amx
-def test_amx_rows_of_any_scale_hold_21_bits_below_each_groups_largest_value():
-    # Each group of a row is split below its own largest value: a value 2^15 times the others
-    # costs them 15 of their 24 bits (the sums stay within 2^-20 of the largest times the
-    # weights); values of 1e-30 or 1e30 lose nothing; a row of zeros gives exact zeros.
+@pytest.mark.parametrize("rows,bits_kept", [(5, 28), (40, 21)])
+def test_amx_rows_of_any_scale_hold_21_or_28_bits_below_each_groups_largest_value(rows, bits_kept):
+    # Each group of a row is split below its own largest value, in four parts (28 bits) up to
+    # MAX_ROWS rows, else three (21): a value 2^15 times the others costs them 15 of those
+    # bits (the sums stay within 2^(1 - bits) of the largest times the weights); values of
+    # 1e-30 or 1e30 lose nothing; a row of zeros gives exact zeros.
     rng = np.random.default_rng(3)
     K, N, group = 256, 48, 64
     w, exact = quantized(rng, N, K, 4, group)
-    x = rng.normal(size=(5, K)).astype(np.float32)
+    x = rng.normal(size=(rows, K)).astype(np.float32)
     x[0, 5] = 3e4
     x[1] *= np.float32(1e-30)
     x[2] *= np.float32(1e30)
     x[3] = 0
     x[4, 64:192] = 0
-    got = cpu_kernels.q_amx_t(x, *w, 4, group)
+    got = cpu_kernels.q_amx_t(x, cpu_kernels.q_pack(*w, 4, group))
     want = x.astype(np.float64) @ exact.T
-    largest = np.abs(x).astype(np.float64).reshape(5, K // group, group).max(axis=2)  # [rows, groups]
-    by_group = np.abs(exact).reshape(N, K // group, group).sum(axis=2)             # [N, groups]
-    bound = 8e-6 * np.sqrt(K) * (np.abs(x).astype(np.float64) @ np.abs(exact).T) + 2.0**-20 * largest @ by_group.T
-    assert np.all(np.abs(got - want) <= bound)
-    assert np.all(np.abs(got - want)[1:] <= 8e-6 * np.sqrt(K) * (np.abs(x[1:]).astype(np.float64) @ np.abs(exact).T))
+    largest = np.abs(x).astype(np.float64).reshape(rows, K // group, group).max(axis=2)  # [rows, groups]
+    by_group = np.abs(exact).reshape(N, K // group, group).sum(axis=2)                # [N, groups]
+    rounding = 8e-6 * np.sqrt(K) * (np.abs(x).astype(np.float64) @ np.abs(exact).T)
+    assert np.all(np.abs(got - want) <= rounding + 2.0 ** (1 - bits_kept) * largest @ by_group.T)
+    assert np.all(np.abs(got - want)[1:] <= rounding[1:])
     assert np.all(got[3] == 0)
+    if rows == 5:  # the value 3e4 sits 15 bits above the others: 13 of their 28 kept, not 6 of 21
+        three = cpu_kernels.q_amx_t(np.concatenate([x, np.zeros((35, K), np.float32)]), cpu_kernels.q_pack(*w, 4, group))
+        assert np.abs(got[0] - want[0]).max() < np.abs(three[0] - want[0]).max() / 16
 
 
 @needs_amx
-def test_q_amx_t_refuses_what_it_cannot_multiply():
+def test_q_pack_and_q_amx_t_refuse_what_they_cannot_multiply():
     rng = np.random.default_rng(0)
     w, _ = quantized(rng, 16, 128, 4, 32)
     x = np.ones((1, 128), np.float32)
     with pytest.raises(ValueError, match="groups of 64 or 128"):
-        cpu_kernels.q_amx_t(x, *w, 4, 32)
+        cpu_kernels.q_pack(*w, 4, 32)
     w, _ = quantized(rng, 16, 128, 4, 64)
     with pytest.raises(ValueError, match="float32 scales and biases of 128 / 64 columns"):
-        cpu_kernels.q_amx_t(x, w[0], w[1][:, :1].copy(), w[2], 4, 64)
-    assert cpu_kernels.q_amx_t(x[:0], *w, 4, 64).shape == (0, 16)
+        cpu_kernels.q_pack(w[0], w[1][:, :1].copy(), w[2], 4, 64)
+    packed = cpu_kernels.q_pack(*w, 4, 64)
+    assert cpu_kernels.q_amx_t(x[:0], packed).shape == (0, 16)
+    with pytest.raises(ValueError, match=r"^q_amx_t: rows of 64 values by a weight of 128 columns$"):
+        cpu_kernels.q_amx_t(x[:, :64], packed)
+    assert cpu_kernels.library().q_amx(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data,
+                                       packed.biases.ctypes.data, np.empty(16, np.float32).ctypes.data, 1, 16, 128,
+                                       4, 64, 5, 1) == 0  # five parts: nothing computed
     assert not cpu_kernels.q_amx_fits(8, 64, 96) and not cpu_kernels.q_amx_fits(4, 32, 128)
     assert cpu_kernels.q_amx_fits(8, 128, 256)
+
+
+@needs_amx
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 128)])
+def test_packed_rows_are_the_values_of_mx_dequantize(bits, group):
+    # An embedding's lookup from the stored layout: any rows, the last block part-empty.
+    w, exact = quantized(np.random.default_rng(bits), 70, 384, bits, group)
+    packed = cpu_kernels.q_pack(*w, bits, group)
+    assert packed.weight.shape == (5, 16 * 384 * bits // 8) and packed.scales.shape == (5, 384 // group, 16)
+    assert np.array_equal(packed.rows(np.arange(70)), exact.astype(np.float32))
+    assert np.array_equal(packed.rows(np.array([[69, 3], [16, 16]])), exact[[69, 3, 16, 16]].astype(np.float32))
+    assert np.all(packed.scales[4, :, 6:] == 0)  # rows 70..79: zeros
+    with pytest.raises(IndexError, match="rows 3..70 of a weight of 70"):
+        packed.rows(np.array([3, 70]))
 
 
 # The model's quantized layers on the CPU
@@ -186,22 +223,24 @@ def test_many_rows_multiply_dequantized_blocks_through_mkl(monkeypatch):
 
 
 @needs_amx
-def test_many_rows_go_through_amx_and_a_steps_rows_through_the_row_kernel(monkeypatch):
+def test_with_amx_every_product_goes_through_the_amx_kernel(monkeypatch):
     rng = np.random.default_rng(8)
     K, N = 256, 70
-    layer = cpu_quant.Linear(nn.QuantizedLinear(K, N, bias=True, group_size=64, bits=4))
-    exact = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4), np.float64)
+    source = nn.QuantizedLinear(K, N, bias=True, group_size=64, bits=4)
+    exact = np.array(mx.dequantize(source.weight, source.scales, source.biases, 64, 4), np.float64)
+    layer = cpu_quant.Linear(source)
+    assert layer._amx and layer.weight.shape == (5, 16 * K // 2)  # stored for the kernel
     calls = []
     for name in ("q_rows_t", "q_amx_t", "q_dequantize"):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: (calls.append((name, a[0].shape[0])),
                                                                                   real(*a))[1])
-    for rows, expected in ((1, "q_rows_t"), (32, "q_rows_t"), (33, "q_amx_t"), (376, "q_amx_t")):
+    for rows in (1, 4, 32, 33, 376):
         calls.clear()
         x = rng.normal(size=(1, rows, K)).astype(np.float32)
         got = np.array(layer(mx.array(x)))
         want = x[0].astype(np.float64) @ exact.T + np.array(layer.bias)
-        assert calls == [(expected, rows)] and got.shape == (1, rows, N)
+        assert calls == [("q_amx_t", rows)] and got.shape == (1, rows, N)
         assert np.abs(got[0] - want).max() < 1e-5 * np.abs(want).max()
 
 
@@ -228,8 +267,8 @@ def test_layers_take_the_kernel_and_keep_mlx_logits(quantized_dirs, bits, group,
     assert all(m.scales.dtype == mx.float32 for m in layers) and model.dtype == mx.float32
     amx = cpu_kernels.amx() and group in cpu_kernels.Q_AMX_GROUPS
     assert all(m._amx == amx for m in layers)
-    many = " (AMX for many rows)" if amx else ""
-    assert cpu_quant.describe(model.net) == f"{bits}-bit products through the AVX-512 kernel{many}, float32 elsewhere"
+    kernel = "AMX" if amx else "AVX-512"
+    assert cpu_quant.describe(model.net) == f"{bits}-bit products through the {kernel} kernel, float32 elsewhere"
     reference = mlx_model(quantized_dirs[bits, group], monkeypatch)
     assert not cpu_quant.adopted(reference.net)
     audio = speech("jfk")[:48000]

@@ -9,13 +9,16 @@
   and bias per group), any number of rows. MLX's CPU quantized product is a scalar loop
   (3 s per decoder step of the 4B model); this one streams the packed weights at the speed
   of memory and widens them to float32 in registers, one multiply-add per row and value.
-- `q_amx_t` (AMX): the same products (groups of 64 or 128) for many rows, as exact 8-bit
-  integer products: x split into three 8-bit parts per group (21 bits below the group's
-  largest value), q times each summed exactly in int32 by AMX, then scaled in float32. On the
-  prompt's 39 rows 1.3-2.7x MKL's float32 GEMM of the dequantized weights and 1.5-3.5x
-  `q_rows_t`.
+- `q_amx_t` (AMX): the same products (groups of 64 or 128) for any number of rows, over
+  weights stored once for it (`q_pack`: the same bytes in the order AMX reads them), as
+  exact 8-bit integer products: x split into 8-bit parts per group (four up to MAX_ROWS rows,
+  28 bits below the group's largest value; three beyond, 21 bits), q times each summed
+  exactly in int32 by AMX, then scaled in float32. Up to five rows share each instruction: a
+  decoder step 1.3x `q_rows_t`'s speed at 4 bits, a batch of four 3-4x; the prompt 2x MKL's
+  float32 GEMM of the dequantized weights.
 
-All give every row the same bits whatever rows, and however many threads, are around it.
+All give every row the same bits whatever rows, and however many threads, are around it
+(`q_amx_t`: on either side of MAX_ROWS).
 The source is compiled on first use with the system C compiler (`CC`, else cc, gcc or clang)
 into the user cache (`$XDG_CACHE_HOME/voxtral-mlx`, else ~/.cache/voxtral-mlx), one library
 per source and compiler. The quantized kernel needs AVX-512 (Skylake-SP and later Xeons,
@@ -37,6 +40,7 @@ import tempfile
 import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -44,8 +48,9 @@ from .kernels import kernel_source
 
 ENV = "VOXTRAL_MLX_CPU_KERNELS"
 SOURCE = "cpu_rows.c"
-# Rows the row kernels take; more (prompts, encoder chunks) go to MKL or q_amx, which `host`
-# gives a stream at a time, and a batch holds at most this many files.
+# Rows the row kernels take (and q_amx in four parts); more (prompts, encoder chunks) go to
+# MKL or q_amx in three, which `host` gives a stream at a time, and a batch holds at most
+# this many files.
 MAX_ROWS = 32
 CPU_FLAGS = ("avx512f",)  # the library, and the quantized kernel
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512bw")  # bf16_rows and q_amx
@@ -123,10 +128,11 @@ def _load():
     p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.bf16_rows.argtypes = [p, p, p, n, n, n, i, p]
     lib.q_rows.argtypes = [p, p, p, p, p, n, n, n, i, i, i, p]
-    lib.q_amx.argtypes = [p, p, p, p, p, n, n, n, i, i, i]
+    lib.q_amx.argtypes = [p, p, p, p, p, n, n, n, i, i, i, i]
     lib.q_dequantize.argtypes = [p, p, p, p, n, n, i, i, i]
+    lib.q_pack.argtypes = [p, p, p, p, p, p, n, n, i, i, i]
     lib.attend.argtypes = [p, p, p, p, n, i, n, n, n, ctypes.c_float, p, i, p, i]
-    for fn in (lib.bf16_rows, lib.q_rows, lib.q_amx, lib.q_dequantize, lib.attend, lib.bf16_rows_init):
+    for fn in (lib.bf16_rows, lib.q_rows, lib.q_amx, lib.q_pack, lib.q_dequantize, lib.attend, lib.bf16_rows_init):
         fn.restype = i
     return lib, None
 
@@ -242,20 +248,74 @@ def q_rows_t(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
 
 def q_amx_fits(bits: int, group_size: int, k: int) -> bool:
     """Whether a product with a k-column weight of `bits` bits in groups of `group_size` can go
-    through the AMX quantized kernel (`q_amx_t`)."""
+    through the AMX quantized kernel (`q_pack`, `q_amx_t`)."""
     return bits in Q_BITS and group_size in Q_AMX_GROUPS and k % group_size == 0 and amx()
 
 
-def q_amx_t(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
-            group_size: int) -> np.ndarray:
-    """`x @ dequantize(w).T` in float32 through AMX, as `q_rows_t` takes it: for products of many
-    rows (from 16 on; fewer cost what 16 do)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    (m, k), n = x.shape, w.shape[0]
+class QPacked(NamedTuple):
+    """A quantized weight stored for `q_amx_t` (`q_pack`): per block of 16 weight rows (the last
+    padded with zeros), each chunk of 64 values as AMX's B operand, and the block's scales and
+    biases by group, a vector over its 16 rows."""
+
+    weight: np.ndarray  # uint8 [blocks, 16 * k * bits / 8]
+    scales: np.ndarray  # float32 [blocks, k / group_size, 16]
+    biases: np.ndarray  # float32 [blocks, k / group_size, 16]
+    n: int
+    bits: int
+    group_size: int
+
+    @property
+    def k(self) -> int:
+        return self.weight.shape[1] * 8 // (16 * self.bits)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of the weight dequantized, [len(ids), k] float32: the values `mx.dequantize`
+        gives (an embedding's lookup)."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n):
+            raise IndexError(f"rows {ids.min()}..{ids.max()} of a weight of {self.n}")
+        block, r, chunks = ids // 16, ids % 16, self.k // 64
+        if self.bits == 8:
+            q = self.weight.reshape(-1, chunks, 16, 16, 4)[block, :, :, r]  # [ids, chunks, 16, 4]
+        else:  # the low nibbles hold a chunk's first 32 values, the high ones the rest
+            half = self.weight.reshape(-1, chunks, 8, 16, 4)[block, :, :, r]
+            q = np.concatenate([half & 15, half >> 4], axis=2)
+        q = q.reshape(ids.size, -1, self.group_size).astype(np.float32)
+        s, b = self.scales[block, :, r][..., None], self.biases[block, :, r][..., None]
+        return (q * s + b).reshape(ids.size, self.k)
+
+
+def q_pack(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int) -> QPacked:
+    """A weight as `mx.quantize` packs it ([N, K * bits / 32] uint32, float32 scales and biases
+    [N, K / group_size]) stored for `q_amx_t`."""
+    n, k = w.shape[0], w.shape[1] * 32 // bits if bits else 0
     _check(w, scales, biases, bits, group_size, k, through_amx=True)
+    blocks = -(-n // 16)
+    packed = QPacked(np.empty((blocks, 16 * k * bits // 8), np.uint8),
+                     np.empty((blocks, k // group_size, 16), np.float32),
+                     np.empty((blocks, k // group_size, 16), np.float32), n, bits, group_size)
+    library().q_pack(w.ctypes.data, scales.ctypes.data, biases.ctypes.data, packed.weight.ctypes.data,
+                     packed.scales.ctypes.data, packed.biases.ctypes.data, n, k, bits, group_size,
+                     threads_for(n * k))
+    return packed
+
+
+def q_amx_t(x: np.ndarray, w: QPacked) -> np.ndarray:
+    """`x @ dequantize(w).T` in float32 through AMX for x [M, K] float32, any M: x in 8-bit parts
+    per group times the weights' integers, exactly, then scaled in float32. Up to MAX_ROWS rows
+    (decoder steps, batches, speculative passes) in four parts, 28 bits below each group's
+    largest value (float32 holds 24 below each value); more (the prompt, encoder chunks) in
+    three, 21 bits, a quarter less work."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    (m, k), n = x.shape, w.n
+    if not amx():
+        raise ValueError(f"the AMX quantized kernel is not available: {amx_reason}")
+    if k != w.k:
+        raise ValueError(f"q_amx_t: rows of {k} values by a weight of {w.k} columns")
     out = np.empty((m, n), np.float32)
-    if m and library().q_amx(x.ctypes.data, w.ctypes.data, scales.ctypes.data, biases.ctypes.data, out.ctypes.data, m,
-                             n, k, bits, group_size, threads_for(m * n * k)) < 0:
+    parts = 4 if m <= MAX_ROWS else 3
+    if m and library().q_amx(x.ctypes.data, w.weight.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data,
+                             out.ctypes.data, m, n, k, w.bits, w.group_size, parts, threads_for(m * n * k)) < 0:
         raise MemoryError(f"the AMX quantized kernel could not allocate its buffers for {m} rows of {k}")
     return out
 

@@ -391,6 +391,7 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
             raise WeightsError(f"{ckpt.path / ckpt.weights_name}: cannot read tensor {name} ({e})") from None
         loaded.append((name, w))
     net.load_weights(loaded, strict=True)
+    loaded.clear()  # the net holds them now: a layer the CPU paths replace below is freed as it goes
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in net.named_modules())
     if dtype == mx.bfloat16 and mx.default_device() == mx.cpu and not quantized and mkl_bf16.available():
         mkl_bf16.adopt(net)  # MLX's CPU bfloat16 matmul is a loop; MKL's runs at memory speed
