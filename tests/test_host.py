@@ -1,5 +1,7 @@
 """Decoder passes and encoder chunks on the CPU in numpy around the kernels (host.py) against MLX's graphs."""
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -220,3 +222,36 @@ def test_numpys_blas_runs_on_one_thread_once_the_kernels_multiply(models):
     if not pools:
         pytest.skip("numpy does not use OpenBLAS here")
     assert all(p["num_threads"] == 1 for p in pools)
+
+
+@pytest.mark.parametrize("heads,kv_heads,batch", [(8, 8, 1), (8, 2, 2), (6, 3, 1)])
+def test_large_attentions_share_their_key_heads_among_threads_with_the_same_bits(heads, kv_heads, batch,
+                                                                                 monkeypatch):
+    rng = np.random.default_rng(heads + kv_heads)
+    L, S, D = 24, 40, 16
+    q = rng.normal(size=(batch, heads, L, D)).astype(np.float32)
+    k, v = (rng.normal(size=(batch, kv_heads, S, D)).astype(np.float32) for _ in range(2))
+    mask = np.tril(np.ones((L, S), bool), S - L)
+    alone = host._attention(q, k, v, mask, 0.25)
+    monkeypatch.setattr(cpu_kernels, "threads", lambda: 3)
+    monkeypatch.setattr(host, "SPLIT_ATTENTION", 1)
+    monkeypatch.setattr(host, "_pool", None)
+    calls = []
+    real = host._attention
+    monkeypatch.setattr(host, "_attention", lambda *a: (calls.append(a[1].shape[1]), real(*a))[1])
+    got = host.attention_rows(q, k, v, mask, 0.25)
+    assert np.array_equal(got, alone) and sorted(calls) == sorted(np.diff(np.linspace(0, kv_heads, min(3, kv_heads) + 1).astype(int)))
+    want = np.einsum("bhls,bhsd->bhld", softmax(q, np.repeat(k, heads // kv_heads, axis=1), mask, 0.25),
+                     np.repeat(v, heads // kv_heads, axis=1).astype(np.float64))
+    assert np.abs(got - want).max() < 1e-5
+    pid = os.fork()  # a forked child has none of the pool's threads: it starts its own
+    if pid == 0:
+        os._exit(0 if np.array_equal(host.attention_rows(q, k, v, mask, 0.25), alone) else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def softmax(q, k, mask, scale):
+    scores = np.einsum("bhld,bhsd->bhls", q.astype(np.float64), k.astype(np.float64)) * scale
+    scores = np.where(mask, scores, -np.inf)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return scores / scores.sum(axis=-1, keepdims=True)

@@ -8,12 +8,16 @@ pass over an 80 ms streaming chunk (210 ms). Here the decoder (steps, prompts, s
 passes) and the encoder's transformer run on numpy arrays: norms, RoPE, SwiGLU and the
 residual stream in float32 numpy, the products through the layers' `host`, the attention
 through `cpu_kernels.attend` over the ring, written first (a step, or a chunk that the ring's
-spare slots hold), else in numpy over the ring and the chunk. Every operation works row by
+spare slots hold), else in numpy over the ring and the chunk (large ones with their key heads
+shared among threads). Every operation works row by
 row, and products of more rows than the row kernels take run stream by stream, so a stream's
 numbers do not depend on the streams beside it.
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,9 +74,41 @@ def silu_product(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     return out
 
 
+# Multiply-adds of a numpy attention from which its key heads are shared among threads: numpy's
+# BLAS runs on one thread here (`mkl_bf16._quiet_blas_threads`), and an offline encoder chunk's
+# attention (376 positions over up to 1126) took as long as the chunk's products.
+SPLIT_ATTENTION = 1 << 24
+_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def attention_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray:
     """Softmax attention of float32 q [B, H, L, D] over k, v [B, Hk, S, D] (query head h reads
-    kv head h // (H / Hk)); mask [L, S] True where visible, or None."""
+    kv head h // (H / Hk)); mask [L, S] True where visible, or None. Large ones run their key
+    heads on every core, each head's numbers as on one."""
+    global _pool
+    B, H, L, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    threads = min(cpu_kernels.threads(), Hk)
+    if threads < 2 or B * H * L * S * D < SPLIT_ATTENTION:
+        return _attention(q, k, v, mask, scale)
+    if _pool is None:
+        _pool = ThreadPoolExecutor(cpu_kernels.threads(), thread_name_prefix="voxtral-attention")
+    G, bounds = H // Hk, np.linspace(0, Hk, threads + 1).astype(int)
+    shares = [_pool.submit(_attention, q[:, a * G : b * G], k[:, a:b], v[:, a:b], mask, scale)
+              for a, b in zip(bounds[:-1], bounds[1:])]
+    return np.concatenate([s.result() for s in shares], axis=1)
+
+
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray:
     B, H, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     # The query heads sharing a kv head are one matrix of G * L rows.
