@@ -9,9 +9,9 @@ passes) and the encoder's transformer run on numpy arrays: norms, RoPE, SwiGLU a
 residual stream in float32 numpy, the products through the layers' `host`, the attention
 through `cpu_kernels.attend` over the ring, written first (a step, or a chunk that the ring's
 spare slots hold), else in numpy over the ring and the chunk (large ones with their key heads
-shared among threads). Every operation works row by
-row, and products of more rows than the row kernels take run stream by stream, so a stream's
-numbers do not depend on the streams beside it.
+shared among threads). Every operation works row by row, and products of more rows than the
+row kernels take run stream by stream, so a stream's numbers do not depend on the streams
+beside it.
 """
 
 from __future__ import annotations
