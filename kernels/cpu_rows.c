@@ -444,27 +444,28 @@ int q_rows(const float *x, const void *w, const float *scales, const float *bias
 // Quantized products through AMX (q_amx), for any number of rows: a decoder step's, a batch's,
 // the prompt's, an encoder chunk's. AMX multiplies 8-bit integers exactly, 16 x 16 x 64 per
 // instruction. The weights are integers 0..15 or 0..255; each row of x is written, per group of
-// 64 or 128 values, as
-//     x = 2^E (p0 + 2^-7 (p1 + 2^-7 p2)),  p0, p1, p2 signed 8-bit,  2^E >= max |x| / 128
-// (21 bits below the group's largest value, each part cut toward zero but the last, rounded;
-// float32 holds 24 bits below each value, so a value 2^f below its group's largest keeps
-// 21 - f). AMX sums q * p exactly in int32 per group and part, and
-//     out[m, n] = sum over groups, in order, of  s * t + b * X,  t = 2^E (((S2 2^-7) + S1) 2^-7 + S0)
+// 64 or 128 values, in P = 3 or 4 signed 8-bit parts,
+//     x = 2^E (p0 + 2^-7 (p1 + 2^-7 (p2 + ...))),  2^E >= max |x| / 128
+// (7P bits below the group's largest value, each part cut toward zero but the last, rounded:
+// 21 or 28; float32 holds 24 bits below each value, so a value 2^f below its group's largest
+// keeps 7P - f, at most 24). AMX sums q * p exactly in int32 per group and part, and
+//     out[m, n] = sum over groups, in order, of  s * t + b * X,  t = 2^E ((.. S2 2^-7 + S1) 2^-7 + S0)
 // (S the part sums, X the group's float32 sum of x, each term added as (acc + s * t) + b * X,
 // so a one-hot x reads back s * q + b exactly as mx.dequantize rounds it). The sums are exact
 // integers and the rest is done per (m, n) in the same order, so a row's numbers are the same
-// whatever rows are multiplied with it.
+// whatever rows are multiplied with it (for the same P).
 //
 // The weights are stored for this kernel (q_pack, once, at load): per block of 16 weight rows,
-// a chunk of 64 values is the unsigned B operand as AMX reads it (for 4 bits, its 1024 values
-// in 512 bytes, the nibbles split with two instructions per 64 bytes), and the blocks follow
-// one another, so each thread reads one sequential stream. Up to 5 rows of x, their three parts
-// each, are the 15 rows of one signed A operand: one instruction per chunk serves all of them,
-// and 4 rows cost about what one does. The sums come out a row of x and part per tile row, a
-// vector over the block's 16 weight rows, with the block's scales and biases stored the same
-// way. Two sets of tiles alternate between groups, so a group's sums are scaled while the next
-// group multiplies. (Before, the weights in MLX's layout were rearranged per call, 16 rows x 64
-// bytes at a time, and a part of 16 rows of x was a tile: one row cost three times q_rows.)
+// a chunk of 64 values is the unsigned B operand as AMX reads it (4 bits: its 1024 values in
+// 512 bytes, split into bytes a group ahead of their use), and the blocks follow one another,
+// so each thread reads one sequential stream. Up to 16 / P rows of x, their P parts each, are
+// the rows of one signed A operand: one instruction per chunk serves all of them, and 4 rows
+// cost about what one does. The sums come out a row of x and part per tile row, a vector over
+// the block's 16 weight rows, with the block's scales and biases stored the same way. Two sets
+// of tiles alternate between groups, so a group's sums are scaled while the next group
+// multiplies. Many rows go over the weights in sets whose parts stay in L2. (Before, the
+// weights in MLX's layout were rearranged per call, 16 rows x 64 bytes at a time, and a part
+// of 16 rows of x was a tile: one row cost three times q_rows.)
 
 #define QA_ROWS 5  // the most rows of x per A tile: 5 x 3 parts, or 4 x 4, of its 16 rows
 
@@ -495,9 +496,6 @@ static __thread void *qa_buffer;
 static __thread size_t qa_size;
 static _Atomic int qa_short;  // a thread of the current call could not get its buffer
 
-// Block b's weights and scales in q_amx's layout (see q_amx): tile byte 64 i + 4 r + c holds
-// w[16 b + r, 64 u + 4 i + c] (i, r < 16, c < 4); 4 bits: byte i of the packed chunk holds tile
-// bytes i (low nibble) and 512 + i (high). Scales and biases [G][16]. Rows past N are zeros.
 // A 16 x 16 matrix of 32-bit values, transposed in place.
 static inline __attribute__((always_inline)) void transpose16(int32_t *a) {
     __m512i r[16], t[16];
@@ -527,22 +525,39 @@ static inline __attribute__((always_inline)) void transpose16(int32_t *a) {
     for (int i = 0; i < 16; i++) _mm512_storeu_si512((void *)(a + 16 * i), r[i]);
 }
 
+// Block b's weights and scales in q_amx's layout (see q_amx): tile byte 64 i + 4 r + c holds
+// w[16 b + r, 64 u + 4 i + c] (i, r < 16, c < 4); 4 bits: byte i of the packed chunk holds tile
+// bytes i (low nibble) and 512 + i (high). Scales and biases [G][16]. Rows past N are zeros.
+// Each block is copied aside first, so the output may be the input (in place, N a multiple of
+// 16: the block's bytes are where its rows were).
+static __thread void *pack_buffer;
+static __thread size_t pack_size;
+
 static void pack_run(const Job *j) {
     const long K = j->K, N = j->N, G = K / j->group, chunks = K / 64, bytes = 16 * K * j->bits / 8;
-    const uint8_t *w = (const uint8_t *)j->w;
+    const long row = K * j->bits / 8;
     uint8_t *packed = (uint8_t *)j->parts_out;
+    uint8_t *w = grow(&pack_buffer, &pack_size, bytes + 2 * 16 * G * sizeof(float));
+    if (!w) {
+        atomic_store(&qa_short, 1);
+        return;
+    }
+    float *scales = (float *)(w + bytes), *biases = scales + 16 * G;
     const __m512i low = _mm512_set1_epi16(0x000f), high = _mm512_set1_epi16(0x0f00);
     __attribute__((aligned(64))) uint8_t tile[1024];
     for (long blk = j->n0 / 16; blk < (j->n1 + 15) / 16; blk++) {
+        const long rows = N - 16 * blk < 16 ? N - 16 * blk : 16;
+        memcpy(w, (const uint8_t *)j->w + 16 * blk * row, rows * row);
+        memcpy(scales, j->scales + 16 * blk * G, rows * G * sizeof(float));
+        memcpy(biases, j->biases + 16 * blk * G, rows * G * sizeof(float));
         for (long u = 0; u < chunks; u++) {
             // Row r's 64 values as bytes at tile[64 r], then transposed as 16 x 16 groups of 4.
             for (int r = 0; r < 16; r++) {
-                const long n = 16 * blk + r;
                 __m512i v = _mm512_setzero_si512();
-                if (n < N && j->bits == 8) {
-                    v = _mm512_loadu_si512((const void *)(w + n * K + 64 * u));
-                } else if (n < N) {  // byte i holds values 2i (low nibble) and 2i + 1: a word each
-                    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + n * (K / 2) + 32 * u)));
+                if (r < rows && j->bits == 8) {
+                    v = _mm512_loadu_si512((const void *)(w + r * row + 64 * u));
+                } else if (r < rows) {  // byte i holds values 2i (low nibble) and 2i + 1: a word each
+                    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * row + 32 * u)));
                     v = _mm512_or_si512(_mm512_and_si512(b, low), _mm512_and_si512(_mm512_slli_epi16(b, 4), high));
                 }
                 _mm512_store_si512((void *)(tile + 64 * r), v);
@@ -554,27 +569,30 @@ static void pack_run(const Job *j) {
                 continue;
             }
             for (int i = 0; i < 512; i += 64) {
-                const __m512i lo = _mm512_load_si512((const void *)(tile + i)), hi = _mm512_load_si512((const void *)(tile + 512 + i));
+                const __m512i lo = _mm512_load_si512((const void *)(tile + i));
+                const __m512i hi = _mm512_load_si512((const void *)(tile + 512 + i));
                 _mm512_storeu_si512((void *)(to + i), _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)));
             }
         }
         for (long g = 0; g < G; g++)
             for (int r = 0; r < 16; r++) {
-                const long n = 16 * blk + r;
-                j->sums_out[(blk * G + g) * 16 + r] = n < N ? j->scales[n * G + g] : 0;
-                j->scales_out[(blk * G + g) * 16 + r] = n < N ? j->biases[n * G + g] : 0;
+                j->sums_out[(blk * G + g) * 16 + r] = r < rows ? scales[r * G + g] : 0;
+                j->scales_out[(blk * G + g) * 16 + r] = r < rows ? biases[r * G + g] : 0;
             }
     }
 }
 
 // Stores w (N x K, MLX's packing), scales and biases (N x K / group) in q_amx's layout, on
 // `threads` threads: `packed` holds ceil(N / 16) x 16 x K x bits / 8 bytes, `s` and `b` as many
-// x K / group floats. Returns the number of threads that took part.
+// x K / group floats; they may be w, scales and biases themselves where N is a multiple of 16.
+// Returns the number of threads that took part, or -1 where memory ran out.
 int q_pack(const void *w, const float *scales, const float *biases, uint8_t *packed, float *s, float *b, long N,
            long K, int bits, int group, int threads) {
     Job job = {.run = pack_run, .w = w, .scales = scales, .biases = biases, .N = N, .K = K, .bits = bits,
                .group = group, .parts_out = (int8_t *)packed, .sums_out = s, .scales_out = b};
-    return dispatch(job, threads, 16);
+    atomic_store(&qa_short, 0);
+    const int used = dispatch(job, threads, 16);
+    return atomic_load(&qa_short) ? -1 : used;
 }
 
 // 4 bits: chunk u's weights split into bytes at slot(u), one group ahead of their use, so that a
@@ -657,32 +675,32 @@ static void qa_run(const Job *j) {
     __attribute__((aligned(64))) int32_t sums[2][16 * 16];
     qa_configure(R * P);
     for (long t0 = 0; t0 < T; t0 += set) {
-    const long t1 = t0 + set < T ? t0 + set : T;
-    for (long blk = j->n0 / 16; blk < (j->n1 + 15) / 16; blk++) {
-        const uint8_t *wb = (const uint8_t *)j->w + blk * bytes;
-        const float *sb = j->scales + blk * G * 16, *bb = j->biases + blk * G * 16;
-        for (long t = t0; t < t1; t++) {
-            const int valid = (int)(j->M - t * R < R ? j->M - t * R : R);
-            __m512 acc[QA_ROWS];
-            for (int m = 0; m < QA_ROWS; m++) acc[m] = _mm512_setzero_ps();
-            for (long u = 0; u < per; u++) QA_SPLIT(u);
-            for (long g = 0; g < G; g++) {
-                if (g % 2 == 0) {
-                    QA_GROUP(0, 2, 4, g);
-                    if (g > 0) qa_add(j, acc, sums[1], sb, bb, g - 1, t * R, valid);
-                    _tile_stored(0, sums[0], 64);
-                } else {
-                    QA_GROUP(1, 3, 5, g);
-                    qa_add(j, acc, sums[0], sb, bb, g - 1, t * R, valid);
-                    _tile_stored(1, sums[1], 64);
+        const long t1 = t0 + set < T ? t0 + set : T;
+        for (long blk = j->n0 / 16; blk < (j->n1 + 15) / 16; blk++) {
+            const uint8_t *wb = (const uint8_t *)j->w + blk * bytes;
+            const float *sb = j->scales + blk * G * 16, *bb = j->biases + blk * G * 16;
+            for (long t = t0; t < t1; t++) {
+                const int valid = (int)(j->M - t * R < R ? j->M - t * R : R);
+                __m512 acc[QA_ROWS];
+                for (int m = 0; m < QA_ROWS; m++) acc[m] = _mm512_setzero_ps();
+                for (long u = 0; u < per; u++) QA_SPLIT(u);
+                for (long g = 0; g < G; g++) {
+                    if (g % 2 == 0) {
+                        QA_GROUP(0, 2, 4, g);
+                        if (g > 0) qa_add(j, acc, sums[1], sb, bb, g - 1, t * R, valid);
+                        _tile_stored(0, sums[0], 64);
+                    } else {
+                        QA_GROUP(1, 3, 5, g);
+                        qa_add(j, acc, sums[0], sb, bb, g - 1, t * R, valid);
+                        _tile_stored(1, sums[1], 64);
+                    }
                 }
+                qa_add(j, acc, sums[(G - 1) % 2], sb, bb, G - 1, t * R, valid);
+                const long n = 16 * blk;
+                const __mmask16 in = N - n >= 16 ? 0xffff : (__mmask16)((1u << (N - n)) - 1);
+                for (int m = 0; m < valid; m++) _mm512_mask_storeu_ps(j->out + (t * R + m) * N + n, in, acc[m]);
             }
-            qa_add(j, acc, sums[(G - 1) % 2], sb, bb, G - 1, t * R, valid);
-            const long n = 16 * blk;
-            const __mmask16 in = N - n >= 16 ? 0xffff : (__mmask16)((1u << (N - n)) - 1);
-            for (int m = 0; m < valid; m++) _mm512_mask_storeu_ps(j->out + (t * R + m) * N + n, in, acc[m]);
         }
-    }
     }
     _tile_release();
 }

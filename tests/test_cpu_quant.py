@@ -157,7 +157,8 @@ def test_amx_rows_of_any_scale_hold_21_or_28_bits_below_each_groups_largest_valu
     assert np.all(np.abs(got - want)[1:] <= rounding[1:])
     assert np.all(got[3] == 0)
     if rows == 5:  # the value 3e4 sits 15 bits above the others: 13 of their 28 kept, not 6 of 21
-        three = cpu_kernels.q_amx_t(np.concatenate([x, np.zeros((35, K), np.float32)]), cpu_kernels.q_pack(*w, 4, group))
+        forty = np.concatenate([x, np.zeros((35, K), np.float32)])
+        three = cpu_kernels.q_amx_t(forty, cpu_kernels.q_pack(*w, 4, group))
         assert np.abs(got[0] - want[0]).max() < np.abs(three[0] - want[0]).max() / 16
 
 
@@ -171,6 +172,8 @@ def test_q_pack_and_q_amx_t_refuse_what_they_cannot_multiply():
     w, _ = quantized(rng, 16, 128, 4, 64)
     with pytest.raises(ValueError, match="float32 scales and biases of 128 / 64 columns"):
         cpu_kernels.q_pack(w[0], w[1][:, :1].copy(), w[2], 4, 64)
+    with pytest.raises(ValueError, match="^q_pack packs in place only writable weights of a multiple of 16 rows"):
+        cpu_kernels.q_pack(*(a[:15].copy() for a in w), 4, 64, in_place=True)
     packed = cpu_kernels.q_pack(*w, 4, 64)
     assert cpu_kernels.q_amx_t(x[:0], packed).shape == (0, 16)
     with pytest.raises(ValueError, match=r"^q_amx_t: rows of 64 values by a weight of 128 columns$"):
@@ -242,6 +245,14 @@ def test_with_amx_every_product_goes_through_the_amx_kernel(monkeypatch):
         want = x[0].astype(np.float64) @ exact.T + np.array(layer.bias)
         assert calls == [("q_amx_t", rows)] and got.shape == (1, rows, N)
         assert np.abs(got[0] - want).max() < 1e-5 * np.abs(want).max()
+    # Rows in whole blocks of 16: stored in the loaded weight's own memory, nothing copied.
+    source = nn.QuantizedLinear(K, 64, bias=False, group_size=64, bits=8)
+    exact = np.array(mx.dequantize(source.weight, source.scales, source.biases, 64, 8), np.float64)
+    where = np.asarray(source.weight).ctypes.data
+    layer = cpu_quant.Linear(source)
+    assert layer.weight.shape == (4, 16 * K) and np.asarray(layer.weight).ctypes.data == where
+    x = rng.normal(size=(3, K)).astype(np.float32)
+    assert np.abs(layer.host(x) - x @ exact.T).max() < 1e-5 * np.abs(x @ exact.T).max()
 
 
 @pytest.fixture(scope="module")

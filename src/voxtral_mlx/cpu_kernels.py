@@ -285,18 +285,26 @@ class QPacked(NamedTuple):
         return (q * s + b).reshape(ids.size, self.k)
 
 
-def q_pack(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int) -> QPacked:
+def q_pack(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
+           in_place: bool = False) -> QPacked:
     """A weight as `mx.quantize` packs it ([N, K * bits / 32] uint32, float32 scales and biases
-    [N, K / group_size]) stored for `q_amx_t`."""
+    [N, K / group_size]) stored for `q_amx_t`; `in_place` (N a multiple of 16, writable
+    arrays): in the same memory, which then holds only the stored form."""
     n, k = w.shape[0], w.shape[1] * 32 // bits if bits else 0
     _check(w, scales, biases, bits, group_size, k, through_amx=True)
-    blocks = -(-n // 16)
-    packed = QPacked(np.empty((blocks, 16 * k * bits // 8), np.uint8),
-                     np.empty((blocks, k // group_size, 16), np.float32),
-                     np.empty((blocks, k // group_size, 16), np.float32), n, bits, group_size)
-    library().q_pack(w.ctypes.data, scales.ctypes.data, biases.ctypes.data, packed.weight.ctypes.data,
-                     packed.scales.ctypes.data, packed.biases.ctypes.data, n, k, bits, group_size,
-                     threads_for(n * k))
+    blocks, groups = -(-n // 16), k // group_size
+    if in_place:
+        if n % 16 or not all(a.flags.writeable for a in (w, scales, biases)):
+            raise ValueError(f"q_pack packs in place only writable weights of a multiple of 16 rows, not {n}")
+        packed = QPacked(w.view(np.uint8).reshape(blocks, -1), scales.reshape(blocks, groups, 16),
+                         biases.reshape(blocks, groups, 16), n, bits, group_size)
+    else:
+        packed = QPacked(np.empty((blocks, 16 * k * bits // 8), np.uint8), np.empty((blocks, groups, 16), np.float32),
+                         np.empty((blocks, groups, 16), np.float32), n, bits, group_size)
+    if library().q_pack(w.ctypes.data, scales.ctypes.data, biases.ctypes.data, packed.weight.ctypes.data,
+                        packed.scales.ctypes.data, packed.biases.ctypes.data, n, k, bits, group_size,
+                        threads_for(n * k)) < 0:
+        raise MemoryError(f"q_pack could not allocate its buffers for rows of {k} values")
     return packed
 
 

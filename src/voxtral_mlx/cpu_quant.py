@@ -50,15 +50,19 @@ def _take(new: nn.Module, layer: nn.Module) -> None:
     mx.eval(new.weight, new.scales, new.biases)
     new._q = (np.asarray(new.weight), np.asarray(new.scales), np.asarray(new.biases))
     new._amx = cpu_kernels.q_amx_fits(new.bits, new.group_size, new.weight.shape[1] * 32 // new.bits)
-    if new._amx:
-        packed = cpu_kernels.q_pack(*new._q, new.bits, new.group_size)
-        new._q = None
-        new.weight, new.scales, new.biases = (mx.array(packed.weight), mx.array(packed.scales),
-                                              mx.array(packed.biases))
-        del packed
+    if new._amx:  # stored for the kernel; where the rows come in whole blocks, in the same memory
+        n = new.weight.shape[0]
+        packed = cpu_kernels.q_pack(*new._q, new.bits, new.group_size, in_place=n % 16 == 0)
+        stored = None
+        if n % 16 == 0:  # the same buffers, reshaped, unless numpy's views were copies
+            stored = [a.reshape(p.shape) for a, p in zip([new.weight.view(mx.uint8), new.scales, new.biases], packed)]
+            mx.eval(*stored)
+            if any(np.asarray(a).ctypes.data != p.ctypes.data for a, p in zip(stored, packed)):
+                stored = None
+        new.weight, new.scales, new.biases = stored or [mx.array(p) for p in packed[:3]]
         mx.eval(new.weight, new.scales, new.biases)
         new._q = cpu_kernels.QPacked(np.asarray(new.weight), np.asarray(new.scales), np.asarray(new.biases),
-                                     layer.weight.shape[0], new.bits, new.group_size)
+                                     n, new.bits, new.group_size)
     new.freeze()
 
 
