@@ -450,8 +450,9 @@ int q_rows(const float *x, const void *w, const float *scales, const float *bias
 // 21 or 28; float32 holds 24 bits below each value, so a value 2^f below its group's largest
 // keeps 7P - f, at most 24). AMX sums q * p exactly in int32 per group and part, and
 //     out[m, n] = sum over groups, in order, of  s * t + b * X,  t = 2^E ((.. S2 2^-7 + S1) 2^-7 + S0)
-// (S the part sums, X the group's float32 sum of x, each term added as (acc + s * t) + b * X,
-// so a one-hot x reads back s * q + b exactly as mx.dequantize rounds it). The sums are exact
+// (S the part sums, X the group's float32 sum of x; t and each term by fused multiply-adds,
+// acc = fma(b, X, fma(s, t, acc)), so a one-hot x reads back s * q + b exactly as
+// mx.dequantize rounds it, the product and the sum each rounded once). The sums are exact
 // integers and the rest is done per (m, n) in the same order, so a row's numbers are the same
 // whatever rows are multiplied with it (for the same P).
 //
@@ -650,10 +651,10 @@ static inline __attribute__((always_inline)) void qa_add(const Job *j, __m512 *a
         const int32_t *part = sums + 16 * j->parts * m;
         __m512 total = _mm512_cvtepi32_ps(_mm512_load_si512(part + 16 * (j->parts - 1)));
         for (int p = j->parts - 2; p >= 0; p--)
-            total = _mm512_add_ps(_mm512_mul_ps(total, step), _mm512_cvtepi32_ps(_mm512_load_si512(part + 16 * p)));
-        total = _mm512_mul_ps(total, _mm512_set1_ps(j->xscale[g * rows + row0 + m]));
-        acc[m] = _mm512_add_ps(acc[m], _mm512_mul_ps(s, total));
-        acc[m] = _mm512_add_ps(acc[m], _mm512_mul_ps(b, _mm512_set1_ps(j->xsum[g * rows + row0 + m])));
+            total = _mm512_fmadd_ps(total, step, _mm512_cvtepi32_ps(_mm512_load_si512(part + 16 * p)));
+        total = _mm512_mul_ps(total, _mm512_set1_ps(j->xscale[g * rows + row0 + m]));  // 2^E: exact
+        acc[m] = _mm512_fmadd_ps(s, total, acc[m]);
+        acc[m] = _mm512_fmadd_ps(b, _mm512_set1_ps(j->xsum[g * rows + row0 + m]), acc[m]);
     }
 }
 
