@@ -176,8 +176,10 @@ def test_q_pack_and_q_amx_t_refuse_what_they_cannot_multiply():
         cpu_kernels.q_pack(*(a[:15].copy() for a in w), 4, 64, in_place=True)
     packed = cpu_kernels.q_pack(*w, 4, 64)
     assert cpu_kernels.q_amx_t(x[:0], packed).shape == (0, 16)
-    with pytest.raises(ValueError, match=r"^q_amx_t: rows of 64 values by a weight of 128 columns$"):
+    with pytest.raises(ValueError, match=r"^q_amx_t: rows of 64 values by a weight of 128 columns, 4 bits in groups"):
         cpu_kernels.q_amx_t(x[:, :64], packed)
+    with pytest.raises(ValueError, match=r"of 128 columns, 6 bits in groups of 64 \(it takes 4 or 8 bits"):
+        cpu_kernels.q_amx_t(x, packed._replace(bits=6, weight=np.zeros((1, 1536), np.uint8)))
     assert cpu_kernels.library().q_amx(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data,
                                        packed.biases.ctypes.data, np.empty(16, np.float32).ctypes.data, 1, 16, 128,
                                        4, 64, 5, 1) == 0  # five parts: nothing computed

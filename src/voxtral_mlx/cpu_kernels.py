@@ -13,9 +13,9 @@
   weights stored once for it (`q_pack`: the same bytes in the order AMX reads them), as
   exact 8-bit integer products: x split into 8-bit parts per group (four up to MAX_ROWS rows,
   28 bits below the group's largest value; three beyond, 21 bits), q times each summed
-  exactly in int32 by AMX, then scaled in float32. Up to five rows share each instruction: a
-  decoder step 1.3x `q_rows_t`'s speed at 4 bits, a batch of four 3-4x; the prompt 2x MKL's
-  float32 GEMM of the dequantized weights.
+  exactly in int32 by AMX, then scaled in float32. Up to five rows share each instruction:
+  one row 1.3x `q_rows_t`'s speed at 4 bits (1.1x at 8), four rows 2.4-2.6x; the prompt
+  about twice MKL's float32 GEMM of the dequantized weights.
 
 All give every row the same bits whatever rows, and however many threads, are around it
 (`q_amx_t`: on either side of MAX_ROWS).
@@ -318,8 +318,9 @@ def q_amx_t(x: np.ndarray, w: QPacked) -> np.ndarray:
     (m, k), n = x.shape, w.n
     if not amx():
         raise ValueError(f"the AMX quantized kernel is not available: {amx_reason}")
-    if k != w.k:
-        raise ValueError(f"q_amx_t: rows of {k} values by a weight of {w.k} columns")
+    if k != w.k or not q_amx_fits(w.bits, w.group_size, k):
+        raise ValueError(f"q_amx_t: rows of {k} values by a weight of {w.k} columns, {w.bits} bits in groups of "
+                         f"{w.group_size} (it takes 4 or 8 bits in groups of 64 or 128)")
     out = np.empty((m, n), np.float32)
     parts = 4 if m <= MAX_ROWS else 3
     if m and library().q_amx(x.ctypes.data, w.weight.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data,

@@ -5,15 +5,17 @@ at 8 or 4 bits, ten times the bfloat16 step, though it reads a half or a quarter
 bytes. On the CPU, `load` gives a quantized model's layers the classes below where a kernel
 runs (AVX-512, a C compiler); everything else (norms, RoPE, attention, the residual stream,
 the scales and biases) computes in float32, whatever dtype was asked for. With AMX and
-groups of 64 or 128, the weights are stored once for `q_amx_t` (`cpu_kernels.q_pack`: the
-same bytes, in the order AMX reads them) and every product goes through it: exact 8-bit
-integer products of the weights and x in three parts, 1.3x `q_rows_t`'s speed for a decoder
-step, 4x for a batch of four files, twice MKL's on the prompt. Elsewhere the packed weights
-stay as MLX stores them: products of up to 32 rows go through `q_rows_t` (the weights widened
-to float32 in registers), more through MKL's float32 GEMM of 32 MB of weights dequantized at
-a time, where MKL is loaded. Each kernel gives a row the same bits whatever rows are around
-it, and the 32-row boundary lies above any decoder step's rows, so batches and speculative
-passes keep single-stream tokens. Layers of other bit widths (6) keep MLX's product.
+groups of 64 or 128, each layer is stored once, in its own memory, for `q_amx_t`
+(`cpu_kernels.q_pack`: the same bytes in the order AMX reads them) and every product goes
+through it, exact 8-bit integer products of the weights and x in parts: 1.3x `q_rows_t`'s
+speed for a 4-bit decoder step, 2.4-2.6x for a batch of four files, twice MKL's on the
+prompt. Elsewhere the packed weights stay as MLX stores them: products of up to 32 rows go
+through `q_rows_t` (the weights widened to float32 in registers), more through MKL's float32
+GEMM of 32 MB of weights dequantized at a time, where MKL is loaded. Each kernel gives a row
+the same bits whatever rows are around it, and the 32-row boundary (where `q_amx_t` splits x
+in three parts rather than four) lies above any decoder step's rows, so batches and
+speculative passes keep single-stream tokens. Layers of other bit widths (6) keep MLX's
+product.
 """
 
 from __future__ import annotations

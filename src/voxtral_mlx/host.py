@@ -17,6 +17,7 @@ beside it.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
@@ -79,11 +80,12 @@ def silu_product(g: np.ndarray, u: np.ndarray) -> np.ndarray:
 # attention (376 positions over up to 1126) took as long as the chunk's products.
 SPLIT_ATTENTION = 1 << 24
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
-def _forget_pool() -> None:  # a forked child has none of the parent's threads
-    global _pool
-    _pool = None
+def _forget_pool() -> None:  # a forked child has none of the parent's threads (nor its lock's holder)
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -100,8 +102,9 @@ def attention_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray
     threads = min(cpu_kernels.threads(), Hk)
     if threads < 2 or B * H * L * S * D < SPLIT_ATTENTION:
         return _attention(q, k, v, mask, scale)
-    if _pool is None:
-        _pool = ThreadPoolExecutor(cpu_kernels.threads(), thread_name_prefix="voxtral-attention")
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(cpu_kernels.threads(), thread_name_prefix="voxtral-attention")
     G, bounds = H // Hk, np.linspace(0, Hk, threads + 1).astype(int)
     shares = [_pool.submit(_attention, q[:, a * G : b * G], k[:, a:b], v[:, a:b], mask, scale)
               for a, b in zip(bounds[:-1], bounds[1:])]
