@@ -638,7 +638,7 @@ int q_pack(const void *w, const float *scales, const float *biases, uint8_t *pac
 #define QA_SET (1 << 20)
 #endif
 
-// Group g's sums (part p of row m at sums[3 m + p][16]) into the accumulators.
+// Group g's sums (part p of row m at sums[P m + p][16]) into the accumulators.
 static inline __attribute__((always_inline)) void qa_add(const Job *j, __m512 *acc, const int32_t *sums,
                                                          const float *sb, const float *bb, long g, long row0,
                                                          int valid) {
@@ -762,6 +762,7 @@ static void qa_split_run(const Job *j) {
 int q_amx(const float *x, const void *w, const float *scales, const float *biases, float *out, long M, long N,
           long K, int bits, int group, int parts, int threads) {
     if (parts < 3 || parts > 4 || (bits != 4 && bits != 8) || (group != 64 && group != 128) || K % group) return 0;
+    if (M < 1) return 1;  // nothing to multiply
     // Rows in tiles of R: as few tiles as the A tile holds, as even as can be.
     const long most = 16 / parts, tiles = (M + most - 1) / most, R = (M + tiles - 1) / tiles, rows = tiles * R;
     const long G = K / group;

@@ -183,6 +183,8 @@ def test_q_pack_and_q_amx_t_refuse_what_they_cannot_multiply():
     assert cpu_kernels.library().q_amx(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data,
                                        packed.biases.ctypes.data, np.empty(16, np.float32).ctypes.data, 1, 16, 128,
                                        4, 64, 5, 1) == 0  # five parts: nothing computed
+    assert cpu_kernels.library().q_amx(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data,
+                                       packed.biases.ctypes.data, 0, 0, 16, 128, 4, 64, 4, 2) == 1  # no rows
     assert not cpu_kernels.q_amx_fits(8, 64, 96) and not cpu_kernels.q_amx_fits(4, 32, 128)
     assert cpu_kernels.q_amx_fits(8, 128, 256)
 
