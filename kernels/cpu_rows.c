@@ -634,9 +634,7 @@ int q_pack(const void *w, const float *scales, const float *biases, uint8_t *pac
     } while (0)
 
 #define QA_FAR 4096  // weights prefetched this many bytes ahead into L1
-#ifndef QA_SET
-#define QA_SET (1 << 20)
-#endif
+#define QA_SET (1 << 20)  // bytes of x's parts per set of tiles (see qa_run)
 
 // Group g's sums (part p of row m at sums[P m + p][16]) into the accumulators.
 static inline __attribute__((always_inline)) void qa_add(const Job *j, __m512 *acc, const int32_t *sums,

@@ -318,13 +318,15 @@ def q_amx_t(x: np.ndarray, w: QPacked) -> np.ndarray:
     (m, k), n = x.shape, w.n
     if not amx():
         raise ValueError(f"the AMX quantized kernel is not available: {amx_reason}")
-    if k != w.k or not q_amx_fits(w.bits, w.group_size, k):
-        raise ValueError(f"q_amx_t: rows of {k} values by a weight of {w.k} columns, {w.bits} bits in groups of "
-                         f"{w.group_size} (it takes 4 or 8 bits in groups of 64 or 128)")
     out = np.empty((m, n), np.float32)
     parts = 4 if m <= MAX_ROWS else 3
-    if m and library().q_amx(x.ctypes.data, w.weight.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data,
-                             out.ctypes.data, m, n, k, w.bits, w.group_size, parts, threads_for(m * n * k)) < 0:
+    used = 0 if k != w.k else library().q_amx(x.ctypes.data, w.weight.ctypes.data, w.scales.ctypes.data,
+                                              w.biases.ctypes.data, out.ctypes.data, m, n, k, w.bits,
+                                              w.group_size, parts, threads_for(m * n * k))
+    if used == 0:  # refused: nothing computed
+        raise ValueError(f"q_amx_t: rows of {k} values by a weight of {w.k} columns, {w.bits} bits in groups of "
+                         f"{w.group_size} (it takes 4 or 8 bits in groups of 64 or 128)")
+    if used < 0:
         raise MemoryError(f"the AMX quantized kernel could not allocate its buffers for {m} rows of {k}")
     return out
 

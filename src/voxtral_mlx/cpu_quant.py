@@ -143,8 +143,8 @@ def describe(net: nn.Module) -> str | None:
         return None
     layers = [m for _, m in net.named_modules() if isinstance(m, (Linear, Embedding))]
     bits = " and ".join(map(str, sorted({m.bits for m in layers})))
-    kernels = " and ".join(sorted({"AMX" if m._amx else "AVX-512" for m in layers}))
-    return f"{bits}-bit products through the {kernels} kernel{'s' if ' ' in kernels else ''}, float32 elsewhere"
+    kinds = sorted({"AMX" if m._amx else "AVX-512" for m in layers})
+    return f"{bits}-bit products through the {' and '.join(kinds)} kernel{'s' * (len(kinds) > 1)}, float32 elsewhere"
 
 
 def adopt(net: nn.Module) -> nn.Module:

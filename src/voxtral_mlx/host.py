@@ -129,7 +129,8 @@ def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | N
 def linear(layer: nn.Module, x: np.ndarray) -> np.ndarray:
     """`layer` on float32 x [B, L, K]: every row at once where the row kernels take them (up to
     `cpu_kernels.MAX_ROWS`), else each stream's rows apart, as in the stream's own run: the
-    products of many rows may sum in an order that depends on how many there are (MKL)."""
+    products of many rows may sum in an order that depends on how many there are (MKL), or
+    split x in fewer parts (`q_amx_t`)."""
     B, L, K = x.shape
     if B == 1 or B * L <= cpu_kernels.MAX_ROWS:
         return layer.host(np.ascontiguousarray(x).reshape(B * L, K)).reshape(B, L, -1)
