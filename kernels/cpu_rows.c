@@ -2,6 +2,8 @@
 // step's attention over its cache, on x86-64 CPUs.
 //
 // bf16_rows (AMX):     out[m, n] = sum_k bf16(x[m, k]) * w[n, k]       w: N x K bfloat16 bits
+//                      or, x in three bfloat16 parts p0 + p1 + p2 = x exactly, sum_p sum_k p * w:
+//                      float32 products over bfloat16 weights (bf16_split: the parts for MKL)
 // q_rows (AVX-512F):   out[m, n] = sum_k x[m, k] * (s[n, g] * q[n, k] + b[n, g])
 //                      q: N x K unsigned 4- or 8-bit values packed as MLX packs them (a value
 //                      per nibble or byte, lowest first), s and b: float32 per group of k
@@ -84,22 +86,28 @@ struct Job {
 };
 
 // Tiles 0, 1: sums for a full group; 2, 3: weight rows; 4: a full group of x;
-// 5, 6: sums for the last, narrower group; 7: that group of x.
-static void configure(int last) {
+// 5, 6: sums for the last, narrower group; 7: that group of x. `full` and `last`: columns
+// (rows of x times parts) of a full group and of the last one.
+static void configure(int full, int last) {
     TileConfig c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int t = 0; t < 8; t++) c.rows[t] = 16;
-    c.colsb[0] = c.colsb[1] = c.colsb[4] = GROUP * 4;
+    c.colsb[0] = c.colsb[1] = c.colsb[4] = (uint16_t)(full * 4);
     c.colsb[2] = c.colsb[3] = 64;
     c.colsb[5] = c.colsb[6] = c.colsb[7] = (uint16_t)(last * 4);
     __asm__ volatile("" : : "m"(c) : "memory");  // GCC 12 may drop the stores above without this
     _tile_loadconfig(&c);
 }
 
+// Column a P + p of the sums is part p of row m0 + a: out = p0 + (p1 + p2).
 static void store(const Job *j, float *sums, long m0, int g, long n) {
+    const int P = j->parts;
     for (int i = 0; i < 16; i++)
-        for (int a = 0; a < g; a++) j->out[(m0 + a) * j->N + n + i] = sums[i * g + a];
+        for (int a = 0; a < g / P; a++) {
+            const float *s = sums + i * g + a * P;
+            j->out[(m0 + a) * j->N + n + i] = P == 1 ? s[0] : s[0] + (s[1] + s[2]);
+        }
 }
 
 // The tile numbers are immediates, so the two group widths are two copies of the loop.
@@ -126,19 +134,19 @@ static void store(const Job *j, float *sums, long m0, int g, long n) {
 
 static void bf16_run(const Job *j) {
     const long K = j->K;
-    const int last = (int)(j->M - (j->M - 1) / GROUP * GROUP);
+    const int P = j->parts, R = GROUP / P, last = (int)(j->M - (j->M - 1) / R * R);
     float sums[16 * GROUP];
-    configure(last);  // per thread: a thread's tiles are off until it loads a configuration
+    configure(R * P, last * P);  // per thread: a thread's tiles are off until it loads a configuration
     // Weight blocks outside, groups inside: a block (32 rows, at most 576 KB) stays in L2
     // while every group of x passes over it.
     for (long n = j->n0; n < j->n1; n += BLOCK) {
         const uint16_t *w = (const uint16_t *)j->w + n * K;
-        for (long m0 = 0; m0 < j->M; m0 += GROUP) {
-            const uint32_t *xp = (const uint32_t *)j->x + m0 * (K / 2);
-            if (j->M - m0 > GROUP || last == GROUP)
-                GROUP_PASS(0, 1, 4, GROUP);
+        for (long m0 = 0; m0 < j->M; m0 += R) {
+            const uint32_t *xp = (const uint32_t *)j->x + m0 * P * (K / 2);
+            if (j->M - m0 >= R)
+                GROUP_PASS(0, 1, 4, R * P);
             else
-                GROUP_PASS(5, 6, 7, last);
+                GROUP_PASS(5, 6, 7, last * P);
         }
     }
     _tile_release();
@@ -254,26 +262,69 @@ static int dispatch(Job job, int threads, long align) {
     return threads;
 }
 
-// out = bf16(x) @ w.T on `threads` threads, splitting N. N and K must be multiples of 32;
-// `scratch` holds M x K uint16. Returns the number of threads that took part.
-int bf16_rows(const float *x, const uint16_t *w, float *out, long M, long N, long K, int threads,
-              uint32_t *scratch) {
-    // Round each row to bfloat16 (nearest, ties to even) and interleave: for each group of
-    // rows, entry [k / 2][a] holds row a's values k and k + 1, the B layout AMX reads.
-    for (long m0 = 0; m0 < M; m0 += GROUP) {
-        const int g = M - m0 < GROUP ? (int)(M - m0) : GROUP;
-        uint32_t *xp = scratch + m0 * (K / 2);
-        for (int a = 0; a < g; a++) {
+// x's 32 values from `row` (those past `left` zeros) in `parts` bfloat16 parts, each the
+// nearest to what the parts before it left: x = p0 + p1 + p2 exactly for three (a float32 has
+// 24 significant bits, a bfloat16 8; inputs and parts below 2^-126 count as zeros). Part p as
+// pairs, 16 uint32 of values (k, k + 1), at to[p].
+static inline __attribute__((always_inline)) void split32(const float *row, long left, int parts,
+                                                          __m512i to[3]) {
+    const __mmask16 m0 = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1),
+                    m1 = left >= 32 ? 0xffff : left > 16 ? (__mmask16)((1u << (left - 16)) - 1) : 0;
+    __m512 r0 = _mm512_maskz_loadu_ps(m0, row), r1 = _mm512_maskz_loadu_ps(m1, row + 16);
+    for (int p = 0; p < parts; p++) {
+        to[p] = (__m512i)_mm512_cvtne2ps_pbh(r1, r0);
+        if (p + 1 == parts) break;
+        // What the part left: its bfloat16 values widened (a shift) and taken away, exactly.
+        const __m512i w0 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(to[p], 0)), 16);
+        const __m512i w1 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(to[p], 1)), 16);
+        r0 = _mm512_sub_ps(r0, _mm512_castsi512_ps(w0));
+        r1 = _mm512_sub_ps(r1, _mm512_castsi512_ps(w1));
+    }
+}
+
+// out = x @ w.T on `threads` threads, splitting N, with x rounded to bfloat16 (parts = 1) or
+// in three bfloat16 parts (parts = 3: the float32 products of x and the bfloat16 w, each
+// exact, summed in float32 per part and the parts added: float32 precision over weights
+// of half its size). N and K must be multiples of 32; `scratch` holds parts x M x K uint16.
+// Returns the number of threads that took part, 0 for parts other than 1 or 3.
+int bf16_rows(const float *x, const uint16_t *w, float *out, long M, long N, long K, int threads, uint32_t *scratch,
+              int parts) {
+    if (parts != 1 && parts != 3) return 0;
+    // Each group of R rows is the B operand, a row and part per column: entry [k / 2][a P + p]
+    // holds part p of row a's values k and k + 1, the layout AMX reads.
+    const int R = GROUP / parts;
+    for (long m0 = 0; m0 < M; m0 += R) {
+        const int rows = M - m0 < R ? (int)(M - m0) : R, g = rows * parts;
+        uint32_t *xp = scratch + m0 * parts * (K / 2);
+        for (int a = 0; a < rows; a++) {
             const float *row = x + (m0 + a) * K;
             for (long k = 0; k < K; k += 32) {
-                __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + k + 16), _mm512_loadu_ps(row + k));
+                __m512i pairs[3];
                 uint32_t tmp[16];
-                _mm512_storeu_si512((void *)tmp, pairs);
-                for (int i = 0; i < 16; i++) xp[(k / 2 + i) * g + a] = tmp[i];
+                split32(row + k, 32, parts, pairs);
+                for (int p = 0; p < parts; p++) {
+                    _mm512_storeu_si512((void *)tmp, pairs[p]);
+                    for (int i = 0; i < 16; i++) xp[(k / 2 + i) * g + a * parts + p] = tmp[i];
+                }
             }
         }
     }
-    return dispatch((Job){.run = bf16_run, .x = scratch, .w = w, .out = out, .M = M, .N = N, .K = K}, threads, BLOCK);
+    return dispatch((Job){.run = bf16_run, .x = scratch, .w = w, .out = out, .M = M, .N = N, .K = K, .parts = parts},
+                    threads, BLOCK);
+}
+
+// x (M x K float32) in `parts` (1 or 3) bfloat16 parts as bits, out[p][M][K], for a GEMM of
+// many rows (bf16_rows's parts). Returns 0 for other part counts, else 1.
+int bf16_split(const float *x, uint16_t *out, long M, long K, int parts) {
+    if (parts != 1 && parts != 3) return 0;
+    for (long m = 0; m < M; m++)
+        for (long k = 0; k < K; k += 32) {
+            __m512i pairs[3];
+            split32(x + m * K + k, K - k, parts, pairs);
+            const __mmask32 in = K - k >= 32 ? 0xffffffffu : (__mmask32)((1u << (K - k)) - 1);
+            for (int p = 0; p < parts; p++) _mm512_mask_storeu_epi16(out + (p * M + m) * K + k, in, pairs[p]);
+        }
+    return 1;
 }
 
 // Quantized weights (q_rows). A weight row's values are widened once per pass of up to QROWS

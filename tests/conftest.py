@@ -84,6 +84,19 @@ def load_model(path: Path, dtype: str = "float32"):
     return voxtral_mlx.load(path, dtype=dtype)
 
 
+def load_mlx(path: Path, dtype: str = "float32"):
+    """The model on MLX's own float32 graphs, as CPUs without MKL and AMX run it: where they
+    are, `load` keeps a bfloat16 checkpoint's product weights bfloat16 and multiplies them in
+    float32 through `mkl_bf16` (uncached: callers may change the model)."""
+    from unittest import mock
+
+    import voxtral_mlx
+    from voxtral_mlx import mkl_bf16
+
+    with mock.patch.object(mkl_bf16, "float32_available", lambda: False):
+        return voxtral_mlx.load(path, dtype=dtype)
+
+
 @lru_cache(maxsize=None)
 def reference(path: Path) -> Reference:
     return Reference(path)

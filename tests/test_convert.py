@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import checkpoint, forced_logits, load_model, speech, synthetic
+from conftest import checkpoint, forced_logits, load_mlx, speech, synthetic
 from layouts import E, P, write_transformers
 
 import voxtral_mlx
@@ -80,11 +80,11 @@ CLIPS = {"synthetic": lambda: synthetic(4.0), "jfk": lambda: speech("jfk")[: 6 *
 # Float round trips.
 
 def test_float32_round_trip_is_exact(tiny_dir, converted):
-    model = voxtral_mlx.load(converted(tiny_dir, dtype="float32"), dtype="float32")
-    assert_same_parameters(model, load_model(tiny_dir))
+    model = load_mlx(converted(tiny_dir, dtype="float32"))
+    assert_same_parameters(model, load_mlx(tiny_dir))
     for clip in CLIPS.values():
         audio = clip()
-        assert model.transcribe(audio).tokens == load_model(tiny_dir).transcribe(audio).tokens
+        assert model.transcribe(audio).tokens == load_mlx(tiny_dir).transcribe(audio).tokens
 
 
 @pytest.mark.parametrize("dtype,atol", [("bfloat16", 0.0), ("float16", 2.0 ** -25)])
@@ -94,11 +94,11 @@ def test_half_precision_round_trip(tiny_dir, converted, dtype, atol):
     out = converted(tiny_dir, dtype=dtype)
     stored = mx.load(str(out / "model.safetensors"))
     assert {w.dtype for w in stored.values()} == {getattr(mx, dtype)}
-    model = voxtral_mlx.load(out, dtype="float32")
-    assert_same_parameters(model, load_model(tiny_dir), atol=atol)
+    model = load_mlx(out)
+    assert_same_parameters(model, load_mlx(tiny_dir), atol=atol)
     for clip in CLIPS.values():
         audio = clip()
-        assert model.transcribe(audio).tokens == load_model(tiny_dir).transcribe(audio).tokens
+        assert model.transcribe(audio).tokens == load_mlx(tiny_dir).transcribe(audio).tokens
 
 
 def test_bfloat16_of_float32_weights(tmp_path, quant_dir, converted):
@@ -111,8 +111,8 @@ def test_bfloat16_of_float32_weights(tmp_path, quant_dir, converted):
     noisy = {name: w * mx.array(1 + 1e-3 * rng.standard_normal(w.shape), mx.float32)
              for name, w in sorted(stored.items())}
     mx.save_safetensors(str(source / "model.safetensors"), noisy)
-    f32 = voxtral_mlx.load(source, dtype="float32")
-    bf16 = voxtral_mlx.load(convert(source, tmp_path / "bf16", dtype="bfloat16").path, dtype="float32")
+    f32 = load_mlx(source)
+    bf16 = load_mlx(convert(source, tmp_path / "bf16", dtype="bfloat16").path)
     assert any(not np.array_equal(np.array(w), np.array(w.astype(mx.bfloat16).astype(mx.float32)))
                for w in params(f32).values())
     for clip in CLIPS.values():
@@ -138,8 +138,8 @@ def test_8bit_changes_only_near_ties(quant_dir, converted, dtype, max_error, min
     Scales and biases in bfloat16 (the default dtype) round the group offsets to 8 significant
     bits, which about doubles the error of 8-bit weights (measured 0.045-0.064 RMS, against
     0.020-0.025 with float32 or float16 scales)."""
-    reference = load_model(quant_dir)
-    model = voxtral_mlx.load(converted(quant_dir, q_bits=8, dtype=dtype), dtype="float32")
+    reference = load_mlx(quant_dir)
+    model = load_mlx(converted(quant_dir, q_bits=8, dtype=dtype))
     for clip in CLIPS.values():
         result = compare(reference, model, clip())
         assert result["distinct"] >= 5  # the tokens follow the audio: the comparison can fail
@@ -152,7 +152,7 @@ def test_4bit_logit_error(quant_dir, converted, group_size):
     """4-bit: relative RMS logit error under 0.6 (measured 0.31-0.47 on this fixture; 0.05 at 8
     bits, 0.09 at 6, with the default bfloat16 scales), ordered by the bits. Random weights
     quantize worse than trained ones; on the real model group-wise 4-bit is reported lossless."""
-    reference = load_model(quant_dir)
+    reference = load_mlx(quant_dir)
     audio = CLIPS["jfk"]()
     errors = {bits: compare(reference, voxtral_mlx.load(converted(quant_dir, q_bits=bits, q_group_size=group_size),
                                                         dtype="float32"), audio)["error"]
@@ -175,7 +175,7 @@ def intended_layers(group_size: int) -> set[str]:
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64), (6, 128)])
 def test_quantized_layers_are_the_intended_ones(tiny_dir, converted, bits, group_size):
     out = converted(tiny_dir, q_bits=bits, q_group_size=group_size)
-    model = voxtral_mlx.load(out, dtype="float32")
+    model = load_mlx(out)
     modules = dict(tree_flatten(model.net.leaf_modules(), is_leaf=nn.Module.is_module))
     quantized = {path for path, m in modules.items() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
     assert quantized == intended_layers(group_size)
@@ -193,7 +193,7 @@ def test_quantized_layers_are_the_intended_ones(tiny_dir, converted, bits, group
 def test_size_and_bits_per_weight(tiny_dir, tmp_path):
     result = convert(tiny_dir, tmp_path / "q4", q_bits=4, q_group_size=32)
     stored = mx.load(str(tmp_path / "q4" / "model.safetensors"))
-    float_model = load_model(tiny_dir)
+    float_model = load_mlx(tiny_dir)
     assert result.parameters == sum(w.size for w in params(float_model).values())
     assert result.nbytes == sum(w.nbytes for w in stored.values())
     assert result.file_bytes == (tmp_path / "q4" / "model.safetensors").stat().st_size > result.nbytes
@@ -208,13 +208,13 @@ def test_size_and_bits_per_weight(tiny_dir, tmp_path):
 def test_config_json(tiny_dir, converted):
     out = converted(tiny_dir, q_bits=8, q_group_size=32, dtype="float16")
     config = json.loads((out / "config.json").read_text())
-    model = load_model(tiny_dir)
+    model = load_mlx(tiny_dir)
     assert config["format"] == "voxtral-mlx" and config["format_version"] == 1
     assert config["quantization"] == {"bits": 8, "group_size": 32, "mode": "affine"}
     assert config["dtype"] == "float16" and config["converted_from"] == "official"
     assert config["model"]["decoder"]["dim"] == 64 and config["model"]["encoder"]["sliding_window"] == 750
     assert config["audio"]["transcription_delay_ms"] == 480 and config["audio"]["n_left_pad_tokens"] == 32
-    converted_model = voxtral_mlx.load(out, dtype="float32")
+    converted_model = load_mlx(out)
     assert converted_model.net.args == model.net.args and converted_model.audio == model.audio
     assert (out / "tekken.json").read_bytes() == (tiny_dir / "tekken.json").read_bytes()
     assert sorted(f.name for f in out.iterdir()) == ["config.json", "model.safetensors", "tekken.json"]
@@ -230,10 +230,10 @@ def test_shards_and_index(tiny_dir, tmp_path):
     for file in result.files:
         shard = mx.load(str(out / file))
         assert sum(w.nbytes for w in shard.values()) <= 300_000 or len(shard) == 1  # a bigger tensor gets its own
-    model = voxtral_mlx.load(out, dtype="float32")
-    assert_same_parameters(model, load_model(tiny_dir))
+    model = load_mlx(out)
+    assert_same_parameters(model, load_mlx(tiny_dir))
     audio = synthetic(3.0)
-    assert model.transcribe(audio).tokens == load_model(tiny_dir).transcribe(audio).tokens
+    assert model.transcribe(audio).tokens == load_mlx(tiny_dir).transcribe(audio).tokens
 
 
 def test_reconverting_a_quantized_model(tiny_dir, converted):
@@ -243,8 +243,8 @@ def test_reconverting_a_quantized_model(tiny_dir, converted):
     again = converted(q4, q_bits=4)
     a, b = mx.load(str(q4 / "model.safetensors")), mx.load(str(again / "model.safetensors"))
     assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
-    dequantized = voxtral_mlx.load(converted(q4, dtype="float32"), dtype="float32")
-    quantized = voxtral_mlx.load(q4, dtype="float32")
+    dequantized = load_mlx(converted(q4, dtype="float32"))
+    quantized = load_mlx(q4)
     modules = dict(tree_flatten(quantized.net.leaf_modules(), is_leaf=nn.Module.is_module))
     for path, m in modules.items():
         if isinstance(m, nn.QuantizedLinear):  # stored as written (the CPU kernels may store them their way)
@@ -261,7 +261,7 @@ def test_converting_a_transformers_checkpoint(ckpt_root, tmp_path):
     hf = write_transformers(src, tmp_path / "hf")
     result = convert(hf, tmp_path / "out", dtype="float32")
     assert result.source_layout == "transformers"
-    assert_same_parameters(voxtral_mlx.load(tmp_path / "out", dtype="float32"), load_model(src))
+    assert_same_parameters(load_mlx(tmp_path / "out"), load_mlx(src))
 
 
 # The output directory and errors.
@@ -339,8 +339,8 @@ def test_cli_convert(tiny_dir, tmp_path):
         rf"group size 32, on 31 layers \(scales and other weights bfloat16\); 0\.\d\d MB in 1 file, "
         rf"{result.bits_per_weight:.2f} bits per weight, {result.parameters:,} parameters, \d+\.\d s\n", proc.stdout)
     audio = synthetic(3.0)
-    assert (voxtral_mlx.load(tmp_path / "q4", dtype="float32").transcribe(audio).tokens
-            == voxtral_mlx.load(tmp_path / "again", dtype="float32").transcribe(audio).tokens)
+    assert (load_mlx(tmp_path / "q4").transcribe(audio).tokens
+            == load_mlx(tmp_path / "again").transcribe(audio).tokens)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import checkpoint, forced_logits, load_model, speech
+from conftest import checkpoint, forced_logits, load_mlx, load_model, speech
 
 from voxtral_mlx import cpu_kernels, encoder
 from voxtral_mlx.cache import RingKVCache
@@ -155,7 +155,7 @@ def wide_heads_dir(ckpt_root):
 @pytest.mark.parametrize("fixture", ["tiny_dir", "wide_heads_dir"])
 def test_steps_take_the_kernel_and_keep_mlx_logits(fixture, request, monkeypatch):
     monkeypatch.setattr(encoder, "ATTEND_MIN", 0)  # the tiny model's attention is below the threshold
-    model = load_model(request.getfixturevalue(fixture))
+    model = load_mlx(request.getfixturevalue(fixture))  # MLX's graphs, whose attention this is
     calls = []
     real = cpu_kernels.attend
     monkeypatch.setattr(cpu_kernels, "attend", lambda *a: (calls.append(a[0].shape), real(*a))[1])
@@ -188,7 +188,7 @@ def test_small_attention_stays_with_mlx(tiny_dir, monkeypatch):
     calls = []
     real = cpu_kernels.attend
     monkeypatch.setattr(cpu_kernels, "attend", lambda *a: (calls.append(a[3]), real(*a))[1])
-    model = load_model(tiny_dir)  # 4 heads of 16: 128 multiply-adds per cached position
+    model = load_mlx(tiny_dir)  # 4 heads of 16: 128 multiply-adds per cached position
     model.transcribe(speech("jfk")[:40000])
     assert calls == []
     monkeypatch.setattr(encoder, "ATTEND_MIN", 128 * 40)

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import checkpoint
+from conftest import checkpoint, load_mlx
 
 import voxtral_mlx
 from voxtral_mlx import cpu_kernels, cpu_quant, host, mkl_bf16
@@ -22,7 +22,9 @@ def models(ckpt_root, tmp_path_factory):
     the float32 original."""
     source = checkpoint(ckpt_root, enc_window=24, dec_window=20)
     root = tmp_path_factory.mktemp("host")
-    out = {"float32": voxtral_mlx.load(source)}
+    out = {"float32": load_mlx(source)}
+    if mkl_bf16.float32_available():
+        out["float32-bf16"] = voxtral_mlx.load(source)  # bfloat16 weights, float32 products
     for bits, group in ((4, 32), (4, 64), (8, 64), (6, 64)):
         out[f"q{bits}-{group}"] = voxtral_mlx.load(convert(source, root / f"q{bits}-{group}", q_bits=bits,
                                                            q_group_size=group).path)
@@ -32,7 +34,9 @@ def models(ckpt_root, tmp_path_factory):
 
 
 ADOPTED = ["q4-32", "q4-64", "q8-64",
-           pytest.param("bfloat16", marks=pytest.mark.skipif(not mkl_bf16.available(), reason="MKL is not loaded"))]
+           pytest.param("bfloat16", marks=pytest.mark.skipif(not mkl_bf16.available(), reason="MKL is not loaded")),
+           pytest.param("float32-bf16", marks=pytest.mark.skipif(not mkl_bf16.float32_available(),
+                                                                 reason="needs MKL and AMX"))]
 
 
 def steps(model, inputs, tokens, spare, on_host, monkeypatch):
@@ -158,7 +162,7 @@ def test_encoder_chunks_on_the_host_give_the_frames_of_mlx_graphs(models, name, 
 @pytest.mark.parametrize("name", ADOPTED)
 def test_a_streams_numbers_do_not_depend_on_the_streams_beside_it(models, name, monkeypatch):
     model = models[name]
-    if name == "bfloat16":
+    if name in ("bfloat16", "float32-bf16"):
         # This model's head (1314 rows, not a multiple of 32) goes to MKL's GEMM, whose sums
         # depend on the number of rows: multiply it a row at a time. The 4B model's (131072
         # rows) takes the row kernel, as every other product here.
@@ -185,7 +189,7 @@ def test_passes_go_to_the_host_where_every_product_is_a_kernel_on_numpy_rows(mod
         net = model.net
         caches = net.make_cache()
         adopted = cpu_quant.adopted(net) or mkl_bf16.adopted(net)
-        assert adopted == (name in ("q4-32", "q4-64", "q8-64", "bfloat16"))
+        assert adopted == (name in ("q4-32", "q4-64", "q8-64", "bfloat16", "float32-bf16"))
         assert host.fits(net.layers, caches.decoder, [net.embedding_module.tok_embeddings]) == adopted
         assert host.fits(net.encoder.transformer.layers, caches.encoder) == adopted
     net = models["q4-64"].net

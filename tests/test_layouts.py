@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import checkpoint, load_model, speech
+from conftest import checkpoint, load_mlx, load_model, speech
 from layouts import (E, P, mlx_audio_quantized, official, permute_for_rope, voxmlx_quantized, write_mlx,
                      write_transformers)
 
@@ -55,7 +55,7 @@ def assert_same_network(model, reference):
 
 def quantized_reference(src, predicate, quantization):
     """The official checkpoint, with the layers a layout quantizes quantized in memory."""
-    model = voxtral_mlx.load(src, dtype="float32")
+    model = load_mlx(src)
     names = {n for n, w in official(src).items() if predicate(n, w, quantization["group_size"])}
     nn.quantize(model.net, quantization["group_size"], quantization["bits"],
                 class_predicate=lambda path, _: f"{path}.weight" in names)

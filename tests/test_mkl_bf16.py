@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import load_model, reference, speech
+from conftest import load_mlx, load_model, reference, speech
 
 import voxtral_mlx
 from voxtral_mlx import mkl_bf16
@@ -121,7 +121,7 @@ def test_audio_embeddings_are_float32_ones_with_bfloat16_product_inputs(small_wi
     # that same error: what remains between the two is float32 accumulation order.
     linear = nn.Linear.__call__
     monkeypatch.setattr(nn.Linear, "__call__", lambda self, x: linear(self, x.astype(mx.bfloat16).astype(mx.float32)))
-    emulated = audio_embeddings(voxtral_mlx.load(small_windows_dir, dtype="float32"), audio)
+    emulated = audio_embeddings(load_mlx(small_windows_dir), audio)
     assert relative_rms(emulated - expected, expected) > 5e-3
     assert relative_rms(got - emulated, expected) < 0.2 * relative_rms(got - expected, expected)
 
@@ -137,3 +137,76 @@ def test_transcription_streams_as_it_runs_offline(small_windows_dir):
     session.finish()
     assert session.tokens == offline.tokens
     assert model.transcribe(audio, speculate=8).tokens == offline.tokens
+
+
+# float32 products over bfloat16 weights: the CPU default where MKL and AMX are.
+
+needs_amx = pytest.mark.skipif(not mkl_bf16.float32_available(), reason="needs the AMX kernels")
+
+
+def widen(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+@needs_amx
+def test_three_bfloat16_parts_add_up_to_x_exactly():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, 100)) * np.exp(rng.normal(size=(3, 100)) * 8)).astype(np.float32)
+    x[0, :8] = [1 + 2**-23, -(1 + 2**-8 + 2**-16 + 2**-23), 0.0, -0.0, 2.0**-120, 3e38, -1e-30, 1 - 2**-24]
+    parts = voxtral_mlx.cpu_kernels.bf16_split(x, 3)
+    assert parts.shape == (3, 3, 100) and parts.dtype == np.uint16
+    assert np.array_equal(widen(parts[0]) + widen(parts[1]) + widen(parts[2]), x.astype(np.float64))
+    # Each part is the nearest bfloat16 to what the ones before it left; one part is bf16(x).
+    assert np.array_equal(widen(parts[0]), bf16(x))
+    assert np.array_equal(voxtral_mlx.cpu_kernels.bf16_split(x, 1)[0], parts[0])
+    with pytest.raises(ValueError, match="1 or 3 parts, not 2"):
+        voxtral_mlx.cpu_kernels.bf16_split(x, 2)
+
+
+@needs_amx
+@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (5, 64, 3072), (6, 32, 96), (17, 320, 96), (32, 128, 1056),
+                                   (33, 64, 640), (40, 1000, 96), (129, 64, 96)])
+def test_three_parts_give_float32_products(M, N, K):
+    # Up to 32 rows through the row kernel (5 rows of 3 parts per tile), more through MKL (the
+    # parts as one matrix up to 128 rows, then one product each).
+    rng = np.random.default_rng(M + N + K)
+    x = rng.normal(size=(M, K)).astype(np.float32)
+    w = mkl_bf16.bits(mx.array(rng.normal(size=(N, K)), mx.bfloat16))
+    got = mkl_bf16.rows_t(x, w, 3)
+    assert got.dtype == np.float32 and np.array_equal(got, np.array(mkl_bf16.matmul_t(mx.array(x), w, 3)))
+    exact = x.astype(np.float64) @ widen(w).T
+    magnitude = np.abs(x.astype(np.float64)) @ np.abs(widen(w)).T
+    # float32 accumulation of exact terms: as close as a float32 GEMM of the widened weights...
+    assert np.all(np.abs(got - exact) <= 8e-6 * np.sqrt(K) * magnitude + 1e-30)
+    sgemm = x @ widen(w).astype(np.float32).T
+    assert np.abs(got - exact).max() <= 4 * np.abs(sgemm - exact).max() + 1e-30
+    # ...and far closer than bfloat16 inputs.
+    assert np.abs(got - exact).max() < 0.05 * np.abs(bf16(x) @ widen(w).T - exact).max()
+
+
+@needs_amx
+def test_float32_on_the_cpu_keeps_a_bfloat16_checkpoints_product_weights(small_windows_dir, tmp_path):
+    model = load_model(small_windows_dir)  # float32, the CPU default
+    assert mkl_bf16.describe(model.net) == "float32 products over bfloat16 weights through MKL and the AMX row kernel"
+    layers = [m for _, m in model.net.named_modules() if isinstance(m, (mkl_bf16.Linear, mkl_bf16.Embedding))]
+    assert layers and all(m._parts == 3 and m.weight.dtype == mx.bfloat16 for m in layers)
+    assert model.dtype == mx.float32
+    # A float32 checkpoint stays on MLX's float32 graphs: its weights are not bfloat16's.
+    from voxtral_mlx.convert import convert
+
+    f32 = voxtral_mlx.load(convert(small_windows_dir, tmp_path / "f32", dtype="float32").path)
+    assert not mkl_bf16.adopted(f32.net) and {p.dtype for _, p in tree_flatten(f32.net.parameters())} == {mx.float32}
+
+
+@needs_amx
+def test_float32_products_over_bfloat16_weights_give_the_float32_models_numbers(small_windows_dir):
+    ref = reference(small_windows_dir)
+    audio = speech("night1968_5s")
+    expected = ref.audio_embeddings(audio, 480)
+    over_bf16, mlx_graphs = load_model(small_windows_dir), load_mlx(small_windows_dir)
+    got, mlx_got = audio_embeddings(over_bf16, audio), audio_embeddings(mlx_graphs, audio)
+    # float32 throughout (bfloat16 inputs to the products: 1%, test above).
+    assert relative_rms(got - expected, expected) < 1e-5
+    assert relative_rms(got - expected, expected) < 3 * relative_rms(mlx_got - expected, expected) + 1e-7
+    x = speech("jfk")
+    assert over_bf16.transcribe(x).tokens == mlx_graphs.transcribe(x).tokens

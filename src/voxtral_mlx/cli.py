@@ -393,7 +393,8 @@ class _Display:
         if bar is not None:
             self.progress.remove_task(bar)
         if self._overall is not None:
-            self.progress.update(self._overall, completed=self.done, description=self._files_done())
+            # Drawn now, not at the next refresh: files of a batch end within milliseconds.
+            self.progress.update(self._overall, completed=self.done, description=self._files_done(), refresh=True)
 
 
 def _transcribe_stdin(voxtral, interval_ms, printer, **options) -> Transcription:

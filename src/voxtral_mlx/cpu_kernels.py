@@ -4,7 +4,9 @@
   stream by every weight; MKL's bfloat16 GEMM runs at half its one-row speed from two rows
   on, so a batch of four files or a speculative pass of eight positions cost twice a single
   step. This kernel reads each weight once for up to 16 rows (twice for 17 to 32) at the
-  speed of memory.
+  speed of memory. x is rounded to bfloat16, or taken in three bfloat16 parts (`bf16_split`)
+  for float32 products: 5 rows a pass, one row 1.7x MKL's float32 GEMM of the widened
+  weights (half the bytes), four rows 4x.
 - `q_rows_t` (AVX-512): 4- and 8-bit weights as MLX quantizes them (affine, a float32 scale
   and bias per group), any number of rows. MLX's CPU quantized product is a scalar loop
   (3 s per decoder step of the 4B model); this one streams the packed weights at the speed
@@ -126,13 +128,14 @@ def _load():
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, str(e)
     p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.bf16_rows.argtypes = [p, p, p, n, n, n, i, p]
+    lib.bf16_rows.argtypes = [p, p, p, n, n, n, i, p, i]
+    lib.bf16_split.argtypes = [p, p, n, n, i]
     lib.q_rows.argtypes = [p, p, p, p, p, n, n, n, i, i, i, p]
     lib.q_amx.argtypes = [p, p, p, p, p, n, n, n, i, i, i, i]
     lib.q_dequantize.argtypes = [p, p, p, p, n, n, i, i, i]
     lib.q_pack.argtypes = [p, p, p, p, p, p, n, n, i, i, i]
     lib.attend.argtypes = [p, p, p, p, n, i, n, n, n, ctypes.c_float, p, i, p, i]
-    for fn in (lib.bf16_rows, lib.q_rows, lib.q_amx, lib.q_pack, lib.q_dequantize, lib.attend, lib.bf16_rows_init):
+    for fn in (lib.bf16_rows, lib.bf16_split, lib.q_rows, lib.q_amx, lib.q_pack, lib.q_dequantize, lib.attend, lib.bf16_rows_init):
         fn.restype = i
     return lib, None
 
@@ -193,8 +196,9 @@ def fits(rows: int, n: int, k: int) -> bool:
     return rows <= MAX_ROWS and n % 32 == 0 and k % 32 == 0 and amx()
 
 
-def rows_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """`bf16(x) @ w.T` in float32 for x [M, K] float32 and w [N, K] bfloat16 bits (uint16)."""
+def rows_t(x: np.ndarray, w: np.ndarray, parts: int = 1) -> np.ndarray:
+    """`x @ w.T` in float32 for x [M, K] float32 and w [N, K] bfloat16 bits (uint16), with x
+    rounded to bfloat16 (parts=1) or in three bfloat16 parts (parts=3: float32 precision)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     (m, k), n = x.shape, w.shape[0]
     if w.shape[1] != k or w.dtype != np.uint16 or not w.flags.c_contiguous:
@@ -203,9 +207,23 @@ def rows_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         raise ValueError(f"rows_t takes at most {MAX_ROWS} rows and multiples of 32 ({m} x {k} by {n} x {k})"
                          if amx() else f"the bfloat16 row kernel is not available: {amx_reason}")
     out = np.empty((m, n), np.float32)
-    pairs = np.empty(m * k, np.uint16)
-    library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(m * n * k),
-                        pairs.ctypes.data)
+    pairs = np.empty(parts * m * k, np.uint16)
+    if not library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(parts * m * n * k),
+                               pairs.ctypes.data, parts):
+        raise ValueError(f"rows_t takes x in 1 or 3 parts, not {parts}")
+    return out
+
+
+def bf16_split(x: np.ndarray, parts: int) -> np.ndarray:
+    """float32 x [M, K] as `parts` (1 or 3) bfloat16 parts, [parts, M, K] bits (uint16): each the
+    nearest to what the parts before it left, so three add up to x exactly (values below 2^-126
+    count as zeros). Needs the library (AVX-512 BF16)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((parts, *x.shape), np.uint16)
+    if not amx():
+        raise ValueError(f"bf16_split needs the AMX kernels: {amx_reason}")
+    if not library().bf16_split(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], parts):
+        raise ValueError(f"bf16_split takes 1 or 3 parts, not {parts}")
     return out
 
 

@@ -9,6 +9,13 @@ the conv stem, the residual stream) computes in float32; each product's input is
 bfloat16, as a bfloat16 GPU run rounds it. Products of at most 32 rows (decoder steps, batches,
 speculative passes) go through the AMX kernel of `cpu_kernels` where the CPU has one: MKL
 halves its speed from two rows on.
+
+Where the CPU has AMX, `load(dtype="float32")` (the CPU default) over a bfloat16 checkpoint
+takes the same layers with float32 products: each input in three bfloat16 parts that add up
+to it exactly, each part's products with the bfloat16 weights exact in float32 and summed in
+float32, as a float32 GEMM of the widened weights sums them. The numbers are float32's (up to
+the order of the sums), from half the memory: a decoder step of the 4B model reads 6.9 GB
+instead of 13.7 (about 300 ms instead of 530 on two cores), and loading skips the widening.
 """
 
 from __future__ import annotations
@@ -67,30 +74,49 @@ def bits(w: mx.array) -> np.ndarray:
     return np.asarray(view)
 
 
-def matmul_t(x: mx.array, w: np.ndarray) -> mx.array:
-    """`x @ w.T` for x [..., K] (rounded to bfloat16) and w [N, K] bfloat16 bits; float32 out."""
+def matmul_t(x: mx.array, w: np.ndarray, parts: int = 1) -> mx.array:
+    """`x @ w.T` for x [..., K] and w [N, K] bfloat16 bits; float32 out. x is rounded to
+    bfloat16 (parts=1, as a bfloat16 GPU run rounds it) or taken in three bfloat16 parts that
+    add up to it exactly (parts=3: float32 products)."""
     *lead, K = x.shape
-    N = w.shape[0]
-    if cpu_kernels.fits(int(np.prod(lead)), N, K):
-        rows = x.reshape(-1, K).astype(mx.float32)
-        mx.eval(rows)
-        return mx.array(cpu_kernels.rows_t(np.asarray(rows), w)).reshape(*lead, N)
-    return mx.array(_gemm_t(bits(x.reshape(-1, K).astype(mx.bfloat16)), w)).reshape(*lead, N)
+    rows = x.reshape(-1, K).astype(mx.float32)
+    if parts == 1 and not cpu_kernels.fits(rows.shape[0], w.shape[0], K):
+        return mx.array(_gemm_t(bits(rows.astype(mx.bfloat16)), w)).reshape(*lead, w.shape[0])
+    mx.eval(rows)
+    return mx.array(rows_t(np.asarray(rows), w, parts)).reshape(*lead, w.shape[0])
 
 
-def rows_t(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+def rows_t(a: np.ndarray, w: np.ndarray, parts: int = 1) -> np.ndarray:
     """`matmul_t` on float32 numpy rows a [M, K]: [M, N] float32."""
     if cpu_kernels.fits(a.shape[0], w.shape[0], a.shape[1]):
-        return cpu_kernels.rows_t(a, w)
-    return _gemm_t(bits(mx.array(a).astype(mx.bfloat16)), w)
+        return cpu_kernels.rows_t(a, w, parts)
+    if parts == 1:
+        return _gemm_t(bits(mx.array(a).astype(mx.bfloat16)), w)
+    return _gemm_t(cpu_kernels.bf16_split(a, parts), w)
+
+
+STACKED = 128  # rows up to which x's parts go to MKL as one matrix (the weights read once)
 
 
 def _gemm_t(a: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """`a @ w.T` [M, N] float32 through MKL for bfloat16 bits a [M, K] and w [N, K]."""
-    (M, K), N = a.shape, w.shape[0]
-    out = np.empty((M, N), np.float32)
+    """`a @ w.T` [M, N] float32 through MKL for bfloat16 bits a [M, K] (or [P, M, K]: the sum
+    of the P parts' products) and w [N, K]."""
+    a = a.reshape(-1, *a.shape[-2:])
+    (P, M, K), N = a.shape, w.shape[0]
+    if P > 1 and M <= STACKED:  # one product of the P M rows, summed p0 + (p1 + p2) as `rows_t` sums
+        out = np.empty((P * M, N), np.float32)
+        with _all_cores():
+            _GEMM(ROW_MAJOR, NO_TRANS, TRANS, P * M, N, K, 1.0, a.ctypes.data, K, w.ctypes.data, K, 0.0,
+                  out.ctypes.data, N)
+        parts = out.reshape(P, M, N)
+        for p in range(P - 2, -1, -1):
+            parts[p] += parts[p + 1]
+        return parts[0]
+    out = np.empty((M, N), np.float32)  # many rows: each part added into the sums, smallest first
     with _all_cores():
-        _GEMM(ROW_MAJOR, NO_TRANS, TRANS, M, N, K, 1.0, a.ctypes.data, K, w.ctypes.data, K, 0.0, out.ctypes.data, N)
+        for p in reversed(range(P)):
+            _GEMM(ROW_MAJOR, NO_TRANS, TRANS, M, N, K, 1.0, a[p].ctypes.data, K, w.ctypes.data, K,
+                  0.0 if p == P - 1 else 1.0, out.ctypes.data, N)
     return out
 
 
@@ -143,42 +169,45 @@ _quiet_openblas = False
 
 
 class Linear(nn.Module):
-    """A linear layer whose bfloat16 weight MKL multiplies in place; the bias is float32."""
+    """A linear layer whose bfloat16 weight MKL multiplies in place; the bias is float32. Its
+    input is rounded to bfloat16 (parts=1) or multiplied in float32 (parts=3, see `matmul_t`)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, parts: int = 1):
         super().__init__()
         self.weight = linear.weight.astype(mx.bfloat16)
         if "bias" in linear:
             self.bias = linear.bias.astype(mx.float32)
         self._w = bits(self.weight)
+        self._parts = parts
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = matmul_t(x, self._w)
+        y = matmul_t(x, self._w, self._parts)
         return y + self.bias if "bias" in self else y
 
     def host(self, a: np.ndarray) -> np.ndarray:
         """The layer on float32 numpy rows [M, K] (`host`)."""
-        y = rows_t(a, self._w)
+        y = rows_t(a, self._w, self._parts)
         return y + np.asarray(self.bias) if "bias" in self else y
 
 
 class Embedding(nn.Module):
     """The tied embedding: rows looked up in bfloat16 and widened, the head through MKL."""
 
-    def __init__(self, embedding: nn.Embedding):
+    def __init__(self, embedding: nn.Embedding, parts: int = 1):
         super().__init__()
         self.weight = embedding.weight.astype(mx.bfloat16)
         self._w = bits(self.weight)
+        self._parts = parts
 
     def __call__(self, ids: mx.array) -> mx.array:
         return self.weight[ids].astype(mx.float32)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return matmul_t(x, self._w)
+        return matmul_t(x, self._w, self._parts)
 
     def host(self, a: np.ndarray) -> np.ndarray:
         """The head on float32 numpy rows [M, dims] (`host`)."""
-        return rows_t(a, self._w)
+        return rows_t(a, self._w, self._parts)
 
 
 def adopted(net: nn.Module) -> bool:
@@ -190,7 +219,15 @@ def describe(net: nn.Module) -> str | None:
     """How `net` multiplies, for messages: None unless it went through `adopt`."""
     if not adopted(net):
         return None
+    if net.embedding_module.tok_embeddings._parts == 3:
+        return "float32 products over bfloat16 weights through MKL and the AMX row kernel"
     return "bfloat16 products through MKL" + (" and the AMX row kernel" if cpu_kernels.amx() else "")
+
+
+def float32_available() -> bool:
+    """Whether float32 products can be taken over bfloat16 weights here (`adopt(float32=True)`):
+    MKL and the AMX kernels."""
+    return available() and cpu_kernels.amx()
 
 
 def replace_layers(net: nn.Module, replace) -> nn.Module:
@@ -216,10 +253,13 @@ def replace_layers(net: nn.Module, replace) -> nn.Module:
     return net
 
 
-def adopt(net: nn.Module) -> nn.Module:
+def adopt(net: nn.Module, float32: bool = False) -> nn.Module:
     """Give `net` (loaded in bfloat16) MKL products: linear layers and embeddings take the
-    classes above over their bfloat16 weights, every other float parameter becomes float32."""
-    replace_layers(net, lambda m: Linear(m) if isinstance(m, nn.Linear) else
-                   Embedding(m) if isinstance(m, nn.Embedding) else None)
+    classes above over their bfloat16 weights, every other float parameter becomes float32.
+    float32: the products take their inputs in three bfloat16 parts, float32 products (needs
+    `float32_available`); else rounded to bfloat16."""
+    parts = 3 if float32 else 1
+    replace_layers(net, lambda m: Linear(m, parts) if isinstance(m, nn.Linear) else
+                   Embedding(m, parts) if isinstance(m, nn.Embedding) else None)
     _quiet_blas_threads()
     return net
