@@ -81,6 +81,7 @@ struct Job {
     const float *xsum, *xscale;
     long rows;
     int bits_rows, parts;  // q_amx: rows of x per tile, parts per value
+    int half;              // q_amx: scales and biases as bfloat16 bits (else float32)
     int8_t *parts_out;  // q_amx's split of x: where the parts, sums and scales go
     float *sums_out, *scales_out;
 };
@@ -515,7 +516,8 @@ int q_rows(const float *x, const void *w, const float *scales, const float *bias
 // cost about what one does. The sums come out a row of x and part per tile row, a vector over
 // the block's 16 weight rows, with the block's scales and biases stored the same way. Two sets
 // of tiles alternate between groups, so a group's sums are scaled while the next group
-// multiplies. Many rows go over the weights in sets whose parts stay in L2. (Before, the
+// multiplies. Many rows go over the weights in sets whose parts stay in L2. Scales and biases
+// may be bfloat16 bits (half = 1: a bfloat16 checkpoint's, widened exactly). (Before, the
 // weights in MLX's layout were rearranged per call, 16 rows x 64 bytes at a time, and a part
 // of 16 rows of x was a tile: one row cost three times q_rows.)
 
@@ -687,13 +689,22 @@ int q_pack(const void *w, const float *scales, const float *biases, uint8_t *pac
 #define QA_FAR 4096  // weights prefetched this many bytes ahead into L1
 #define QA_SET (1 << 20)  // bytes of x's parts per set of tiles (see qa_run)
 
+// 16 scales or biases from entry i on: float32, or bfloat16 bits widened (exactly).
+static inline __attribute__((always_inline)) __m512 qa_scales(const Job *j, const void *p, long i) {
+    if (j->half) {
+        const __m256i bits = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+    return _mm512_loadu_ps((const float *)p + i);
+}
+
 // Group g's sums (part p of row m at sums[P m + p][16]) into the accumulators.
 static inline __attribute__((always_inline)) void qa_add(const Job *j, __m512 *acc, const int32_t *sums,
-                                                         const float *sb, const float *bb, long g, long row0,
+                                                         const void *sb, const void *bb, long g, long row0,
                                                          int valid) {
     const long rows = j->rows;
     const __m512 step = _mm512_set1_ps(1.0f / 128);
-    const __m512 s = _mm512_loadu_ps(sb + g * 16), b = _mm512_loadu_ps(bb + g * 16);
+    const __m512 s = qa_scales(j, sb, g * 16), b = qa_scales(j, bb, g * 16);
 #pragma GCC unroll 5
     for (int m = 0; m < QA_ROWS; m++) {
         if (m >= valid) break;
@@ -728,7 +739,8 @@ static void qa_run(const Job *j) {
         const long t1 = t0 + set < T ? t0 + set : T;
         for (long blk = j->n0 / 16; blk < (j->n1 + 15) / 16; blk++) {
             const uint8_t *wb = (const uint8_t *)j->w + blk * bytes;
-            const float *sb = j->scales + blk * G * 16, *bb = j->biases + blk * G * 16;
+            const long at = blk * G * 16 * (j->half ? 2 : 4);  // bytes
+            const void *sb = (const char *)j->scales + at, *bb = (const char *)j->biases + at;
             for (long t = t0; t < t1; t++) {
                 const int valid = (int)(j->M - t * R < R ? j->M - t * R : R);
                 __m512 acc[QA_ROWS];
@@ -805,12 +817,15 @@ static void qa_split_run(const Job *j) {
 }
 
 // out = x @ dequantize(w).T (as q_rows) through AMX, on `threads` threads splitting N; any M;
-// K a multiple of `group`, 64 or 128; w, scales and biases as q_pack stores them; x in `parts`
-// parts, 3 or 4. Returns the number of threads that took part, 0 for what it does not take,
-// or -1 where memory ran out.
-int q_amx(const float *x, const void *w, const float *scales, const float *biases, float *out, long M, long N,
-          long K, int bits, int group, int parts, int threads) {
-    if (parts < 3 || parts > 4 || (bits != 4 && bits != 8) || (group != 64 && group != 128) || K % group) return 0;
+// K a multiple of `group`, 64 or 128; w, scales and biases as q_pack stores them, the scales
+// and biases float32 or (half = 1) their bfloat16 bits in the same layout; x in `parts` parts,
+// 3 or 4. Returns the number of threads that took part, 0 for what it does not take, or -1
+// where memory ran out.
+int q_amx(const float *x, const void *w, const void *scales, const void *biases, float *out, long M, long N,
+          long K, int bits, int group, int parts, int threads, int half) {
+    if (parts < 3 || parts > 4 || (bits != 4 && bits != 8) || (group != 64 && group != 128) || K % group ||
+        (half != 0 && half != 1))
+        return 0;
     if (M < 1) return 1;  // nothing to multiply
     // Rows in tiles of R: as few tiles as the A tile holds, as even as can be.
     const long most = 16 / parts, tiles = (M + most - 1) / most, R = (M + tiles - 1) / tiles, rows = tiles * R;
@@ -828,9 +843,9 @@ int q_amx(const float *x, const void *w, const float *scales, const float *biase
     Job split = {.run = qa_split_run, .x = x, .M = M, .N = rows, .K = K, .bits = bits, .group = group, .rows = rows,
                  .bits_rows = (int)R, .parts = parts, .parts_out = xa, .sums_out = xsum, .scales_out = xscale};
     dispatch(split, rows > R ? threads : 1, R);
-    Job job = {.run = qa_run, .x = xa, .w = w, .scales = scales, .biases = biases, .out = out, .M = M, .N = N, .K = K,
-               .bits = bits, .group = group, .xsum = xsum, .xscale = xscale, .rows = rows, .bits_rows = (int)R,
-               .parts = parts};
+    Job job = {.run = qa_run, .x = xa, .w = w, .scales = scales, .biases = biases, .half = half, .out = out, .M = M,
+               .N = N, .K = K, .bits = bits, .group = group, .xsum = xsum, .xscale = xscale, .rows = rows,
+               .bits_rows = (int)R, .parts = parts};
     atomic_store(&qa_short, 0);
     const int used = dispatch(job, threads, 16);
     free(xa);

@@ -37,7 +37,7 @@ def call(kernel: str, x: np.ndarray, w, bits: int, group: int, threads: int, par
     else:
         p = cpu_kernels.q_pack(q, s, b, bits, group)
         used = lib.q_amx(x.ctypes.data, p.weight.ctypes.data, p.scales.ctypes.data, p.biases.ctypes.data,
-                         out.ctypes.data, rows, q.shape[0], x.shape[1], bits, group, parts, threads)
+                         out.ctypes.data, rows, q.shape[0], x.shape[1], bits, group, parts, threads, 0)
     assert used == threads
     return out
 
@@ -182,11 +182,38 @@ def test_q_pack_and_q_amx_t_refuse_what_they_cannot_multiply():
         cpu_kernels.q_amx_t(x, packed._replace(bits=6, weight=np.zeros((1, 1536), np.uint8)))
     assert cpu_kernels.library().q_amx(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data,
                                        packed.biases.ctypes.data, np.empty(16, np.float32).ctypes.data, 1, 16, 128,
-                                       4, 64, 5, 1) == 0  # five parts: nothing computed
+                                       4, 64, 5, 1, 0) == 0  # five parts: nothing computed
     assert cpu_kernels.library().q_amx(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data,
-                                       packed.biases.ctypes.data, 0, 0, 16, 128, 4, 64, 4, 2) == 1  # no rows
+                                       packed.biases.ctypes.data, 0, 0, 16, 128, 4, 64, 4, 2, 0) == 1  # no rows
     assert not cpu_kernels.q_amx_fits(8, 64, 96) and not cpu_kernels.q_amx_fits(4, 32, 128)
     assert cpu_kernels.q_amx_fits(8, 128, 256)
+
+
+@needs_amx
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 128)])
+def test_bfloat16_scales_are_stored_as_their_bits_with_the_same_products(bits, group):
+    rng = np.random.default_rng(group)
+    (q, s, b), _ = quantized(rng, 70, 384, bits, group)
+    halves = [np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32)) for a in (s, b)]
+    packed = cpu_kernels.q_pack(q, *halves, bits, group)
+    halved = packed.halved()
+    assert halved.scales.dtype == halved.biases.dtype == np.uint16 and halved.scales.shape == packed.scales.shape
+    assert halved.halved() is halved and np.array_equal(halved.rows(np.arange(70)), packed.rows(np.arange(70)))
+    for rows in (1, 4, 33):  # four parts and three
+        x = rng.normal(size=(rows, 384)).astype(np.float32)
+        assert np.array_equal(cpu_kernels.q_amx_t(x, halved), cpu_kernels.q_amx_t(x, packed)), rows
+    # Scales that bfloat16 does not hold stay float32.
+    full = cpu_kernels.q_pack(q, s, b, bits, group)
+    assert full.halved() is full and full.scales.dtype == np.float32
+
+
+@needs_amx
+def test_float32_scales_stay_float32_in_the_model(tiny_dir, tmp_path):
+    path = convert(tiny_dir, tmp_path / "q4", q_bits=4, q_group_size=64, dtype="float32").path
+    layers = [m for _, m in voxtral_mlx.load(path).net.named_modules() if isinstance(m, cpu_quant.Linear)]
+    assert layers and all(m._amx for m in layers)
+    # mx.quantize's float32 scales: most are not bfloat16 values.
+    assert all(m.scales.dtype == m.biases.dtype == mx.float32 for m in layers)
 
 
 @needs_amx
@@ -279,9 +306,10 @@ def test_layers_take_the_kernel_and_keep_mlx_logits(quantized_dirs, bits, group,
     model = load_model(quantized_dirs[bits, group], dtype="bfloat16")
     layers = [m for _, m in model.net.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     assert layers and all(isinstance(m, (cpu_quant.Linear, cpu_quant.Embedding)) for m in layers)
-    assert all(m.scales.dtype == mx.float32 for m in layers) and model.dtype == mx.float32
     amx = cpu_kernels.amx() and group in cpu_kernels.Q_AMX_GROUPS
-    assert all(m._amx == amx for m in layers)
+    assert all(m._amx == amx for m in layers) and model.dtype == mx.float32
+    # The checkpoint's bfloat16 scales and biases: float32, or their bits where AMX multiplies.
+    assert all(m.scales.dtype == m.biases.dtype == (mx.uint16 if amx else mx.float32) for m in layers)
     kernel = "AMX" if amx else "AVX-512"
     assert cpu_quant.describe(model.net) == f"{bits}-bit products through the {kernel} kernel, float32 elsewhere"
     reference = mlx_model(quantized_dirs[bits, group], monkeypatch)

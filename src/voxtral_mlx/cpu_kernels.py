@@ -15,7 +15,8 @@
   weights stored once for it (`q_pack`: the same bytes in the order AMX reads them), as
   exact 8-bit integer products: x split into 8-bit parts per group (four up to MAX_ROWS rows,
   28 bits below the group's largest value; three beyond, 21 bits), q times each summed
-  exactly in int32 by AMX, then scaled in float32. Up to five rows share each instruction:
+  exactly in int32 by AMX, then scaled in float32 (scales and biases float32, or bfloat16 bits:
+  `QPacked.halved`). Up to five rows share each instruction:
   one row 1.3x `q_rows_t`'s speed at 4 bits (1.1x at 8), four rows 2.4-2.6x; the prompt
   about twice MKL's float32 GEMM of the dequantized weights.
 
@@ -131,11 +132,12 @@ def _load():
     lib.bf16_rows.argtypes = [p, p, p, n, n, n, i, p, i]
     lib.bf16_split.argtypes = [p, p, n, n, i]
     lib.q_rows.argtypes = [p, p, p, p, p, n, n, n, i, i, i, p]
-    lib.q_amx.argtypes = [p, p, p, p, p, n, n, n, i, i, i, i]
+    lib.q_amx.argtypes = [p, p, p, p, p, n, n, n, i, i, i, i, i]
     lib.q_dequantize.argtypes = [p, p, p, p, n, n, i, i, i]
     lib.q_pack.argtypes = [p, p, p, p, p, p, n, n, i, i, i]
     lib.attend.argtypes = [p, p, p, p, n, i, n, n, n, ctypes.c_float, p, i, p, i]
-    for fn in (lib.bf16_rows, lib.bf16_split, lib.q_rows, lib.q_amx, lib.q_pack, lib.q_dequantize, lib.attend, lib.bf16_rows_init):
+    for fn in (lib.bf16_rows, lib.bf16_split, lib.q_rows, lib.q_amx, lib.q_pack, lib.q_dequantize, lib.attend,
+               lib.bf16_rows_init):
         fn.restype = i
     return lib, None
 
@@ -276,8 +278,8 @@ class QPacked(NamedTuple):
     biases by group, a vector over its 16 rows."""
 
     weight: np.ndarray  # uint8 [blocks, 16 * k * bits / 8]
-    scales: np.ndarray  # float32 [blocks, k / group_size, 16]
-    biases: np.ndarray  # float32 [blocks, k / group_size, 16]
+    scales: np.ndarray  # float32 [blocks, k / group_size, 16], or their bfloat16 bits (uint16, `halved`)
+    biases: np.ndarray  # the same
     n: int
     bits: int
     group_size: int
@@ -299,8 +301,23 @@ class QPacked(NamedTuple):
             half = self.weight.reshape(-1, chunks, 8, 16, 4)[block, :, :, r]
             q = np.concatenate([half & 15, half >> 4], axis=2)
         q = q.reshape(ids.size, -1, self.group_size).astype(np.float32)
-        s, b = self.scales[block, :, r][..., None], self.biases[block, :, r][..., None]
+        s, b = (_widen(a[block, :, r])[..., None] for a in (self.scales, self.biases))
         return (q * s + b).reshape(ids.size, self.k)
+
+    def halved(self) -> "QPacked":
+        """The same weight with its scales and biases as bfloat16 bits (new arrays, half the
+        bytes) where each is a bfloat16 value (as a bfloat16 checkpoint's are), else itself."""
+        if self.scales.dtype == np.uint16:
+            return self
+        bits = [a.view(np.uint32) for a in (self.scales, self.biases)]
+        if any(np.any(b & 0xFFFF) for b in bits):
+            return self
+        return self._replace(scales=(bits[0] >> 16).astype(np.uint16), biases=(bits[1] >> 16).astype(np.uint16))
+
+
+def _widen(a: np.ndarray) -> np.ndarray:
+    """float32 values, or bfloat16 bits (uint16) widened to float32 exactly."""
+    return (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a
 
 
 def q_pack(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
@@ -340,7 +357,8 @@ def q_amx_t(x: np.ndarray, w: QPacked) -> np.ndarray:
     parts = 4 if m <= MAX_ROWS else 3
     used = 0 if k != w.k else library().q_amx(x.ctypes.data, w.weight.ctypes.data, w.scales.ctypes.data,
                                               w.biases.ctypes.data, out.ctypes.data, m, n, k, w.bits,
-                                              w.group_size, parts, threads_for(m * n * k))
+                                              w.group_size, parts, threads_for(m * n * k),
+                                              int(w.scales.dtype == np.uint16))
     if used == 0:  # refused: nothing computed
         raise ValueError(f"q_amx_t: rows of {k} values by a weight of {w.k} columns, {w.bits} bits in groups of "
                          f"{w.group_size} (it takes 4 or 8 bits in groups of 64 or 128)")
