@@ -219,7 +219,7 @@ def rows_t(x: np.ndarray, w: np.ndarray, parts: int = 1) -> np.ndarray:
 def bf16_split(x: np.ndarray, parts: int) -> np.ndarray:
     """float32 x [M, K] as `parts` (1 or 3) bfloat16 parts, [parts, M, K] bits (uint16): each the
     nearest to what the parts before it left, so three add up to x exactly (values below 2^-126
-    count as zeros). Needs the library (AVX-512 BF16)."""
+    count as zeros). Needs the AMX kernels (`amx`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((parts, *x.shape), np.uint16)
     if not amx():
