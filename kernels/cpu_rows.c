@@ -974,3 +974,64 @@ int attend(const float *q, const float *k, const float *v, float *out, long N, i
                .mask = mask, .mask_rows = mask_rows, .stride = stride, .scale = scale, .scores = scores};
     return dispatch(job, threads, 1);
 }
+
+// SwiGLU's silu(g) u = g u / (1 + e^-g) over 16-value chunks n0..n1 of K values: with
+// e = e^-|g| (exp_nonpositive), g u / (1 + e) for g >= 0 and g u e / (1 + e) below, so that
+// no exponential overflows (g < -87.3: e = 0 and the product is a signed zero, as numpy's
+// g / inf gives). numpy spent four passes and three temporaries per value on it.
+static void silu_run(const Job *j) {
+    const float *g = (const float *)j->x, *u = j->v;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (long c = j->n0; c < j->n1; c++) {
+        const long i = 16 * c;
+        const __mmask16 in = j->K - i >= 16 ? 0xffff : (__mmask16)((1u << (j->K - i)) - 1);
+        const __m512 x = _mm512_maskz_loadu_ps(in, g + i), y = _mm512_maskz_loadu_ps(in, u + i);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+        const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+        const __m512 top = _mm512_mask_mul_ps(_mm512_mul_ps(x, y), negative, _mm512_mul_ps(x, y), e);
+        _mm512_mask_storeu_ps(j->out + i, in, _mm512_div_ps(top, _mm512_add_ps(one, e)));
+    }
+}
+
+// out = silu(g) * u for n float32 values (out may be g or u), on `threads` threads. Returns
+// the number of threads that took part.
+int silu_mul(const float *g, const float *u, float *out, long n, int threads) {
+    Job job = {.run = silu_run, .x = g, .v = u, .out = out, .N = (n + 15) / 16, .K = n};
+    return dispatch(job, threads, 256);
+}
+
+// RoPE of a product's heads: x [B, L, H, D] (a row of H heads of D values per position,
+// interleaved pairs) turned by the angles of its position, cos and sin [L, D / 2], into out
+// [B, H, L, D] (heads first, as attention reads them): out[2i] = x[2i] cos_i - x[2i + 1] sin_i,
+// out[2i + 1] = x[2i + 1] cos_i + x[2i] sin_i, each as one product and one fused multiply-add.
+// Rows r = b L + l, n0..n1 of N = B L; K = D (a multiple of 16), M = L, bits = H.
+static void rope_run(const Job *j) {
+    const long L = j->M, D = j->K, H = j->bits;
+    const float *x = (const float *)j->x, *cs = (const float *)j->w, *sn = j->v;
+    const __m512i pairs = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    for (long r = j->n0; r < j->n1; r++) {
+        const long b = r / L, l = r % L;
+        for (long d = 0; d < D; d += 16) {
+            // The 8 angles of these 16 values, each twice; sin negated for the even entries.
+            const long at = l * D / 2 + d / 2;
+            const __m512 c = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(cs + at)));
+            __m512 s = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(sn + at)));
+            s = _mm512_mask_sub_ps(s, 0x5555, _mm512_setzero_ps(), s);
+            for (long h = 0; h < H; h++) {
+                const __m512 v = _mm512_loadu_ps(x + (r * H + h) * D + d);
+                const __m512 swapped = _mm512_permute_ps(v, 0xB1);  // (x[2i + 1], x[2i])
+                _mm512_storeu_ps(j->out + ((b * H + h) * L + l) * D + d,
+                                 _mm512_fmadd_ps(v, c, _mm512_mul_ps(swapped, s)));
+            }
+        }
+    }
+}
+
+// out [B, H, L, D] = RoPE of x [B, L, H, D] by cos, sin [L, D / 2], on `threads` threads.
+// Returns the number of threads that took part, 0 where D is not a multiple of 16.
+int rope_heads(const float *x, const float *cos, const float *sin, float *out, long B, long L, long H, long D,
+               int threads) {
+    if (D % 16 != 0 || D < 16) return 0;
+    Job job = {.run = rope_run, .x = x, .w = cos, .v = sin, .out = out, .N = B * L, .M = L, .K = D, .bits = (int)H};
+    return dispatch(job, threads, 1);
+}

@@ -264,3 +264,31 @@ def test_the_model_takes_the_numpy_paths_for_chunks_and_mlx_for_single_steps(tin
     monkeypatch.setattr(encoder, "NUMPY_ROWS", 10**9)
     rows.clear()
     assert model.transcribe(speech("jfk")[:32000]).tokens == tokens and rows == []
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 4099, 300000])
+def test_silu_mul_is_swiglu_to_float32_rounding(n):
+    from voxtral_mlx import host
+
+    rng = np.random.default_rng(n)
+    g = rng.normal(0, 6, n).astype(np.float32)
+    g[: min(n, 9)] = np.array([-1e4, -100, -87.5, -87, -20, 0, 1e-30, 20, 1e4], np.float32)[: min(n, 9)]
+    u = rng.normal(size=n).astype(np.float32)
+    with np.errstate(over="ignore"):
+        want = g.astype(np.float64) / (1 + np.exp(-g.astype(np.float64))) * u
+    got = cpu_kernels.silu_mul(g, u)
+    assert got.dtype == np.float32 and np.all(np.isfinite(got))
+    # The exponential's 2e-7, the product's and quotient's roundings: a few float32 ulps.
+    assert np.all(np.abs(got - want) <= 6e-7 * np.abs(want) + 1e-30)  # (below -87.3, zeros)
+    # In place (into g), on one thread or all, and the numpy path: the same values (the numpy
+    # path to its own rounding).
+    one = np.empty_like(g)
+    cpu_kernels.library().silu_mul(g.ctypes.data, u.ctypes.data, one.ctypes.data, n, 1)
+    assert np.array_equal(one, got)
+    assert np.array_equal(host.silu_product(g.copy(), u, overwrite=True), got)
+    with np.errstate(over="ignore"):
+        numpy = g / (1 + np.exp(-g)) * u
+    assert np.all(np.abs(got - numpy) <= 6e-7 * np.abs(want) + 1e-30)
+    with pytest.raises(ValueError, match="one shape"):
+        cpu_kernels.silu_mul(g, u[: n - 1] if n > 1 else np.zeros(2, np.float32))

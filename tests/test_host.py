@@ -259,3 +259,23 @@ def softmax(q, k, mask, scale):
     scores = np.where(mask, scores, -np.inf)
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return scores / scores.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("B,L,heads,D", [(1, 1, 32, 128), (2, 7, 4, 64), (3, 5, 2, 16), (1, 300, 32, 64)])
+def test_the_rope_kernel_turns_each_heads_pairs_and_puts_heads_first(B, L, heads, D):
+    rng = np.random.default_rng(L + D)
+    x = rng.normal(size=(B, L, heads * D)).astype(np.float32)
+    cos, sin = host.rotation(37 + np.arange(L), D, 1e6)
+    got = cpu_kernels.rope_heads(x, heads, cos, sin)
+    assert got.shape == (B, heads, L, D) and got.dtype == np.float32 and got.flags.c_contiguous
+    exact = host.rope(x.reshape(B, L, heads, D).transpose(0, 2, 1, 3).astype(np.float64), cos.astype(np.float64),
+                      sin.astype(np.float64))
+    assert np.abs(got - exact).max() <= 3e-7 * np.abs(x).max()  # a rounding or two of float32
+    numpy = host.rope(x.reshape(B, L, heads, D).transpose(0, 2, 1, 3), cos, sin)
+    assert np.abs(got - numpy).max() <= 3e-7 * np.abs(x).max()
+    one = np.empty_like(got)  # on one thread: the same bits
+    cpu_kernels.library().rope_heads(x.ctypes.data, cos.ctypes.data, sin.ctypes.data, one.ctypes.data, B, L,
+                                     heads, D, 1)
+    assert np.array_equal(one, got)
+    with pytest.raises(ValueError, match=r"D a multiple of 16\) and cos, sin \[L, D / 2\], got \(1, 1, 40\) in 2"):
+        cpu_kernels.rope_heads(np.zeros((1, 1, 40), np.float32), 2, *np.zeros((2, 1, 10), np.float32))

@@ -136,8 +136,10 @@ def _load():
     lib.q_dequantize.argtypes = [p, p, p, p, n, n, i, i, i]
     lib.q_pack.argtypes = [p, p, p, p, p, p, n, n, i, i, i]
     lib.attend.argtypes = [p, p, p, p, n, i, n, n, n, ctypes.c_float, p, i, p, i]
+    lib.silu_mul.argtypes = [p, p, p, n, i]
+    lib.rope_heads.argtypes = [p, p, p, p, n, n, n, n, i]
     for fn in (lib.bf16_rows, lib.bf16_split, lib.q_rows, lib.q_amx, lib.q_pack, lib.q_dequantize, lib.attend,
-               lib.bf16_rows_init):
+               lib.silu_mul, lib.rope_heads, lib.bf16_rows_init):
         fn.restype = i
     return lib, None
 
@@ -419,4 +421,39 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, stored: int, mas
     library().attend(q.ctypes.data, keys.ctypes.data, values.ctypes.data, out.ctypes.data, B * Hk, H // Hk * L,
                      stored, D, capacity * D, scale, None if flags is None else flags.ctypes.data, L,
                      scores.ctypes.data, threads_for(2 * B * H * L * stored * D))
+    return out
+
+
+def silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """`silu(g) * u` (SwiGLU) for float32 arrays of one shape, in one pass on every core
+    (`library()`: AVX-512), into `out` (may be g or u: pages already touched, where a new array's
+    cost the kernel's time again) or a new array."""
+    g, u = (np.ascontiguousarray(a, dtype=np.float32) for a in (g, u))
+    if g.shape != u.shape or (out is not None and (out.shape != g.shape or out.dtype != np.float32
+                                                   or not out.flags.c_contiguous or not out.flags.writeable)):
+        raise ValueError(f"silu_mul needs float32 arrays of one shape and a writable contiguous float32 out, got "
+                         f"{g.shape}, {u.shape} and {None if out is None else (out.dtype, out.shape)}")
+    if library() is None:
+        raise ValueError(f"the CPU kernels are not available: {reason}")
+    out = np.empty_like(g) if out is None else out
+    library().silu_mul(g.ctypes.data, u.ctypes.data, out.ctypes.data, g.size, threads_for(64 * g.size))
+    return out
+
+
+def rope_heads(x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """RoPE of a product's rows x [B, L, heads * D] float32 (each head's values in interleaved
+    pairs) by the angles of their positions, cos and sin [L, D / 2] float32: [B, heads, L, D],
+    heads first and contiguous, as attention reads them. D a multiple of 16."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    cos, sin = (np.ascontiguousarray(a, dtype=np.float32) for a in (cos, sin))
+    B, L, width = x.shape
+    D = width // heads if heads else 0
+    if heads < 1 or D * heads != width or cos.shape != (L, D // 2) or sin.shape != cos.shape or D % 16:
+        raise ValueError(f"rope_heads needs x [B, L, heads x D] (D a multiple of 16) and cos, sin [L, D / 2], got "
+                         f"{x.shape} in {heads} heads and {cos.shape}, {sin.shape}")
+    if library() is None:
+        raise ValueError(f"the CPU kernels are not available: {reason}")
+    out = np.empty((B, heads, L, D), np.float32)
+    library().rope_heads(x.ctypes.data, cos.ctypes.data, sin.ctypes.data, out.ctypes.data, B, L, heads, D,
+                         threads_for(16 * x.size))
     return out

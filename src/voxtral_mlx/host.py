@@ -5,13 +5,13 @@ did around them cost as much as the products of a few rows: some 15 small graphs
 (10-80 us per op on vectors of 3072 values) and a host round trip per product. That was 35-40
 ms of a 4-bit decoder step of the 4B model on two cores (160 ms), and 90 ms of the encoder's
 pass over an 80 ms streaming chunk (210 ms). Here the decoder (steps, prompts, speculative
-passes) and the encoder's transformer run on numpy arrays: norms, RoPE, SwiGLU and the
-residual stream in float32 numpy, the products through the layers' `host`, the attention
-through `cpu_kernels.attend` over the ring, written first (a step, or a chunk that the ring's
-spare slots hold), else in numpy over the ring and the chunk (large ones with their key heads
-shared among threads). Every operation works row by row, and products of more rows than the
-row kernels take run stream by stream, so a stream's numbers do not depend on the streams
-beside it.
+passes) and the encoder's transformer run on numpy arrays: norms and the residual stream in
+float32 numpy, SwiGLU and RoPE through `cpu_kernels`, the products through the layers'
+`host`, the attention through `cpu_kernels.attend` over the ring, written first (a step, or a
+chunk that the ring's spare slots hold), else in numpy over the ring and the chunk (large
+ones with their key heads shared among threads). Every operation works row by row, and
+products of more rows than the row kernels take run stream by stream, so a stream's numbers
+do not depend on the streams beside it.
 """
 
 from __future__ import annotations
@@ -60,17 +60,32 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
+def rotated(y: np.ndarray, n: int, head_dim: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """A product's rows y [B, L, n * head_dim] as n heads turned by RoPE, [B, n, L, head_dim]
+    contiguous: through `cpu_kernels.rope_heads` where the library is (one pass, where numpy
+    took seven and a copy), else `rope`."""
+    if cpu_kernels.library() is not None and head_dim % 16 == 0:
+        return cpu_kernels.rope_heads(y, n, cos, sin)
+    B, L, _ = y.shape
+    return np.ascontiguousarray(rope(y.reshape(B, L, n, head_dim).transpose(0, 2, 1, 3), cos, sin))
+
+
 def rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
     mean = np.mean(np.square(x), axis=-1, keepdims=True)
     return x * (np.float32(1) / np.sqrt(mean + np.float32(norm.eps))) * np.asarray(norm.weight)
 
 
-def silu_product(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """`silu(g) * u` for float32 arrays."""
+def silu_product(g: np.ndarray, u: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """`silu(g) * u` for float32 arrays of one shape, through `cpu_kernels.silu_mul` where the
+    library is (8x numpy's four passes over a batch's encoder chunk, in place), else numpy.
+    `overwrite`: into g where it is a writable contiguous float32 array."""
+    into = g if overwrite and g.dtype == np.float32 and g.flags.c_contiguous and g.flags.writeable else None
+    if cpu_kernels.library() is not None:
+        return cpu_kernels.silu_mul(g, u, into)
     with np.errstate(over="ignore"):  # exp(-g) overflows to inf for g < -88: silu is then -0
         denominator = np.exp(-g)
     denominator += np.float32(1)
-    out = g / denominator
+    out = np.divide(g, denominator, out=into)
     out *= u
     return out
 
@@ -144,11 +159,9 @@ def attention(layer: nn.Module, h: np.ndarray, cache: RingKVCache, mask: np.ndar
     it); else it attends over the ring as it was and the chunk (mask as `make_mask(L)`)."""
     B, L, _ = h.shape
 
-    def heads(product, n):  # [B, n, L, head_dim]
-        return linear(product, h).reshape(B, L, n, layer.head_dim).transpose(0, 2, 1, 3)
-
-    q, k, v = heads(layer.wq, layer.n_heads), heads(layer.wk, layer.n_kv_heads), heads(layer.wv, layer.n_kv_heads)
-    q, k = np.ascontiguousarray(rope(q, cos, sin)), rope(k, cos, sin)
+    q = rotated(linear(layer.wq, h), layer.n_heads, layer.head_dim, cos, sin)
+    k = rotated(linear(layer.wk, h), layer.n_kv_heads, layer.head_dim, cos, sin)
+    v = linear(layer.wv, h).reshape(B, L, layer.n_kv_heads, layer.head_dim).transpose(0, 2, 1, 3)
     if in_place:
         keys, values = cache.write_host(k, v)
         out = cpu_kernels.attend(q, keys, values, cache.stored, mask, layer.scale)
@@ -165,7 +178,7 @@ def attention(layer: nn.Module, h: np.ndarray, cache: RingKVCache, mask: np.ndar
 
 
 def feed_forward(layer: nn.Module, h: np.ndarray) -> np.ndarray:
-    return linear(layer.w2, silu_product(linear(layer.w1, h), linear(layer.w3, h)))
+    return linear(layer.w2, silu_product(linear(layer.w1, h), linear(layer.w3, h), overwrite=True))
 
 
 def _start(x: mx.array, caches: list[RingKVCache], layer: nn.Module):
