@@ -63,7 +63,7 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def rotated(y: np.ndarray, n: int, head_dim: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """A product's rows y [B, L, n * head_dim] as n heads turned by RoPE, [B, n, L, head_dim]
     contiguous: through `cpu_kernels.rope_heads` where the library is (one pass, where numpy
-    took seven and a copy), else `rope`."""
+    took six and a copy), else `rope`."""
     if cpu_kernels.library() is not None and head_dim % 16 == 0:
         return cpu_kernels.rope_heads(y, n, cos, sin)
     B, L, _ = y.shape

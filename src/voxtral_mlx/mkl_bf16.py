@@ -15,7 +15,7 @@ takes the same layers with float32 products: each input in three bfloat16 parts 
 to it exactly, each part's products with the bfloat16 weights exact in float32 and summed in
 float32, as a float32 GEMM of the widened weights sums them. The numbers are float32's (up to
 the order of the sums), from half the memory: a decoder step of the 4B model reads 6.9 GB
-instead of 13.7 (about 300 ms instead of 530 on two cores), and loading skips the widening.
+instead of 13.7 (260-290 ms instead of 530 on two cores), and loading skips the widening.
 """
 
 from __future__ import annotations
