@@ -287,10 +287,11 @@ static inline __attribute__((always_inline)) void split32(const float *row, long
 // in three bfloat16 parts (parts = 3: the float32 products of x and the bfloat16 w, each
 // exact, summed in float32 per part and the parts added: float32 precision over weights
 // of half its size). N and K must be multiples of 32; `scratch` holds parts x M x K uint16.
-// Returns the number of threads that took part, 0 for parts other than 1 or 3.
+// Returns the number of threads that took part (1 for no rows), 0 for parts other than 1 or 3.
 int bf16_rows(const float *x, const uint16_t *w, float *out, long M, long N, long K, int threads, uint32_t *scratch,
               int parts) {
     if (parts != 1 && parts != 3) return 0;
+    if (M < 1) return 1;  // nothing to multiply (and no tile of zero columns to configure)
     // Each group of R rows is the B operand, a row and part per column: entry [k / 2][a P + p]
     // holds part p of row a's values k and k + 1, the layout AMX reads.
     const int R = GROUP / parts;

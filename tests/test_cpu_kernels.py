@@ -92,6 +92,8 @@ def test_matmul_t_takes_the_kernel_for_few_rows_and_mkl_beyond(monkeypatch):
         assert got.shape == (1, rows, 64) and np.abs(got[0] - exact).max() < 1e-4
         assert (calls[-1:] == [(rows, 96)]) == through_kernel
     assert not cpu_kernels.fits(4, 48, 96) and not cpu_kernels.fits(4, 64, 80) and cpu_kernels.fits(4, 64, 96)
+    for parts in (1, 3):  # no rows: nothing to multiply
+        assert cpu_kernels.rows_t(np.zeros((0, 96), np.float32), bits, parts).shape == (0, 64)
 
 
 @needs_kernel
