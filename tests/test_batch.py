@@ -15,6 +15,7 @@ from conftest import AUDIO, load_model, reference, speech, synthetic
 
 import voxtral_mlx
 from voxtral_mlx import StreamingSession
+from voxtral_mlx.cache import RingKVCache
 from voxtral_mlx.transcribe import WRITERS
 
 
@@ -62,6 +63,27 @@ def test_batch_equals_one_at_a_time_at_full_windows(tiny_dir):
     for x, got in zip(audio, model.transcribe(audio)):
         same_transcription(got, model.transcribe(x))
         assert len(set(got.tokens)) > 3
+
+
+def test_each_ring_is_allocated_once_for_recordings_of_known_length(tiny_dir, monkeypatch):
+    # Offline, the longest recording's positions are known: no ring grows 256 slots at a time,
+    # copying what it holds at each step (jfk, 11 s: 187 decoder positions, 748 encoder frames).
+    model = load_model(tiny_dir)
+    sizes = {}
+    real = RingKVCache._reserve
+
+    def reserve(self, like, size):
+        real(self, like, size)
+        sizes.setdefault(self, set()).add(self.keys.shape[2])
+
+    monkeypatch.setattr(RingKVCache, "_reserve", reserve)
+    alone = model.transcribe(speech("jfk"))
+    model.transcribe([speech("jfk"), speech("night1968_5s")])
+    positions = len(alone.tokens) + len(model.stream().prompt) - 1
+    frames = positions * model.net.args.downsample_factor
+    assert frames > 512 and len(sizes) == 2 * (len(model.net.layers) + len(model.net.encoder.transformer.layers))
+    for cache, allocated in sizes.items():
+        assert allocated == {min(cache.capacity, frames if cache.window == model.net.encoder.window else positions)}
 
 
 def test_words_segments_and_alternatives_per_file(timed_dir):

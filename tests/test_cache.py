@@ -49,3 +49,17 @@ def test_ring_never_grows_past_the_window():
     assert cache.keys.shape == (1, 1, 6, 2)
     assert cache.offset == 50
     assert sorted(np.array(cache.slot_positions()).tolist()) == list(range(44, 50))
+
+
+def test_a_ring_expecting_its_positions_is_allocated_once():
+    grown = []
+    for expected, writes, sizes in ((30, [1] * 30, [30]), (100, [7, 1, 40], [64]), (10, [4, 4, 4], [10, 14])):
+        cache = RingKVCache(60, step=4, spare=4)
+        cache.expect(expected)
+        for n in writes:
+            cache.update_and_fetch(mx.zeros((1, 2, n, 8)), mx.zeros((1, 2, n, 8)))
+            if not grown or cache.keys.shape[2] != grown[-1]:
+                grown.append(cache.keys.shape[2])
+        # At most its capacity (60 + 4); past what was expected it grows `step` slots at a time.
+        assert grown == sizes, (expected, writes)
+        grown.clear()

@@ -84,7 +84,7 @@ def test_matmul_t_takes_the_kernel_for_few_rows_and_mkl_beyond(monkeypatch):
     bits = mkl_bf16.bits(w)
     calls = []
     real = cpu_kernels.rows_t
-    monkeypatch.setattr(cpu_kernels, "rows_t", lambda x, w, parts: (calls.append(x.shape), real(x, w, parts))[1])
+    monkeypatch.setattr(cpu_kernels, "rows_t", lambda x, w, *rest: (calls.append(x.shape), real(x, w, *rest))[1])
     for rows, through_kernel in ((1, True), (32, True), (33, False)):
         x = mx.array(rng.normal(size=(1, rows, 96)), mx.float32)
         got = np.array(mkl_bf16.matmul_t(x, bits), np.float64)

@@ -352,3 +352,20 @@ def test_batches_hold_no_more_files_than_the_row_kernel_takes(quantized_dirs, mo
     monkeypatch.setattr(StreamingSession, "lockstep",
                         lambda net, tokenizer, audio, n, **kw: (sizes.append(n), real(net, tokenizer, audio, n, **kw))[1])
     assert [r.tokens for r in model.transcribe(clips, batch_size=3)] == single and sizes == [2, 1]
+
+
+@needs_kernel
+@pytest.mark.parametrize("group", [32, 64])  # 32: q_rows_t, and MKL beyond 32 rows; 64: q_amx_t with AMX
+@pytest.mark.parametrize("M", [5, 40])
+def test_a_layers_products_written_into_a_given_array_are_those_returned(group, M):
+    mx.random.seed(M + group)
+    layer = cpu_quant.Linear(nn.QuantizedLinear.from_linear(nn.Linear(256, 64), group_size=group, bits=4))
+    assert "bias" in layer and layer.host_features == 64
+    assert layer.host_stacks == (group == 64 and cpu_kernels.amx())  # rows of several streams as one product
+    x = np.random.default_rng(M).normal(size=(M, 256)).astype(np.float32)
+    out = np.full((2, M, 64), np.nan, np.float32)
+    got = layer.host(x, out[1])
+    assert np.shares_memory(got, out[1]) and np.array_equal(out[1], layer.host(x)) and np.isnan(out[0]).all()
+    assert np.array_equal(out[1], np.array(layer(mx.array(x))))  # the bias added once, as MLX's path adds it
+    with pytest.raises(ValueError, match=r"out must be a C-contiguous float32 array of shape \(%d, 64\)" % M):
+        layer.host(x, np.empty((M, 65), np.float32))

@@ -184,6 +184,27 @@ def test_a_streams_numbers_do_not_depend_on_the_streams_beside_it(models, name, 
         assert np.array_equal(audio[b], np.array(net.encode(mx.array(mel[b : b + 1, :128]), net.make_cache(1)))[0])
 
 
+@pytest.mark.parametrize("name", ADOPTED)
+@pytest.mark.parametrize("rows", [10, 20, 40])
+def test_a_batchs_products_are_each_streams_own(models, name, rows, monkeypatch):
+    # 3 x 10 rows: one product (the row kernels take 32); 3 x 20: each stream's apart, written
+    # into one array; 3 x 40: one product where the layer gives a row the same bits whatever
+    # rows surround it (q_amx_t, three parts for 40 or 120 rows), else apart (MKL's GEMM).
+    if rows == 10 and name == "bfloat16" and not cpu_kernels.amx():
+        pytest.skip("without AMX, MKL multiplies 30 rows")
+    layer = models[name].net.encoder.transformer.layers[0].attention.wq
+    x = np.random.default_rng(rows).normal(size=(3, rows, models[name].net.args.encoder.dim)).astype(np.float32)
+    alone = [layer.host(x[b]) for b in range(3)]
+    calls = []
+    real = layer.host
+    monkeypatch.setattr(layer, "host", lambda a, *out: (calls.append(len(a)), real(a, *out))[1])
+    got = host.linear(layer, x)
+    assert got.shape == (3, rows, layer.host_features) and got.dtype == np.float32
+    assert all(np.array_equal(got[b], alone[b]) for b in range(3))
+    stacked = rows == 10 or (rows == 40 and name in ("q4-64", "q8-64") and cpu_kernels.amx())
+    assert calls == ([3 * rows] if stacked else [rows] * 3)
+
+
 def test_passes_go_to_the_host_where_every_product_is_a_kernel_on_numpy_rows(models):
     for name, model in models.items():
         net = model.net

@@ -210,3 +210,22 @@ def test_float32_products_over_bfloat16_weights_give_the_float32_models_numbers(
     assert relative_rms(got - expected, expected) < 3 * relative_rms(mlx_got - expected, expected) + 1e-7
     x = speech("jfk")
     assert over_bf16.transcribe(x).tokens == mlx_graphs.transcribe(x).tokens
+
+
+@pytest.mark.parametrize("parts", [1, pytest.param(3, marks=needs_amx)])
+@pytest.mark.parametrize("M", [1, 32, 40, 129])
+def test_products_written_into_a_given_array_are_those_returned(parts, M):
+    # The row kernel (up to 32 rows, with AMX), MKL with the parts as one matrix (40), one GEMM
+    # per part (129).
+    rng = np.random.default_rng(M + parts)
+    x = rng.normal(size=(M, 96)).astype(np.float32)
+    w = mkl_bf16.bits(mx.array(rng.normal(size=(64, 96)), mx.bfloat16))
+    out = np.full((2, M, 64), np.nan, np.float32)
+    got = mkl_bf16.rows_t(x, w, parts, out[1])
+    assert np.shares_memory(got, out[1]) and np.array_equal(got, out[1])
+    assert np.array_equal(out[1], mkl_bf16.rows_t(x, w, parts)) and np.isnan(out[0]).all()
+    for bad, what in ((np.empty((M, 63), np.float32), r"shape \(%d, 64\), got float32 \(%d, 63\)" % (M, M)),
+                      (np.empty((M, 64), np.float64), "got float64"),
+                      (np.empty((M, 128), np.float32)[:, ::2], "strided")):
+        with pytest.raises(ValueError, match=what):
+            mkl_bf16.rows_t(x, w, parts, bad)

@@ -23,6 +23,7 @@ class RingKVCache:
         self.spare = spare
         self.capacity = window + spare
         self.step = step
+        self.expected = 0  # slots the first allocation takes at least (`expect`)
         self.offset = 0
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
@@ -62,6 +63,11 @@ class RingKVCache:
         queries = mx.arange(self.offset, self.offset + n)[:, None]
         return (keys[None, :] <= queries) & (keys[None, :] > queries - self.window)
 
+    def expect(self, positions: int):
+        """Size the ring for `positions` in all when it is first written (at most its capacity):
+        growing it 256 slots at a time copies what it holds each time."""
+        self.expected = min(self.capacity, positions)
+
     def _reserve(self, like: mx.array | np.ndarray, size: int):
         """Room for `size` slots of keys shaped like `like` [B, H, n, D]."""
         size = min(self.capacity, size)
@@ -69,7 +75,7 @@ class RingKVCache:
         if size <= have:
             return
         B, H, _, D = like.shape
-        new = min(self.capacity, max(size, have + self.step))
+        new = min(self.capacity, self.expected if size <= self.expected else max(size, have + self.step))
         pad = mx.zeros((B, H, new - have, D), like.dtype if isinstance(like, mx.array) else mx.float32)
         if self.keys is None:
             self.keys, self.values = pad, mx.zeros_like(pad)

@@ -200,9 +200,20 @@ def fits(rows: int, n: int, k: int) -> bool:
     return rows <= MAX_ROWS and n % 32 == 0 and k % 32 == 0 and amx()
 
 
-def rows_t(x: np.ndarray, w: np.ndarray, parts: int = 1) -> np.ndarray:
+def result(out: np.ndarray | None, m: int, n: int) -> np.ndarray:
+    """Where a product of m x n goes: `out` (checked: C-contiguous float32 [m, n]), or a new array."""
+    if out is None:
+        return np.empty((m, n), np.float32)
+    if out.shape != (m, n) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(m, n)}, "
+                         f"got {out.dtype} {out.shape}{'' if out.flags.c_contiguous else ' (strided)'}")
+    return out
+
+
+def rows_t(x: np.ndarray, w: np.ndarray, parts: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """`x @ w.T` in float32 for x [M, K] float32 and w [N, K] bfloat16 bits (uint16), with x
-    rounded to bfloat16 (parts=1) or in three bfloat16 parts (parts=3: float32 precision)."""
+    rounded to bfloat16 (parts=1) or in three bfloat16 parts (parts=3: float32 precision);
+    written into `out` [M, N] where given (see `result`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     (m, k), n = x.shape, w.shape[0]
     if w.shape[1] != k or w.dtype != np.uint16 or not w.flags.c_contiguous:
@@ -210,7 +221,7 @@ def rows_t(x: np.ndarray, w: np.ndarray, parts: int = 1) -> np.ndarray:
     if not fits(m, n, k):
         raise ValueError(f"rows_t takes at most {MAX_ROWS} rows and multiples of 32 ({m} x {k} by {n} x {k})"
                          if amx() else f"the bfloat16 row kernel is not available: {amx_reason}")
-    out = np.empty((m, n), np.float32)
+    out = result(out, m, n)
     pairs = np.empty(parts * m * k, np.uint16)
     if not library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(parts * m * n * k),
                                pairs.ctypes.data, parts):
@@ -255,13 +266,14 @@ def _check(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gro
 
 
 def q_rows_t(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
-             group_size: int) -> np.ndarray:
+             group_size: int, out: np.ndarray | None = None) -> np.ndarray:
     """`x @ dequantize(w).T` in float32 for x [M, K] float32 and w [N, K * bits / 32] uint32 as
-    `mx.quantize` packs it, with float32 scales and biases [N, K / group_size]."""
+    `mx.quantize` packs it, with float32 scales and biases [N, K / group_size]; into `out`
+    where given (see `result`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     (m, k), n = x.shape, w.shape[0]
     _check(w, scales, biases, bits, group_size, k)
-    out = np.empty((m, n), np.float32)
+    out = result(out, m, n)
     reordered = np.empty(m * k if bits == 4 else 0, np.float32)
     library().q_rows(x.ctypes.data, w.ctypes.data, scales.ctypes.data, biases.ctypes.data, out.ctypes.data, m, n, k,
                      bits, group_size, threads_for(m * n * k), reordered.ctypes.data)
@@ -345,17 +357,17 @@ def q_pack(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gro
     return packed
 
 
-def q_amx_t(x: np.ndarray, w: QPacked) -> np.ndarray:
+def q_amx_t(x: np.ndarray, w: QPacked, out: np.ndarray | None = None) -> np.ndarray:
     """`x @ dequantize(w).T` in float32 through AMX for x [M, K] float32, any M: x in 8-bit parts
     per group times the weights' integers, exactly, then scaled in float32. Up to MAX_ROWS rows
     (decoder steps, batches, speculative passes) in four parts, 28 bits below each group's
     largest value (float32 holds 24 below each value); more (the prompt, encoder chunks) in
-    three, 21 bits, a quarter less work."""
+    three, 21 bits, a quarter less work. Into `out` [M, N] where given (see `result`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     (m, k), n = x.shape, w.n
     if not amx():
         raise ValueError(f"the AMX quantized kernel is not available: {amx_reason}")
-    out = np.empty((m, n), np.float32)
+    out = result(out, m, n)
     parts = 4 if m <= MAX_ROWS else 3
     used = 0 if k != w.k else library().q_amx(x.ctypes.data, w.weight.ctypes.data, w.scales.ctypes.data,
                                               w.biases.ctypes.data, out.ctypes.data, m, n, k, w.bits,

@@ -76,15 +76,16 @@ def _take(new: nn.Module, layer: nn.Module) -> None:
     new.freeze()
 
 
-def product(new: nn.Module, a: np.ndarray) -> np.ndarray:
-    """`a @ dequantize(W).T` [M, N] float32 for float32 rows `a` [M, K] (C-contiguous)."""
+def product(new: nn.Module, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """`a @ dequantize(W).T` [M, N] float32 for float32 rows `a` [M, K] (C-contiguous), into
+    `out` where given (`cpu_kernels.result`)."""
     if new._amx:
-        return cpu_kernels.q_amx_t(a, new._q)
+        return cpu_kernels.q_amx_t(a, new._q, out)
     w, s, b = new._q
     if a.shape[0] <= cpu_kernels.MAX_ROWS or not mkl_bf16.available():
-        return cpu_kernels.q_rows_t(a, w, s, b, new.bits, new.group_size)
+        return cpu_kernels.q_rows_t(a, w, s, b, new.bits, new.group_size, out)
     K = a.shape[1]
-    out = np.empty((a.shape[0], w.shape[0]), np.float32)
+    out = cpu_kernels.result(out, a.shape[0], w.shape[0])
     step = max(1, DEQUANTIZED // K)
     scratch = cpu_kernels.scratch(step * K)
     for n in range(0, w.shape[0], step):
@@ -92,6 +93,18 @@ def product(new: nn.Module, a: np.ndarray) -> np.ndarray:
                                          new.group_size, scratch)
         mkl_bf16.sgemm_t(a, block, out[:, n : n + step])
     return out
+
+
+def features(new: nn.Module) -> int:
+    """Columns of a product with the layer's weight."""
+    return new._q.n if new._amx else new._q[0].shape[0]
+
+
+def stacks(new: nn.Module) -> bool:
+    """Whether rows of several streams, more than `cpu_kernels.MAX_ROWS` each, may be multiplied
+    as one product: `q_amx_t` gives each row the same bits whatever rows are multiplied with it
+    (for rows beyond MAX_ROWS, in three parts), where MKL's GEMM may not."""
+    return new._amx
 
 
 def _product(new: nn.Module, x: mx.array) -> mx.array:
@@ -114,10 +127,15 @@ class Linear(nn.QuantizedLinear):
         y = _product(self, x)
         return y + self.bias if "bias" in self else y
 
-    def host(self, a: np.ndarray) -> np.ndarray:
-        """The layer on float32 numpy rows [M, K] (`host`)."""
-        y = product(self, a)
-        return y + np.asarray(self.bias) if "bias" in self else y
+    host_features = property(features)
+    host_stacks = property(stacks)
+
+    def host(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The layer on float32 numpy rows [M, K] (`host`), into `out` [M, N] where given."""
+        y = product(self, a, out)
+        if "bias" in self:
+            y += np.asarray(self.bias)
+        return y
 
 
 class Embedding(nn.QuantizedEmbedding):
@@ -135,9 +153,12 @@ class Embedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         return _product(self, x)
 
-    def host(self, a: np.ndarray) -> np.ndarray:
-        """The head on float32 numpy rows [M, dims] (`host`)."""
-        return product(self, a)
+    host_features = property(features)
+    host_stacks = property(stacks)
+
+    def host(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The head on float32 numpy rows [M, dims] (`host`), into `out` [M, vocab] where given."""
+        return product(self, a, out)
 
 
 def adopted(net: nn.Module) -> bool:

@@ -143,13 +143,18 @@ def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | N
 
 def linear(layer: nn.Module, x: np.ndarray) -> np.ndarray:
     """`layer` on float32 x [B, L, K]: every row at once where the row kernels take them (up to
-    `cpu_kernels.MAX_ROWS`), else each stream's rows apart, as in the stream's own run: the
-    products of many rows may sum in an order that depends on how many there are (MKL), or
-    split x in fewer parts (`q_amx_t`)."""
+    `cpu_kernels.MAX_ROWS`) or where the layer's product gives each row the same bits whatever
+    rows are around it (`host_stacks`), else each stream's rows apart, as in the stream's own
+    run: the products of many rows may sum in an order that depends on how many there are
+    (MKL), or split x in fewer parts (`q_amx_t`)."""
     B, L, K = x.shape
-    if B == 1 or B * L <= cpu_kernels.MAX_ROWS:
+    rows = cpu_kernels.MAX_ROWS
+    if B == 1 or B * L <= rows or (L > rows and getattr(layer, "host_stacks", False)):
         return layer.host(np.ascontiguousarray(x).reshape(B * L, K)).reshape(B, L, -1)
-    return np.stack([layer.host(np.ascontiguousarray(x[b])) for b in range(B)])
+    out = np.empty((B, L, layer.host_features), np.float32)
+    for b in range(B):
+        layer.host(np.ascontiguousarray(x[b]), out[b])
+    return out
 
 
 def attention(layer: nn.Module, h: np.ndarray, cache: RingKVCache, mask: np.ndarray | None, in_place: bool,

@@ -86,34 +86,35 @@ def matmul_t(x: mx.array, w: np.ndarray, parts: int = 1) -> mx.array:
     return mx.array(rows_t(np.asarray(rows), w, parts)).reshape(*lead, w.shape[0])
 
 
-def rows_t(a: np.ndarray, w: np.ndarray, parts: int = 1) -> np.ndarray:
-    """`matmul_t` on float32 numpy rows a [M, K]: [M, N] float32."""
+def rows_t(a: np.ndarray, w: np.ndarray, parts: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+    """`matmul_t` on float32 numpy rows a [M, K]: [M, N] float32, into `out` where given
+    (`cpu_kernels.result`)."""
     if cpu_kernels.fits(a.shape[0], w.shape[0], a.shape[1]):
-        return cpu_kernels.rows_t(a, w, parts)
+        return cpu_kernels.rows_t(a, w, parts, out)
     if parts == 1:
-        return _gemm_t(bits(mx.array(a).astype(mx.bfloat16)), w)
-    return _gemm_t(cpu_kernels.bf16_split(a, parts), w)
+        return _gemm_t(bits(mx.array(a).astype(mx.bfloat16)), w, out)
+    return _gemm_t(cpu_kernels.bf16_split(a, parts), w, out)
 
 
 STACKED = 128  # rows up to which x's parts go to MKL as one matrix (the weights read once)
 
 
-def _gemm_t(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _gemm_t(a: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """`a @ w.T` [M, N] float32 through MKL for bfloat16 bits a [M, K] (or [P, M, K]: the sum
-    of the P parts' products) and w [N, K]."""
+    of the P parts' products) and w [N, K], into `out` where given."""
     a = a.reshape(-1, *a.shape[-2:])
     (P, M, K), N = a.shape, w.shape[0]
+    out = cpu_kernels.result(out, M, N)
     if P > 1 and M <= STACKED:  # one product of the P M rows, summed p0 + (p1 + p2) as `rows_t` sums
-        out = np.empty((P * M, N), np.float32)
+        parts = np.empty((P * M, N), np.float32)
         with _all_cores():
             _GEMM(ROW_MAJOR, NO_TRANS, TRANS, P * M, N, K, 1.0, a.ctypes.data, K, w.ctypes.data, K, 0.0,
-                  out.ctypes.data, N)
-        parts = out.reshape(P, M, N)
-        for p in range(P - 2, -1, -1):
+                  parts.ctypes.data, N)
+        parts = parts.reshape(P, M, N)
+        for p in range(P - 2, 0, -1):
             parts[p] += parts[p + 1]
-        return parts[0]
-    out = np.empty((M, N), np.float32)  # many rows: each part added into the sums, smallest first
-    with _all_cores():
+        return np.add(parts[0], parts[1], out=out)
+    with _all_cores():  # many rows: each part added into the sums, smallest first
         for p in reversed(range(P)):
             _GEMM(ROW_MAJOR, NO_TRANS, TRANS, M, N, K, 1.0, a[p].ctypes.data, K, w.ctypes.data, K,
                   0.0 if p == P - 1 else 1.0, out.ctypes.data, N)
@@ -184,10 +185,17 @@ class Linear(nn.Module):
         y = matmul_t(x, self._w, self._parts)
         return y + self.bias if "bias" in self else y
 
-    def host(self, a: np.ndarray) -> np.ndarray:
-        """The layer on float32 numpy rows [M, K] (`host`)."""
-        y = rows_t(a, self._w, self._parts)
-        return y + np.asarray(self.bias) if "bias" in self else y
+    @property
+    def host_features(self) -> int:
+        """Columns of `host`'s result."""
+        return self._w.shape[0]
+
+    def host(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The layer on float32 numpy rows [M, K] (`host`), into `out` [M, N] where given."""
+        y = rows_t(a, self._w, self._parts, out)
+        if "bias" in self:
+            y += np.asarray(self.bias)
+        return y
 
 
 class Embedding(nn.Module):
@@ -205,9 +213,14 @@ class Embedding(nn.Module):
     def as_linear(self, x: mx.array) -> mx.array:
         return matmul_t(x, self._w, self._parts)
 
-    def host(self, a: np.ndarray) -> np.ndarray:
-        """The head on float32 numpy rows [M, dims] (`host`)."""
-        return rows_t(a, self._w, self._parts)
+    @property
+    def host_features(self) -> int:
+        """Columns of `host`'s result."""
+        return self._w.shape[0]
+
+    def host(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The head on float32 numpy rows [M, dims] (`host`), into `out` [M, vocab] where given."""
+        return rows_t(a, self._w, self._parts, out)
 
 
 def adopted(net: nn.Module) -> bool:

@@ -49,6 +49,14 @@ class Caches:
     encoder: list[RingKVCache]
     decoder: list[RingKVCache]
 
+    def expect(self, tokens: int, frames_per_token: int):
+        """Size the rings, when first written, for `tokens` decoder positions and the encoder
+        frames under them (`RingKVCache.expect`)."""
+        for cache in self.decoder:
+            cache.expect(tokens)
+        for cache in self.encoder:
+            cache.expect(tokens * frames_per_token)
+
     def filter(self, rows: mx.array):
         """Keep only these batch rows (streams that are done leave the batch)."""
         self.stem.filter(rows)

@@ -266,20 +266,30 @@ class StreamingSession:
         if len(samples) != len(self.streams) or self._audio_samples:
             raise ValueError(f"finish_batch takes one recording per stream ({len(self.streams)}) of a new session")
         samples = [prepare_audio(x, name=f"samples[{i}]") for i, x in enumerate(samples)]
-        spt = self.audio.samples_per_token
         padded = np.zeros((len(samples), max(x.size for x in samples)), np.float32)
         for i, (stream, x) in enumerate(zip(self.streams, samples)):
             if x.size == 0:
                 raise AudioError(f"samples[{i}]: contains no samples")
             padded[i, : x.size] = x
             stream.audio_samples = x.size
-            # Its own session decodes the left pad, its audio to a whole token, and n_delay + 11 tokens.
-            positions = self.audio.n_left_pad_tokens + -(-x.size // spt) + self.n_delay + RIGHT_PAD_EXTRA_TOKENS
-            stream.limit = positions - len(self.prompt) + 1
+            stream.limit = self._positions(x.size) - len(self.prompt) + 1
+        self.expect(padded.shape[1])
         self._audio_samples = self._since_flush = padded.shape[1]
         self._append(padded)
         self._advance(force=False)  # as `feed` would: one stream decodes exactly as feed + finish
         self.finish()
+
+    def _positions(self, samples: int) -> int:
+        """Decoder positions of a recording of `samples` samples decoded offline, as its own
+        session decodes it: the left pad, its audio to a whole token, and n_delay + 11 tokens."""
+        spt = self.audio.samples_per_token
+        return self.audio.n_left_pad_tokens + -(-samples // spt) + self.n_delay + RIGHT_PAD_EXTRA_TOKENS
+
+    def expect(self, samples: int):
+        """Size the caches for recordings of at most `samples` samples, each fed and finished
+        as one (offline): each ring is then allocated once rather than grown 256 positions at a
+        time, each step copying what it holds."""
+        self.caches.expect(self._positions(samples), self.net.args.downsample_factor)
 
     def _check_open(self):
         if self._closed:

@@ -173,6 +173,7 @@ class Voxtral:
         samples = self._samples(audio, sample_rate, "audio")
         session = self.stream(delay_ms=delay_ms, on_text=on_text, alternatives=alternatives,
                               pause_ms=pause_ms, on_token=on_token, speculate=speculate)
+        session.expect(samples.size)
         session.feed(samples)
         session.finish()
         return Transcription.from_session(session)
