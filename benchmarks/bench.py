@@ -12,6 +12,11 @@ the moment its text is returned, on top of the model's own delay (`delay_ms` + 2
 
 `--compare voxmlx` runs the `voxmlx` package (PyPI) on the same checkpoint and clip, at its
 default settings, in a child process (`--compare-python` names a Python that has it).
+
+Offline and batch runs decode plainly (`speculate=0`): a random checkpoint emits pads about
+as rarely as any other token, so the pads that `transcribe`'s default speculative decoding
+guesses (where the CPU's row kernels multiply) would not come; the `speculate` mode measures
+that default at the pad rates of speech and of silence.
 """
 
 from __future__ import annotations
@@ -123,7 +128,7 @@ def components(model, delay_ms, steps: int = 48, tokens: int = 64, context: int 
 
 def offline(model, samples: np.ndarray, delay_ms) -> dict:
     start = time.perf_counter()
-    result = model.transcribe(samples, delay_ms=delay_ms)
+    result = model.transcribe(samples, delay_ms=delay_ms, speculate=0)
     wall = time.perf_counter() - start
     return {"mode": "offline", "wall_s": wall, "tokens": len(result.tokens), "rtf": result.duration / wall}
 
@@ -158,7 +163,7 @@ def batch(model, paths: list[str], delay_ms) -> list[dict]:
     name = " + ".join(Path(p).name for p in paths)
     mx.reset_peak_memory()
     start = time.perf_counter()
-    alone = [model.transcribe(c, delay_ms=delay_ms) for c in clips]
+    alone = [model.transcribe(c, delay_ms=delay_ms, speculate=0) for c in clips]
     sequential_s = time.perf_counter() - start
     sequential_mb = mx.get_peak_memory() / 2**20
     mx.reset_peak_memory()
@@ -206,7 +211,7 @@ class PadBias:
         of `runs` greedy runs): a first guess from the logit gaps of an unbiased run, then bisection
         (the fed-back pads change what follows, so the guess alone is off)."""
         self.bias, self.record, self.gaps = 0.0, True, []
-        model.transcribe(samples, delay_ms=delay_ms)
+        model.transcribe(samples, delay_ms=delay_ms, speculate=0)
         self.record = False
         gaps = np.concatenate([np.array(g).reshape(-1) for g in self.gaps])
         if rate >= 1:
@@ -216,7 +221,7 @@ class PadBias:
         bias, best = float(np.quantile(gaps, rate)), None
         for _ in range(runs):
             self.bias = bias
-            tokens = model.transcribe(samples, delay_ms=delay_ms).tokens
+            tokens = model.transcribe(samples, delay_ms=delay_ms, speculate=0).tokens
             got = sum(t == self.pad for t in tokens) / len(tokens)
             if best is None or abs(got - rate) < abs(best[1] - rate):
                 best = (bias, got)

@@ -180,7 +180,7 @@ def test_masked_steps_of_speculative_streams_keep_their_tokens(wide_heads_dir, m
     with_kernel = model.transcribe(audio, speculate=4).tokens
     assert any(masks)  # rings with spare slots past their window: single steps read a mask
     monkeypatch.setattr(encoder, "through_kernel", lambda *a: False)
-    assert model.transcribe(audio, speculate=4).tokens == with_kernel == model.transcribe(audio).tokens
+    assert model.transcribe(audio, speculate=4).tokens == with_kernel == model.transcribe(audio, speculate=0).tokens
 
 
 @needs_kernel

@@ -8,10 +8,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import AUDIO, checkpoint, load_model, reference, speech, synthetic
+from conftest import AUDIO, checkpoint, load_mlx, load_model, reference, speech, synthetic
 
 import voxtral_mlx
+from voxtral_mlx import cpu_kernels
 from voxtral_mlx.cache import RingKVCache
+from voxtral_mlx.convert import convert
+from voxtral_mlx.streaming import StreamingSession
 
 
 @pytest.fixture(scope="session")
@@ -181,8 +184,38 @@ def test_bad_values(tiny_dir):
 def test_cli_option(pads_dir):
     script = [str(Path(sys.executable).parent / "voxtral-mlx")]
     args = ["transcribe", str(AUDIO / "jfk.wav"), "-m", str(pads_dir)]
-    plain = subprocess.run(script + args, capture_output=True, text=True, timeout=120)
+    plain = subprocess.run(script + args + ["--speculate", "0"], capture_output=True, text=True, timeout=120)
     fast = subprocess.run(script + args + ["--speculate", "8"], capture_output=True, text=True, timeout=120)
     assert plain.returncode == fast.returncode == 0 and plain.stdout == fast.stdout and plain.stdout.strip()
     bad = subprocess.run(script + args + ["--speculate", "40"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--speculate" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason=f"the CPU kernels are not available: {cpu_kernels.reason}")
+def test_transcribe_speculates_by_default_where_passes_run_on_the_row_kernels(pads_dir, tmp_path, monkeypatch):
+    # A 4-bit model's products are row kernels (AMX, or q_rows_t) for up to 32 rows: a pass of
+    # 8 positions gives each the bits of its own step.
+    path = convert(pads_dir, tmp_path / "q4", q_bits=4).path
+    model = voxtral_mlx.load(path)
+    assert model.default_speculate == 8
+    passes = []
+    real = StreamingSession._speculate
+    monkeypatch.setattr(StreamingSession, "_speculate", lambda self, emb: (passes.append(emb.shape[1]), real(self, emb))[1])
+    audio = speech("jfk")
+    default = model.transcribe(audio)
+    assert passes and max(passes) == 8
+    passes.clear()
+    same_records(default, model.transcribe(audio, speculate=0))
+    assert passes == []
+    script = [str(Path(sys.executable).parent / "voxtral-mlx"), "transcribe", str(AUDIO / "jfk.wav"), "-m", str(path)]
+    runs = [subprocess.run(script + extra, capture_output=True, text=True, timeout=120) for extra in (["-v"],
+                                                                                                  ["-v", "--speculate", "0"])]
+    assert [r.returncode for r in runs] == [0, 0] and runs[0].stdout == runs[1].stdout == default.text.strip() + "\n"
+    line = "speculative pad decoding: up to 8 positions per decoder pass"
+    assert line in runs[0].stderr and "speculative" not in runs[1].stderr
+    # Off where a pass's products may sum otherwise than a step's: more rows than the row
+    # kernels take, MLX's graphs, a head that MKL multiplies (this model's 1314 rows).
+    monkeypatch.setattr(cpu_kernels, "MAX_ROWS", 4)
+    assert model.default_speculate == 0
+    monkeypatch.undo()
+    assert load_mlx(pads_dir).default_speculate == 0 == load_model(pads_dir).default_speculate

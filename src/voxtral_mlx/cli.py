@@ -137,9 +137,10 @@ def transcribe(
     batch_size: int = typer.Option(4, "--batch-size", min=1,
                                    help="Files decoded together as one batch: each weight read serves all "
                                         "of them (faster; a decoder cache per file)."),
-    speculate: int = typer.Option(0, "--speculate", min=0, max=MAX_SPECULATE, metavar="K",
-                                  help="Check K positions per decoder pass, guessing pads where the audio "
-                                       "is already in (same tokens; 0: off). Not within batches of several files."),
+    speculate: Optional[int] = typer.Option(
+        None, "--speculate", min=0, max=MAX_SPECULATE, metavar="K",
+        help="Check K positions per decoder pass, guessing pads where the audio is already in (same tokens; "
+             "0: off; default 8 where the CPU's row kernels multiply, else off). Not within batches of several files."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and timings on stderr."),
 ):
     """Transcribe audio files or a live stream; text is printed as it is decoded.
@@ -190,6 +191,10 @@ def transcribe(
                          f"{time.perf_counter() - start:.1f} s on the {'GPU' if mx.default_device() == mx.gpu else 'CPU'}")
         if mx.default_device() == mx.cpu:
             _status(verbose, f"CPU matmuls: {blas_backend()}" + (BLAS_HINT if "reference" in blas_backend() else ""))
+        if speculate is None:
+            speculate = voxtral.default_speculate
+        if speculate > 1:
+            _status(verbose, f"speculative pad decoding: up to {speculate} positions per decoder pass")
     except USER_ERRORS as e:
         _fail(str(e))
         raise typer.Exit(1)

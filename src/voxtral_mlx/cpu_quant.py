@@ -100,6 +100,12 @@ def features(new: nn.Module) -> int:
     return new._q.n if new._amx else new._q[0].shape[0]
 
 
+def rows_exact(new: nn.Module, rows: int) -> bool:
+    """Whether a product of up to `rows` rows gives each row the bits it gets alone: up to
+    MAX_ROWS, `q_amx_t` (in four parts) and `q_rows_t` do; beyond, MKL's GEMM may not."""
+    return rows <= cpu_kernels.MAX_ROWS
+
+
 def stacks(new: nn.Module) -> bool:
     """Whether rows of several streams, more than `cpu_kernels.MAX_ROWS` each, may be multiplied
     as one product: `q_amx_t` gives each row the same bits whatever rows are multiplied with it
@@ -129,6 +135,7 @@ class Linear(nn.QuantizedLinear):
 
     host_features = property(features)
     host_stacks = property(stacks)
+    host_rows_exact = rows_exact
 
     def host(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The layer on float32 numpy rows [M, K] (`host`), into `out` [M, N] where given."""
@@ -155,6 +162,7 @@ class Embedding(nn.QuantizedEmbedding):
 
     host_features = property(features)
     host_stacks = property(stacks)
+    host_rows_exact = rows_exact
 
     def host(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The head on float32 numpy rows [M, dims] (`host`), into `out` [M, vocab] where given."""

@@ -10,8 +10,9 @@ float32 numpy, SwiGLU and RoPE through `cpu_kernels`, the products through the l
 `host`, the attention through `cpu_kernels.attend` over the ring, written first (a step, or a
 chunk that the ring's spare slots hold), else in numpy over the ring and the chunk (large
 ones with their key heads shared among threads). Every operation works row by row, and
-products of more rows than the row kernels take run stream by stream, so a stream's numbers
-do not depend on the streams beside it.
+products of more rows than the row kernels take run stream by stream (unless the kernel gives
+each row the same bits whatever rows surround it), so a stream's numbers do not depend on the
+streams beside it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ def fits(blocks: list[nn.Module], caches: list[RingKVCache], extra: list[nn.Modu
     return (mx.default_device() == mx.cpu and cpu_kernels.attend_fits(a.n_heads, a.n_kv_heads, a.head_dim)
             and all(c.keys is None or c.keys.dtype == mx.float32 for c in caches)
             and all(hasattr(m, "host") for m in [*extra, *(p for b in blocks for p in _products(b))]))
+
+
+def rows_exact(net: nn.Module, rows: int) -> bool:
+    """Whether decoder passes of up to `rows` positions run here with each position's numbers
+    those of a step of its own: on the host, every product (the head's too) through a row
+    kernel, which gives a row the same bits whatever rows are multiplied with it."""
+    head = net.embedding_module.tok_embeddings
+    products = [head, *(p for b in net.layers for p in _products(b))]
+    return fits(net.layers, [], [head]) and all(
+        hasattr(m, "host_rows_exact") and m.host_rows_exact(rows) for m in products)
 
 
 def rotation(positions, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:

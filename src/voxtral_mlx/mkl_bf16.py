@@ -190,6 +190,11 @@ class Linear(nn.Module):
         """Columns of `host`'s result."""
         return self._w.shape[0]
 
+    def host_rows_exact(self, rows: int) -> bool:
+        """Whether `host` gives each of up to `rows` rows the bits it gets alone: the row
+        kernel's products do, MKL's GEMM's may not (they may sum in another order)."""
+        return cpu_kernels.fits(rows, *self._w.shape)
+
     def host(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The layer on float32 numpy rows [M, K] (`host`), into `out` [M, N] where given."""
         y = rows_t(a, self._w, self._parts, out)
@@ -217,6 +222,11 @@ class Embedding(nn.Module):
     def host_features(self) -> int:
         """Columns of `host`'s result."""
         return self._w.shape[0]
+
+    def host_rows_exact(self, rows: int) -> bool:
+        """Whether `host` gives each of up to `rows` rows the bits it gets alone: the row
+        kernel's products do, MKL's GEMM's may not (they may sum in another order)."""
+        return cpu_kernels.fits(rows, *self._w.shape)
 
     def host(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The head on float32 numpy rows [M, dims] (`host`), into `out` [M, vocab] where given."""
