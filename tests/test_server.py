@@ -213,6 +213,22 @@ def test_transcription_formats_equal_the_library(server, jfk):
     assert vtt.text == to_vtt(jfk) and vtt.headers["content-type"].startswith("text/vtt")
 
 
+def test_sessions_speculate_where_the_model_does_by_default(model, jfk, monkeypatch):
+    # The server's sessions take `default_speculate` (off for this model, whose head MKL
+    # multiplies); an upload, fed in turns, then decodes in passes of several positions, with
+    # the same text.
+    from voxtral_mlx import StreamingSession, Voxtral
+
+    monkeypatch.setattr(Voxtral, "default_speculate", property(lambda self: 4))
+    passes = []
+    real = StreamingSession._speculate
+    monkeypatch.setattr(StreamingSession, "_speculate", lambda self, emb: (passes.append(emb.shape[1]), real(self, emb))[1])
+    with running(model) as server:
+        r = post(server, response_format="verbose_json", timestamp_granularities=["word", "segment"])
+    assert r.status_code == 200 and r.json()["text"] == jfk.text.strip()
+    assert passes and max(passes) <= 4  # this model emits few pads: passes seldom grow past 2
+
+
 def test_verbose_json_segments_and_words_equal_the_library(server, model, jfk):
     body = post(server, response_format="verbose_json",
                 **{"timestamp_granularities[]": ["word", "segment"], "language": "en"}).json()

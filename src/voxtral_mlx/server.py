@@ -312,7 +312,9 @@ class Engine:
             job._send(done)
 
     def _new_session(self, job: Job):
-        job.session = self.model.stream(delay_ms=job.delay_ms)
+        # Audio that comes faster than it is decoded (an upload, a stream catching up) is decoded
+        # speculatively where that gives the same tokens at about a step's cost (`default_speculate`).
+        job.session = self.model.stream(delay_ms=job.delay_ms, speculate=self.model.default_speculate)
         job._utterance, job._tokens_done, job._audio_done, job._first_utterance = "", 0, 0.0, True
 
     def _delta(self, job: Job, text: str):
