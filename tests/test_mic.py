@@ -154,6 +154,22 @@ def test_falling_behind_is_reported_once(tiny_dir):
     assert "".join(texts) == model.transcribe(audio).text
 
 
+def test_audio_waiting_behind_real_time_is_decoded_speculatively_where_the_model_does(tiny_dir, monkeypatch):
+    # This model's default is off (MKL multiplies its head); where it is on, 3 s waiting at each
+    # read are decoded in passes, with the same text.
+    from voxtral_mlx import StreamingSession, Voxtral
+
+    model = load_model(tiny_dir)
+    audio = speech("night1968_5s")
+    plain = model.transcribe(audio, speculate=0).text
+    monkeypatch.setattr(Voxtral, "default_speculate", property(lambda self: 4))
+    passes = []
+    real = StreamingSession._speculate
+    monkeypatch.setattr(StreamingSession, "_speculate", lambda self, emb: (passes.append(emb.shape[1]), real(self, emb))[1])
+    assert "".join(transcribe_live(model, FakeSource(audio, 48000), vad=False)) == plain
+    assert passes and max(passes) <= 4
+
+
 def test_device_failure_keeps_what_was_heard(tiny_dir):
     model = load_model(tiny_dir)
     audio = speech("night1968_5s")
