@@ -208,8 +208,8 @@ def test_transcribe_speculates_by_default_where_passes_run_on_the_row_kernels(pa
     same_records(default, model.transcribe(audio, speculate=0))
     assert passes == []
     script = [str(Path(sys.executable).parent / "voxtral-mlx"), "transcribe", str(AUDIO / "jfk.wav"), "-m", str(path)]
-    runs = [subprocess.run(script + extra, capture_output=True, text=True, timeout=120) for extra in (["-v"],
-                                                                                                  ["-v", "--speculate", "0"])]
+    runs = [subprocess.run(script + ["-v", *extra], capture_output=True, text=True, timeout=120)
+            for extra in ([], ["--speculate", "0"])]
     assert [r.returncode for r in runs] == [0, 0] and runs[0].stdout == runs[1].stdout == default.text.strip() + "\n"
     line = "speculative pad decoding: up to 8 positions per decoder pass"
     assert line in runs[0].stderr and "speculative" not in runs[1].stderr
