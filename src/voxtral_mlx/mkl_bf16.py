@@ -169,21 +169,14 @@ def _quiet_blas_threads():
 _quiet_openblas = False
 
 
-class Linear(nn.Module):
-    """A linear layer whose bfloat16 weight MKL multiplies in place; the bias is float32. Its
-    input is rounded to bfloat16 (parts=1) or multiplied in float32 (parts=3, see `matmul_t`)."""
+class _Product(nn.Module):
+    """A bfloat16 weight (`_w`, its bits) that MKL and the row kernel multiply in place, with
+    x rounded to bfloat16 (parts=1) or in three parts (parts=3, see `matmul_t`)."""
 
-    def __init__(self, linear: nn.Linear, parts: int = 1):
-        super().__init__()
-        self.weight = linear.weight.astype(mx.bfloat16)
-        if "bias" in linear:
-            self.bias = linear.bias.astype(mx.float32)
+    def _take(self, weight: mx.array, parts: int):
+        self.weight = weight.astype(mx.bfloat16)
         self._w = bits(self.weight)
         self._parts = parts
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = matmul_t(x, self._w, self._parts)
-        return y + self.bias if "bias" in self else y
 
     @property
     def host_features(self) -> int:
@@ -196,41 +189,41 @@ class Linear(nn.Module):
         return cpu_kernels.fits(rows, *self._w.shape)
 
     def host(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The layer on float32 numpy rows [M, K] (`host`), into `out` [M, N] where given."""
+        """The product (plus the bias, if any) on float32 numpy rows [M, K] (`host`), into
+        `out` [M, N] where given."""
         y = rows_t(a, self._w, self._parts, out)
         if "bias" in self:
             y += np.asarray(self.bias)
         return y
 
 
-class Embedding(nn.Module):
+class Linear(_Product):
+    """A linear layer whose bfloat16 weight MKL multiplies in place; the bias is float32. Its
+    input is rounded to bfloat16 (parts=1) or multiplied in float32 (parts=3, see `matmul_t`)."""
+
+    def __init__(self, linear: nn.Linear, parts: int = 1):
+        super().__init__()
+        self._take(linear.weight, parts)
+        if "bias" in linear:
+            self.bias = linear.bias.astype(mx.float32)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = matmul_t(x, self._w, self._parts)
+        return y + self.bias if "bias" in self else y
+
+
+class Embedding(_Product):
     """The tied embedding: rows looked up in bfloat16 and widened, the head through MKL."""
 
     def __init__(self, embedding: nn.Embedding, parts: int = 1):
         super().__init__()
-        self.weight = embedding.weight.astype(mx.bfloat16)
-        self._w = bits(self.weight)
-        self._parts = parts
+        self._take(embedding.weight, parts)
 
     def __call__(self, ids: mx.array) -> mx.array:
         return self.weight[ids].astype(mx.float32)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return matmul_t(x, self._w, self._parts)
-
-    @property
-    def host_features(self) -> int:
-        """Columns of `host`'s result."""
-        return self._w.shape[0]
-
-    def host_rows_exact(self, rows: int) -> bool:
-        """Whether `host` gives each of up to `rows` rows the bits it gets alone: the row
-        kernel's products do, MKL's GEMM's may not (they may sum in another order)."""
-        return cpu_kernels.fits(rows, *self._w.shape)
-
-    def host(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The head on float32 numpy rows [M, dims] (`host`), into `out` [M, vocab] where given."""
-        return rows_t(a, self._w, self._parts, out)
 
 
 def adopted(net: nn.Module) -> bool:
