@@ -10,7 +10,8 @@
 // q_amx (AMX):         the same sums as q_rows, as sum_g s[n, g] * (x . q)_g + b[n, g] * (sum x)_g,
 //                      over the weights as q_pack stores them
 // q_dequantize:        the float32 s * q + b themselves, for products of many rows
-// attend (AVX-512F):   softmax(q k^T scale) v for one position, per key head (at the end)
+// attend (AVX-512F):   softmax(q k^T scale) v for one position, per key head (at the end);
+//                      attend_many for many (a prompt, an encoder chunk)
 //
 // For the decoder: one row per stream when files decode as a batch, or the positions of a
 // speculative pass. MKL's bfloat16 GEMM halves its speed from two rows on, so four streams
@@ -76,6 +77,7 @@ struct Job {
     long stride;
     float scale;
     float *scores;  // N x G x M
+    const long *spans;  // attend_many: per block of queries, its first chunk of 16 keys and its last + 1
     // q_amx: x as 8-bit parts in tiles (see q_amx), the sums and scales 2^E of x per group
     // [K / group][rows], the rows of x (M rounded up to whole tiles of 16).
     const float *xsum, *xscale;
@@ -881,12 +883,10 @@ static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(e, n));
 }
 
-// The weighted sum of the values for G queries, CH x 16 values of each row at a time (the
-// accumulators stay in registers).
-static inline __attribute__((always_inline)) void attend_values(const Job *j, const float *v, const float *p,
-                                                                float *out, const int CH) {
-    const long M = j->M, D = j->K;
-    const int G = j->bits;
+// The weighted sum of values m0..m1 [m][D] for G queries, weights p[g][m] (ldp apart per
+// query), CH x 16 values of each row at a time (the accumulators stay in registers).
+static inline __attribute__((always_inline)) void attend_values(const float *v, const float *p, long ldp, long m0,
+                                                                long m1, long D, int G, float *out, const int CH) {
     for (int g0 = 0; g0 < G; g0 += 4) {
         const int gn = G - g0 < 4 ? G - g0 : 4;
         for (long d0 = 0; d0 < D; d0 += 16 * CH) {
@@ -895,14 +895,14 @@ static inline __attribute__((always_inline)) void attend_values(const Job *j, co
             for (int g = 0; g < 4; g++)
 #pragma GCC unroll 4
                 for (int c = 0; c < CH; c++) acc[g][c] = _mm512_setzero_ps();
-            for (long m = 0; m < M; m++) {
+            for (long m = m0; m < m1; m++) {
                 __m512 row[4];
 #pragma GCC unroll 4
                 for (int c = 0; c < CH; c++) row[c] = _mm512_loadu_ps(v + m * D + d0 + 16 * c);
 #pragma GCC unroll 4
                 for (int g = 0; g < 4; g++) {
                     if (g < gn) {
-                        const __m512 w = _mm512_set1_ps(p[(g0 + g) * M + m]);
+                        const __m512 w = _mm512_set1_ps(p[(g0 + g) * ldp + m]);
 #pragma GCC unroll 4
                         for (int c = 0; c < CH; c++) acc[g][c] = _mm512_fmadd_ps(w, row[c], acc[g][c]);
                     }
@@ -954,9 +954,9 @@ static void attend_run(const Job *j) {
             sums[g] = _mm512_reduce_add_ps(total);
         }
         if (D % 64 == 0)
-            attend_values(j, v, p, out, 4);
+            attend_values(v, p, M, 0, M, D, G, out, 4);
         else
-            attend_values(j, v, p, out, 1);
+            attend_values(v, p, M, 0, M, D, G, out, 1);
         for (int g = 0; g < G; g++)
             for (long d = 0; d < D; d++) out[g * D + d] /= sums[g];
     }
@@ -974,6 +974,156 @@ int attend(const float *q, const float *k, const float *v, float *out, long N, i
     Job job = {.run = attend_run, .x = q, .w = k, .out = out, .M = M, .N = N, .K = D, .bits = G, .v = v,
                .mask = mask, .mask_rows = mask_rows, .stride = stride, .scale = scale, .scores = scores};
     return dispatch(job, threads, 1);
+}
+
+// Attention of many queries per key head (a prompt, an encoder chunk of an offline pass):
+// attend_run's dot products, one per query and key summed across lanes, cost more than the
+// rest together there, and numpy took a pass over the scores per step of the softmax. Here
+// each pair's keys are transposed once ([D][16 keys] per chunk of 16), and the scores of AM_Q
+// queries come 16 keys at a time, a multiply-add per query and value; then an exact softmax
+// and the weighted sum of the values, as attend_run. A block of queries reads only the chunks
+// of 16 keys some query of it sees (`spans`, from the mask): half of a chunk attending to
+// itself. A query's numbers do not depend on its block: the keys a block reads and its query
+// does not see weigh an exact 0, and each sum runs over the keys in order.
+#define AM_Q 8  // queries per block
+static __thread void *am_buffer;
+static __thread size_t am_size;
+
+static void attend_many_run(const Job *j) {
+    const long M = j->M, D = j->K, Mp = (M + 15) / 16 * 16;
+    const int G = j->bits;
+    float *kt = grow(&am_buffer, &am_size, (size_t)(D + AM_Q) * Mp * sizeof(float));
+    if (!kt) {
+        atomic_store(&qa_short, 1);
+        return;
+    }
+    float *p = kt + D * Mp;  // [AM_Q][Mp] scores, then weights
+    const __m512i across = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32((int)D));
+    const long *spans = j->spans;
+    for (long pair = j->n0; pair < j->n1; pair++) {
+        const float *q = (const float *)j->x + pair * G * D;
+        const float *k = (const float *)j->w + pair * j->stride, *v = j->v + pair * j->stride;
+        float *out = j->out + pair * G * D;
+        for (long m0 = 0; m0 < Mp; m0 += 16) {  // keys past M as zeros
+            const __mmask16 in = M - m0 >= 16 ? 0xffff : (__mmask16)((1u << (M - m0)) - 1);
+            for (long d = 0; d < D; d++)
+                _mm512_store_ps(kt + (m0 / 16 * D + d) * 16,
+                                _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, across, k + m0 * D + d, 4));
+        }
+        for (int g0 = 0; g0 < G; g0 += AM_Q) {
+            const int gn = G - g0 < AM_Q ? G - g0 : AM_Q;
+            const long c0 = spans[2 * (g0 / AM_Q)], c1 = spans[2 * (g0 / AM_Q) + 1];
+            float sums[AM_Q];
+            __m512 top[AM_Q];
+            for (int g = 0; g < AM_Q; g++) top[g] = _mm512_set1_ps(-INFINITY);
+            for (long c = c0; c < c1; c++) {
+                // Each score in sums of 8 products, added alternately to two sums, not as one
+                // chain of D: float32's error grows with the chain.
+                __m512 acc[AM_Q], other[AM_Q];
+#pragma GCC unroll 8
+                for (int g = 0; g < AM_Q; g++) acc[g] = other[g] = _mm512_setzero_ps();
+                const float *kc = kt + c * D * 16;
+                for (long d0 = 0; d0 < D; d0 += 8) {
+                    __m512 part[AM_Q];
+#pragma GCC unroll 8
+                    for (int g = 0; g < AM_Q; g++) part[g] = _mm512_setzero_ps();
+                    for (long d = d0; d < d0 + 8; d++) {
+                        const __m512 key = _mm512_load_ps(kc + d * 16);
+#pragma GCC unroll 8
+                        for (int g = 0; g < AM_Q; g++)
+                            if (g < gn) part[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[(g0 + g) * D + d]), key, part[g]);
+                    }
+#pragma GCC unroll 8
+                    for (int g = 0; g < AM_Q; g++) {
+                        if (d0 % 16 == 0)
+                            acc[g] = _mm512_add_ps(acc[g], part[g]);
+                        else
+                            other[g] = _mm512_add_ps(other[g], part[g]);
+                    }
+                }
+#pragma GCC unroll 8
+                for (int g = 0; g < AM_Q; g++) acc[g] = _mm512_add_ps(acc[g], other[g]);
+                const long m = 16 * c;
+                const __mmask16 in = M - m >= 16 ? 0xffff : (__mmask16)((1u << (M - m)) - 1);
+                for (int g = 0; g < gn; g++) {
+                    __mmask16 seen = in;
+                    if (j->mask) {
+                        const uint8_t *row = j->mask + ((g0 + g) % j->mask_rows) * M + m;
+                        __m128i flags;
+                        if (in == 0xffff) {
+                            flags = _mm_loadu_si128((const __m128i *)row);
+                        } else {  // the last chunk: not a byte past the mask's end
+                            uint8_t last[16] = {0};
+                            memcpy(last, row, M - m);
+                            flags = _mm_loadu_si128((const __m128i *)last);
+                        }
+                        const __m512i wide = _mm512_cvtepu8_epi32(flags);
+                        seen = _mm512_mask_test_epi32_mask(in, wide, wide);
+                    }
+                    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen,
+                                                        _mm512_mul_ps(acc[g], _mm512_set1_ps(j->scale)));
+                    _mm512_storeu_ps(p + g * Mp + m, s);
+                    top[g] = _mm512_max_ps(top[g], s);
+                }
+            }
+            for (int g = 0; g < gn; g++) {  // softmax numerators e^(s - max) in place
+                float *row = p + g * Mp;
+                const __m512 high = _mm512_set1_ps(_mm512_reduce_max_ps(top[g]));
+                __m512 total = _mm512_setzero_ps();
+                for (long m = 16 * c0; m < 16 * c1; m += 16) {
+                    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + m), high));
+                    _mm512_storeu_ps(row + m, e);
+                    total = _mm512_add_ps(total, e);
+                }
+                sums[g] = _mm512_reduce_add_ps(total);
+            }
+            const long m1 = 16 * c1 < M ? 16 * c1 : M;
+            float *to = out + g0 * D;
+            if (D % 64 == 0)
+                attend_values(v, p, Mp, 16 * c0, m1, D, gn, to, 4);
+            else
+                attend_values(v, p, Mp, 16 * c0, m1, D, gn, to, 1);
+            for (int g = 0; g < gn; g++)
+                for (long d = 0; d < D; d++) to[g * D + d] /= sums[g];
+        }
+    }
+}
+
+// attend for any G >= 1 queries per pair (blocks of AM_Q, see attend_many_run), with no
+// `scores` buffer: each thread keeps its own. Returns the number of threads that took part, 0
+// for shapes it does not take, -1 where memory ran out.
+int attend_many(const float *q, const float *k, const float *v, float *out, long N, long G, long M, long D,
+                long stride, float scale, const uint8_t *mask, int mask_rows, int threads) {
+    if (G < 1 || G > (1L << 30) || D % 16 != 0 || M < 1 || mask_rows < 1) return 0;
+    const long blocks = (G + AM_Q - 1) / AM_Q, chunks = (M + 15) / 16;
+    long *spans = malloc(2 * blocks * sizeof(long));
+    if (!spans) return -1;
+    for (long b = 0; b < blocks; b++) {  // the chunks of keys some query of block b sees
+        long lo = chunks, hi = 0;
+        for (long g = b * AM_Q; g < (b + 1) * AM_Q && g < G && (lo > 0 || hi < chunks); g++) {
+            if (!mask) {
+                lo = 0, hi = chunks;
+                break;
+            }
+            const uint8_t *row = mask + (g % mask_rows) * M;
+            long a = 0, z = M;
+            while (a < M && !row[a]) a++;
+            while (z > a && !row[z - 1]) z--;
+            if (a < z) {
+                lo = a / 16 < lo ? a / 16 : lo;
+                hi = (z + 15) / 16 > hi ? (z + 15) / 16 : hi;
+            }
+        }
+        spans[2 * b] = lo < hi ? lo : 0;  // a block that sees nothing: a softmax of no keys, as numpy's
+        spans[2 * b + 1] = lo < hi ? hi : chunks;
+    }
+    Job job = {.run = attend_many_run, .x = q, .w = k, .out = out, .M = M, .N = N, .K = D, .bits = (int)G, .v = v,
+               .mask = mask, .mask_rows = mask_rows, .stride = stride, .scale = scale, .spans = spans};
+    atomic_store(&qa_short, 0);
+    const int used = dispatch(job, threads, 1);
+    free(spans);
+    return atomic_load(&qa_short) ? -1 : used;
 }
 
 // SwiGLU's silu(g) u = g u / (1 + e^-g) over 16-value chunks n0..n1 of K values: with

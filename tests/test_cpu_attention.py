@@ -1,5 +1,6 @@
-"""The attention kernel for decoder steps on the CPU (kernels/cpu_rows.c `attend`,
-cpu_kernels.attend, encoder.kernel_attention)."""
+"""The attention kernels on the CPU: decoder steps' (kernels/cpu_rows.c `attend`,
+cpu_kernels.attend, encoder.kernel_attention) and many positions' (`attend_many`: prompts,
+encoder chunks)."""
 
 import mlx.core as mx
 import numpy as np
@@ -119,10 +120,60 @@ def test_attend_refuses_what_it_cannot_compute():
         cpu_kernels.attend(q.astype(np.float64), keys, values, 8, None, 1.0)
     q8, k8, v8, _ = case(rng, 1, 4, 2, 8, 8, 8, False)
     with pytest.raises(ValueError, match=r"^attend takes head sizes of a multiple of 16 .*"
-                                         r" \(4 / 2 heads of 8, L = 1\)$"):
+                                         r" \(4 / 2 heads of 8\)$"):
         cpu_kernels.attend(q8, k8, v8, 8, None, 1.0)
     assert not cpu_kernels.attend_fits(4, 2, 8) and not cpu_kernels.attend_fits(130, 2, 16)
     assert cpu_kernels.attend_fits(32, 8, 128)
+    assert cpu_kernels.attends(130, 2, 16) and not cpu_kernels.attends(4, 2, 8) and not cpu_kernels.attends(6, 4, 16)
+
+
+def many_case(rng, B, H, Hk, L, D, stored, kind):
+    """L queries [B, H, L, D] at the last L of `stored` positions, keys and values, and a mask of
+    the kind a chunk's attention has."""
+    q = rng.normal(size=(B, H, L, D)).astype(np.float32) * 2
+    keys, values = (rng.normal(size=(B, Hk, stored, D)).astype(np.float32) for _ in range(2))
+    positions, queries = np.arange(stored)[None], np.arange(stored - L, stored)[:, None]
+    mask = {"causal": positions <= queries, "window": (positions <= queries) & (positions > queries - 50),
+            "random": rng.random((L, stored)) > 0.5, "none": None}[kind]
+    if kind == "random":
+        mask[np.arange(L), rng.integers(stored, size=L)] = True
+    return q, keys, values, mask
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,H,Hk,L,D,stored", [(1, 4, 4, 70, 64, 70), (2, 32, 8, 39, 128, 39),
+                                               (1, 6, 2, 45, 48, 157), (3, 2, 1, 100, 16, 333)])
+@pytest.mark.parametrize("kind", ["causal", "window", "random", "none"])
+def test_many_positions_are_the_exact_softmax_within_float32(B, H, Hk, L, D, stored, kind):
+    # More than 64 queries per key head: attend_many, in blocks of 8 over the keys they see.
+    rng = np.random.default_rng(L + D + stored)
+    q, keys, values, mask = many_case(rng, B, H, Hk, L, D, stored, kind)
+    assert not cpu_kernels.attend_fits(H, Hk, D, L) and cpu_kernels.attends(H, Hk, D)
+    got = cpu_kernels.attend(q, keys, values, stored, mask, 0.3)
+    assert got.shape == q.shape and got.dtype == np.float32
+    for position in range(L):
+        want, top = reference(q[:, :, position : position + 1], keys, values, stored,
+                              None if mask is None else mask[position], 0.3)
+        assert np.abs(got[:, :, position : position + 1] - want).max() < 2e-7 * (1 + top)
+
+
+@needs_kernel
+def test_a_position_gets_the_same_bits_whatever_block_and_batch_it_is_in():
+    rng = np.random.default_rng(9)
+    q, keys, values, mask = many_case(rng, 3, 2, 2, 90, 64, 400, "window")
+    whole = cpu_kernels.attend(q, keys, values, 400, mask, 0.125)
+    for skip in (1, 3, 8, 13):  # the blocks of 8 queries start elsewhere, and see other keys
+        part = cpu_kernels.attend(np.ascontiguousarray(q[:, :, skip:]), keys, values, 400, mask[skip:], 0.125)
+        assert np.array_equal(part, whole[:, :, skip:])
+    lib = cpu_kernels.library()
+    flags = mask.astype(np.uint8)
+    for threads in (1, 2, 3):
+        for b in range(3):
+            qs, ks, vs = (np.ascontiguousarray(a[b : b + 1]) for a in (q, keys, values))
+            out = np.empty_like(qs)
+            used = lib.attend_many(qs.ctypes.data, ks.ctypes.data, vs.ctypes.data, out.ctypes.data, 2, 90, 400, 64,
+                                   400 * 64, 0.125, flags.ctypes.data, 90, threads)
+            assert used == threads and np.array_equal(out, whole[b : b + 1])
 
 
 @needs_kernel
@@ -162,11 +213,12 @@ def test_steps_take_the_kernel_and_keep_mlx_logits(fixture, request, monkeypatch
     audio = speech("jfk")[:40000]
     tokens = model.transcribe(audio).tokens
     got = forced_logits(model, audio, tokens)
-    assert calls and all(shape[2] == 1 for shape in calls)
+    steps = [shape for shape in calls if shape[2] == 1]  # chunks and prompts take it too, in blocks
+    assert steps and len(steps) < len(calls)
     monkeypatch.setattr(encoder, "through_kernel", lambda *a: False)
     calls.clear()
     want = forced_logits(model, audio, tokens)
-    assert calls == [] and np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert calls and all(shape[2] > 1 for shape in calls) and np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 @needs_kernel
@@ -185,9 +237,9 @@ def test_masked_steps_of_speculative_streams_keep_their_tokens(wide_heads_dir, m
 
 @needs_kernel
 def test_small_attention_stays_with_mlx(tiny_dir, monkeypatch):
-    calls = []
+    calls = []  # the steps' calls: positions cached
     real = cpu_kernels.attend
-    monkeypatch.setattr(cpu_kernels, "attend", lambda *a: (calls.append(a[3]), real(*a))[1])
+    monkeypatch.setattr(cpu_kernels, "attend", lambda *a: (a[0].shape[2] == 1 and calls.append(a[3]), real(*a))[1])
     model = load_mlx(tiny_dir)  # 4 heads of 16: 128 multiply-adds per cached position
     model.transcribe(speech("jfk")[:40000])
     assert calls == []

@@ -10,6 +10,7 @@ from conftest import checkpoint, load_mlx
 
 import voxtral_mlx
 from voxtral_mlx import cpu_kernels, cpu_quant, host, mkl_bf16
+from voxtral_mlx.cache import RingKVCache
 from voxtral_mlx.convert import convert
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None,
@@ -144,13 +145,16 @@ def test_encoder_chunks_on_the_host_give_the_frames_of_mlx_graphs(models, name, 
     calls = []
     real = host.encode
     monkeypatch.setattr(host, "encode", lambda *a: (calls.append(a[1].shape[1]), real(*a))[1])
-    in_place = []
-    real_attend = cpu_kernels.attend
-    monkeypatch.setattr(cpu_kernels, "attend", lambda q, *a: (in_place.append(q.shape[2]), real_attend(q, *a))[1])
+    events = []  # in place: a chunk's keys written, then read; else read with the ring, then written
+    real_attend, real_write = cpu_kernels.attend, RingKVCache.write_host
+    monkeypatch.setattr(cpu_kernels, "attend", lambda q, *a: (events.append(("read", q.shape[2])), real_attend(q, *a))[1])
+    monkeypatch.setattr(RingKVCache, "write_host",
+                        lambda c, k, v: (events.append(("write", k.shape[2])), real_write(c, k, v))[1])
     got = encoder_frames(model, mel, CHUNKS, True, monkeypatch, spare)
     assert calls == [c // 2 for c in CHUNKS]
     layers = len(model.net.encoder.transformer.layers)
-    assert in_place == [L for c in CHUNKS for L in [c // 2] * layers if L <= spare + 1]
+    order = {True: ["write", "read"], False: ["read", "write"]}
+    assert events == [(e, c // 2) for c in CHUNKS for _ in range(layers) for e in order[c // 2 <= spare + 1]]
     want = encoder_frames(model, mel, CHUNKS, False, monkeypatch, spare)
     assert len(calls) == len(CHUNKS) and got.shape == want.shape == (2, sum(CHUNKS) // 2, got.shape[2])
     # The chunk of 2 x 30 frames goes through q_amx (groups of 64), which keeps x to 21 bits

@@ -136,10 +136,11 @@ def _load():
     lib.q_dequantize.argtypes = [p, p, p, p, n, n, i, i, i]
     lib.q_pack.argtypes = [p, p, p, p, p, p, n, n, i, i, i]
     lib.attend.argtypes = [p, p, p, p, n, i, n, n, n, ctypes.c_float, p, i, p, i]
+    lib.attend_many.argtypes = [p, p, p, p, n, n, n, n, n, ctypes.c_float, p, i, i]
     lib.silu_mul.argtypes = [p, p, p, n, i]
     lib.rope_heads.argtypes = [p, p, p, p, n, n, n, n, i]
     for fn in (lib.bf16_rows, lib.bf16_split, lib.q_rows, lib.q_amx, lib.q_pack, lib.q_dequantize, lib.attend,
-               lib.silu_mul, lib.rope_heads, lib.bf16_rows_init):
+               lib.attend_many, lib.silu_mul, lib.rope_heads, lib.bf16_rows_init):
         fn.restype = i
     return lib, None
 
@@ -404,13 +405,20 @@ def attend_fits(heads: int, kv_heads: int, head_dim: int, queries: int = 1) -> b
             and library() is not None)
 
 
+def attends(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether `attend` takes any number of positions (a prompt, an encoder chunk) for these heads."""
+    return head_dim % 16 == 0 and heads % kv_heads == 0 and library() is not None
+
+
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, stored: int, mask: np.ndarray | None,
            scale: float) -> np.ndarray:
     """softmax(q k^T scale) v for L positions: q [B, H, L, D] float32 over the first `stored`
     slots of a cache keys, values [B, Hk, capacity, D] float32 (query head h reads key head
     h // (H / Hk)); mask [L, stored] (or [stored] for one position) bool, True where a query sees
     a slot, or None. Exact softmax, float32 sums; every stream's numbers are its own whatever
-    the batch, each key read once for all the queries of its key head."""
+    the batch. Up to 64 queries per key head (`attend_fits`: steps, speculative passes), each
+    key is read once for all of them; more (`attends`) go in blocks of 8 queries over the keys
+    some query of the block sees, each query's numbers the same whatever its block."""
     B, H, L, D = q.shape
     Hk, capacity = keys.shape[1], keys.shape[2]
     if mask is not None and L == 1 and mask.shape == (stored,):
@@ -421,18 +429,21 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, stored: int, mas
         raise ValueError(f"attend needs float32 contiguous q [B, H, L, D] and caches [B, Hk, >= {stored}, D], and a "
                          f"mask of {L} x {stored}, got {q.shape}, {keys.shape}, {values.shape}, "
                          f"{None if mask is None else mask.shape}")
-    if not attend_fits(H, Hk, D, L):
-        raise ValueError(f"attend takes head sizes of a multiple of 16 and up to 64 queries per key head "
-                         f"({H} / {Hk} heads of {D}, L = {L})" if library() is not None else
+    if not attends(H, Hk, D):
+        raise ValueError(f"attend takes head sizes of a multiple of 16 and query heads a multiple of the key heads "
+                         f"({H} / {Hk} heads of {D})" if library() is not None else
                          f"the attention kernel is not available: {reason}")
     out = np.empty_like(q)
-    scores = scratch(B * H * L * stored)
     flags = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
     # The query heads of a key head and their positions are its G = H / Hk * L queries, in
     # the order of q's memory: query g is at position g % L.
-    library().attend(q.ctypes.data, keys.ctypes.data, values.ctypes.data, out.ctypes.data, B * Hk, H // Hk * L,
-                     stored, D, capacity * D, scale, None if flags is None else flags.ctypes.data, L,
-                     scores.ctypes.data, threads_for(2 * B * H * L * stored * D))
+    where = (q.ctypes.data, keys.ctypes.data, values.ctypes.data, out.ctypes.data, B * Hk, H // Hk * L, stored, D,
+             capacity * D, scale, None if flags is None else flags.ctypes.data, L)
+    work = threads_for(2 * B * H * L * stored * D)
+    if attend_fits(H, Hk, D, L):
+        library().attend(*where, scratch(B * H * L * stored).ctypes.data, work)
+    elif library().attend_many(*where, work) < 0:
+        raise MemoryError(f"the attention kernel could not allocate its buffers for {stored} keys")
     return out
 
 

@@ -52,10 +52,10 @@ class Attention(nn.Module):
 
 
 # Several rows at once (the encoder's chunks, the prompt, speculative passes) on the CPU take
-# their attention and SwiGLU through numpy: MLX's CPU exponential is scalar code, and its
-# attention over long chunks several times slower than numpy's (on a 2-core Xeon, 512 random
-# frames over 1262 keys, 32 heads: 1970 ms against 170 ms; a 5 s clip's encoder chunk
-# end to end 10.2 s against 8.9 s).
+# their attention and SwiGLU through numpy, the attention through `cpu_kernels.attend` where
+# it runs: MLX's CPU exponential is scalar code, and its attention over long chunks several
+# times slower than numpy's (on a 2-core Xeon, 512 random frames over 1262 keys, 32 heads:
+# 1970 ms against 170 ms; a 5 s clip's encoder chunk end to end 10.2 s against 8.9 s).
 NUMPY_ROWS = 2
 
 
@@ -65,11 +65,16 @@ def through_numpy(rows: int) -> bool:
 
 def numpy_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, scale: float) -> mx.array:
     """Softmax attention of q [B, H, L, D] over k, v [B, Hk, S, D] (query head h reads kv head
-    h // (H / Hk)) in float32 numpy; mask [L, S] True where visible, or None."""
+    h // (H / Hk)) in float32 on the host (`cpu_kernels.attend` where it runs, else numpy);
+    mask [L, S] True where visible, or None."""
     q32, k32, v32 = (a.astype(mx.float32) for a in (q, k, v))
     mx.eval(q32, k32, v32, *([] if mask is None else [mask]))
-    out = host.attention_rows(np.asarray(q32), np.asarray(k32), np.asarray(v32),
-                              None if mask is None else np.asarray(mask), scale)
+    q32, k32, v32 = (np.ascontiguousarray(a) for a in (q32, k32, v32))
+    mask = None if mask is None else np.asarray(mask)
+    if cpu_kernels.attends(q.shape[1], k.shape[1], q.shape[3]):
+        out = cpu_kernels.attend(q32, k32, v32, k32.shape[2], mask, scale)
+    else:
+        out = host.attention_rows(q32, k32, v32, mask, scale)
     return mx.array(out).astype(q.dtype)
 
 

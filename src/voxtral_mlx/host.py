@@ -8,8 +8,8 @@ pass over an 80 ms streaming chunk (210 ms). Here the decoder (steps, prompts, s
 passes) and the encoder's transformer run on numpy arrays: norms and the residual stream in
 float32 numpy, SwiGLU and RoPE through `cpu_kernels`, the products through the layers'
 `host`, the attention through `cpu_kernels.attend` over the ring, written first (a step, or a
-chunk that the ring's spare slots hold), else in numpy over the ring and the chunk (large
-ones with their key heads shared among threads). Every operation works row by row, and
+chunk that the ring's spare slots hold), else over the ring and the chunk (in numpy where the
+kernel does not take the heads, large ones with their key heads shared among threads). Every operation works row by row, and
 products of more rows than the row kernels take run stream by stream (unless the kernel gives
 each row the same bits whatever rows surround it), so a stream's numbers do not depend on the
 streams beside it.
@@ -188,7 +188,11 @@ def attention(layer: nn.Module, h: np.ndarray, cache: RingKVCache, mask: np.ndar
             k_all, v_all = (np.concatenate([a[:, :, :stored], b], axis=2) for a, b in ((keys, k), (values, v)))
         else:
             k_all, v_all = k, v
-        out = attention_rows(q, k_all, v_all, mask, layer.scale)
+        if cpu_kernels.attends(layer.n_heads, layer.n_kv_heads, layer.head_dim):
+            k_all, v_all = np.ascontiguousarray(k_all), np.ascontiguousarray(v_all)
+            out = cpu_kernels.attend(q, k_all, v_all, k_all.shape[2], mask, layer.scale)
+        else:
+            out = attention_rows(q, k_all, v_all, mask, layer.scale)
         cache.write_host(k, v)
     return linear(layer.wo, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
