@@ -1069,10 +1069,13 @@ static void attend_many_run(const Job *j) {
             }
             for (int g = 0; g < gn; g++) {  // softmax numerators e^(s - max) in place
                 float *row = p + g * Mp;
-                const __m512 high = _mm512_set1_ps(_mm512_reduce_max_ps(top[g]));
+                const float most = _mm512_reduce_max_ps(top[g]);
+                const __m512 high = _mm512_set1_ps(most);
                 __m512 total = _mm512_setzero_ps();
                 for (long m = 16 * c0; m < 16 * c1; m += 16) {
-                    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + m), high));
+                    // A query that sees no key: weights 0 and their sum 0, its output 0 / 0 = NaN, as numpy's.
+                    const __m512 e = most == -INFINITY ? _mm512_setzero_ps()
+                                                       : exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + m), high));
                     _mm512_storeu_ps(row + m, e);
                     total = _mm512_add_ps(total, e);
                 }
@@ -1115,8 +1118,8 @@ int attend_many(const float *q, const float *k, const float *v, float *out, long
                 hi = (z + 15) / 16 > hi ? (z + 15) / 16 : hi;
             }
         }
-        spans[2 * b] = lo < hi ? lo : 0;  // a block that sees nothing: a softmax of no keys, as numpy's
-        spans[2 * b + 1] = lo < hi ? hi : chunks;
+        spans[2 * b] = lo < hi ? lo : 0;  // a block that sees nothing reads no key
+        spans[2 * b + 1] = lo < hi ? hi : 0;
     }
     Job job = {.run = attend_many_run, .x = q, .w = k, .out = out, .M = M, .N = N, .K = D, .bits = (int)G, .v = v,
                .mask = mask, .mask_rows = mask_rows, .stride = stride, .scale = scale, .spans = spans};

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import checkpoint, forced_logits, load_mlx, load_model, speech
 
-from voxtral_mlx import cpu_kernels, encoder
+from voxtral_mlx import cpu_kernels, encoder, host
 from voxtral_mlx.cache import RingKVCache
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None,
@@ -154,6 +154,23 @@ def test_many_positions_are_the_exact_softmax_within_float32(B, H, Hk, L, D, sto
     for position in range(L):
         want, top = reference(q[:, :, position : position + 1], keys, values, stored,
                               None if mask is None else mask[position], 0.3)
+        assert np.abs(got[:, :, position : position + 1] - want).max() < 2e-7 * (1 + top)
+
+
+@needs_kernel
+def test_a_position_that_sees_no_key_gets_nan_as_in_numpy_and_its_block_its_own():
+    rng = np.random.default_rng(4)
+    q, keys, values, mask = many_case(rng, 1, 2, 2, 80, 32, 120, "causal")
+    mask[3] = False  # one query of the first block
+    mask[64:72] = False  # a whole block
+    got = cpu_kernels.attend(q, keys, values, 120, mask, 0.3)
+    blind = np.zeros(80, bool)
+    blind[3], blind[64:72] = True, True
+    with np.errstate(invalid="ignore"):
+        numpy = host._attention(q, keys, values, mask, 0.3)
+    assert np.isnan(got[:, :, blind]).all() and np.isnan(numpy[:, :, blind]).all()
+    for position in np.flatnonzero(~blind):
+        want, top = reference(q[:, :, position : position + 1], keys, values, 120, mask[position], 0.3)
         assert np.abs(got[:, :, position : position + 1] - want).max() < 2e-7 * (1 + top)
 
 

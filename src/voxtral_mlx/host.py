@@ -9,10 +9,10 @@ passes) and the encoder's transformer run on numpy arrays: norms and the residua
 float32 numpy, SwiGLU and RoPE through `cpu_kernels`, the products through the layers'
 `host`, the attention through `cpu_kernels.attend` over the ring, written first (a step, or a
 chunk that the ring's spare slots hold), else over the ring and the chunk (in numpy where the
-kernel does not take the heads, large ones with their key heads shared among threads). Every operation works row by row, and
-products of more rows than the row kernels take run stream by stream (unless the kernel gives
-each row the same bits whatever rows surround it), so a stream's numbers do not depend on the
-streams beside it.
+kernel does not take the heads, large ones with their key heads shared among threads). Every
+operation works row by row, and products of more rows than the row kernels take run stream by
+stream (unless the kernel gives each row the same bits whatever rows surround it), so a
+stream's numbers do not depend on the streams beside it.
 """
 
 from __future__ import annotations
