@@ -69,12 +69,8 @@ def numpy_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None
     mask [L, S] True where visible, or None."""
     q32, k32, v32 = (a.astype(mx.float32) for a in (q, k, v))
     mx.eval(q32, k32, v32, *([] if mask is None else [mask]))
-    q32, k32, v32 = (np.ascontiguousarray(a) for a in (q32, k32, v32))
-    mask = None if mask is None else np.asarray(mask)
-    if cpu_kernels.attends(q.shape[1], k.shape[1], q.shape[3]):
-        out = cpu_kernels.attend(q32, k32, v32, k32.shape[2], mask, scale)
-    else:
-        out = host.attention_rows(q32, k32, v32, mask, scale)
+    out = host.attention_chunk(np.asarray(q32), np.asarray(k32), np.asarray(v32),
+                               None if mask is None else np.asarray(mask), scale)
     return mx.array(out).astype(q.dtype)
 
 

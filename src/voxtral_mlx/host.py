@@ -137,6 +137,15 @@ def attention_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray
     return np.concatenate([s.result() for s in shares], axis=1)
 
 
+def attention_chunk(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray:
+    """`attention_rows` (same arguments) through `cpu_kernels.attend` where it takes the heads, any
+    number of positions; else in numpy."""
+    if cpu_kernels.attends(q.shape[1], k.shape[1], q.shape[3]):
+        q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
+        return cpu_kernels.attend(q, k, v, k.shape[2], mask, scale)
+    return attention_rows(q, k, v, mask, scale)
+
+
 def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray:
     B, H, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
@@ -188,11 +197,7 @@ def attention(layer: nn.Module, h: np.ndarray, cache: RingKVCache, mask: np.ndar
             k_all, v_all = (np.concatenate([a[:, :, :stored], b], axis=2) for a, b in ((keys, k), (values, v)))
         else:
             k_all, v_all = k, v
-        if cpu_kernels.attends(layer.n_heads, layer.n_kv_heads, layer.head_dim):
-            k_all, v_all = np.ascontiguousarray(k_all), np.ascontiguousarray(v_all)
-            out = cpu_kernels.attend(q, k_all, v_all, k_all.shape[2], mask, layer.scale)
-        else:
-            out = attention_rows(q, k_all, v_all, mask, layer.scale)
+        out = attention_chunk(q, k_all, v_all, mask, layer.scale)
         cache.write_host(k, v)
     return linear(layer.wo, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
