@@ -97,6 +97,8 @@ def components(model, delay_ms, steps: int = 48, tokens: int = 64, context: int 
     caches = net.make_cache()
     L = len(session.prompt)
     embeds = mx.concatenate([emb] * (-(-(L + steps) // tokens)))[: L + steps]
+    # warm up: a GPU backend compiles its kernels on the first call (3 s on CUDA)
+    mx.eval(net.decode(embeds[:L], mx.array(session.prompt), net.make_cache(), session.scales))
     start = time.perf_counter()
     logits = net.decode(embeds[:L], mx.array(session.prompt), caches, session.scales)
     token = mx.argmax(logits)

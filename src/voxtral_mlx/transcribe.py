@@ -156,7 +156,8 @@ class Voxtral:
 
         A list is decoded `batch_size` recordings at a time, in its order, each batch as one:
         every decoder step reads the weights once for all of its recordings. The result is a
-        list in the same order, each exactly what the recording gives alone.
+        list in the same order, each what the recording gives alone: exactly on the CPU; on a
+        GPU a near-tie between two tokens can go the other way.
 
         Args:
             audio: a file path, or mono samples (float in [-1, 1] or integer PCM); or a list
