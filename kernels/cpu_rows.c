@@ -4,6 +4,8 @@
 // bf16_rows (AMX):     out[m, n] = sum_k bf16(x[m, k]) * w[n, k]       w: N x K bfloat16 bits
 //                      or, x in three bfloat16 parts p0 + p1 + p2 = x exactly, sum_p sum_k p * w:
 //                      float32 products over bfloat16 weights (bf16_split: the parts for MKL)
+// wide_rows (AVX-512F): the same products without AMX, the weights widened to float32 in
+//                      registers (bf16_widen: widened in memory, for MKL's float32 GEMM)
 // q_rows (AVX-512F):   out[m, n] = sum_k x[m, k] * (s[n, g] * q[n, k] + b[n, g])
 //                      q: N x K unsigned 4- or 8-bit values packed as MLX packs them (a value
 //                      per nibble or byte, lowest first), s and b: float32 per group of k
@@ -329,6 +331,100 @@ int bf16_split(const float *x, uint16_t *out, long M, long K, int parts) {
             for (int p = 0; p < parts; p++) _mm512_mask_storeu_epi16(out + (p * M + m) * K + k, in, pairs[p]);
         }
     return 1;
+}
+
+// bf16_rows without AMX (AVX-512F: Zen 4, Skylake-SP and later). Each 32 bfloat16 weights
+// are widened to float32 in two registers (the even values shifted up, the odd ones masked:
+// exact) and multiplied into the sums by FMA, with x as float32 (parts = 3: its own values,
+// the products float32's) or rounded to bfloat16 (parts = 1), stored by `wide_rows` with each
+// 32 values' even ones first. A pass multiplies 8 weight rows, loaded and widened once per 32
+// values, by G = 1 or 2 rows of x (4 by 4 was no faster on a Zen 4); the sums are added across
+// lanes at the row's end. Each sum takes the same terms in the same order whatever G.
+static inline __attribute__((always_inline)) void wide_pass(const Job *j, long n, long m0, const int G) {
+    const int R = 8;
+    const long K = j->K;
+    const uint16_t *w = (const uint16_t *)j->w + n * K;
+    const float *x = (const float *)j->x + m0 * K;
+    const __m512i odd = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 acc[8][2];
+    for (int r = 0; r < R; r++)
+        for (int a = 0; a < G; a++) acc[r][a] = _mm512_setzero_ps();
+    for (long k = 0; k < K; k += 32) {
+        __m512 we[8], wo[8];
+        for (int r = 0; r < R; r++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(w + r * K + k));
+            we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+        }
+        for (int a = 0; a < G; a++) {
+            const __m512 xe = _mm512_loadu_ps(x + a * K + k), xo = _mm512_loadu_ps(x + a * K + k + 16);
+            for (int r = 0; r < R; r++) {
+                acc[r][a] = _mm512_fmadd_ps(we[r], xe, acc[r][a]);
+                acc[r][a] = _mm512_fmadd_ps(wo[r], xo, acc[r][a]);
+            }
+        }
+    }
+    for (int a = 0; a < G; a++)
+        for (int r = 0; r < R; r++) j->out[(m0 + a) * j->N + n + r] = _mm512_reduce_add_ps(acc[r][a]);
+}
+
+static void wide_run(const Job *j) {
+    for (long n = j->n0; n < j->n1; n += 8)
+        for (long m0 = 0; m0 < j->M; m0 += 2) {
+            if (j->M - m0 >= 2)
+                wide_pass(j, n, m0, 2);
+            else
+                wide_pass(j, n, m0, 1);
+        }
+}
+
+// x rounded to bfloat16 (to nearest, ties to even; finite x), as float32.
+static inline __m512 round_bf16(__m512 x) {
+    const __m512i b = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i up = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+// bf16_rows's products without AMX, the same arguments but `scratch`: M x K float32.
+int wide_rows(const float *x, const uint16_t *w, float *out, long M, long N, long K, int threads, float *scratch,
+              int parts) {
+    if (parts != 1 && parts != 3) return 0;
+    if (M < 1) return 1;
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (long m = 0; m < M; m++)
+        for (long k = 0; k < K; k += 32) {
+            __m512 lo = _mm512_loadu_ps(x + m * K + k), hi = _mm512_loadu_ps(x + m * K + k + 16);
+            if (parts == 1) {
+                lo = round_bf16(lo);
+                hi = round_bf16(hi);
+            }
+            _mm512_storeu_ps(scratch + m * K + k, _mm512_permutex2var_ps(lo, even, hi));
+            _mm512_storeu_ps(scratch + m * K + k + 16, _mm512_permutex2var_ps(lo, odd, hi));
+        }
+    return dispatch((Job){.run = wide_run, .x = scratch, .w = w, .out = out, .M = M, .N = N, .K = K, .parts = parts},
+                    threads, BLOCK);
+}
+
+static void widen_run(const Job *j) {
+    for (long n = j->n0; n < j->n1; n++) {
+        const uint16_t *w = (const uint16_t *)j->w + n * j->K;
+        long k = 0;
+        for (; k + 16 <= j->K; k += 16) {
+            const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k)));
+            _mm512_storeu_si512((void *)(j->out + n * j->K + k), _mm512_slli_epi32(v, 16));
+        }
+        for (; k < j->K; k++) {
+            const uint32_t v = (uint32_t)w[k] << 16;
+            memcpy(j->out + n * j->K + k, &v, 4);
+        }
+    }
+}
+
+// The float32 values of N x K bfloat16 bits, for MKL's float32 GEMM.
+int bf16_widen(const uint16_t *w, float *out, long N, long K, int threads) {
+    return dispatch((Job){.run = widen_run, .w = w, .out = out, .N = N, .K = K}, threads, 1);
 }
 
 // Quantized weights (q_rows). A weight row's values are widened once per pass of up to QROWS

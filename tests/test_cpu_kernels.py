@@ -1,5 +1,6 @@
-"""The AMX kernel for bfloat16 products of a few rows (kernels/cpu_rows.c, cpu_kernels.py); the
-quantized kernel of the same library is tested in test_cpu_quant.py."""
+"""The row kernels for bfloat16 weights (kernels/cpu_rows.c, cpu_kernels.py): AMX's, and the
+AVX-512 one of CPUs without AMX (each test runs with every kernel this CPU has); the
+quantized kernels of the same library are tested in test_cpu_quant.py."""
 
 import multiprocessing
 import stat
@@ -15,8 +16,19 @@ from conftest import load_mlx, speech
 import voxtral_mlx
 from voxtral_mlx import cpu_kernels, mkl_bf16
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.amx(),
-                                  reason=f"the AMX row kernel is not available: {cpu_kernels.amx_reason}")
+
+
+@pytest.fixture(params=["AMX", "AVX-512"])
+def kernel(request, monkeypatch) -> str:
+    """Each row kernel the CPU has; for the AVX-512 one on a CPU with AMX, AMX is hidden."""
+    if cpu_kernels.library() is None:
+        pytest.skip(f"no kernel library: {cpu_kernels.reason}")
+    if request.param == "AMX" and not cpu_kernels.amx():
+        pytest.skip(f"the AMX row kernel is not available: {cpu_kernels.amx_reason}")
+    if request.param == "AVX-512":
+        monkeypatch.setattr(cpu_kernels, "amx", lambda: False)
+    assert cpu_kernels.row_kernel() == request.param
+    return request.param
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -27,18 +39,19 @@ def widen(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
-def call(x: np.ndarray, w: np.ndarray, threads: int, parts: int = 1) -> np.ndarray:
+def call(kernel: str, x: np.ndarray, w: np.ndarray, threads: int, parts: int = 1) -> np.ndarray:
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    scratch = np.empty(parts * x.size, np.uint16)
-    used = cpu_kernels.library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, x.shape[0], w.shape[0],
-                                           x.shape[1], threads, scratch.ctypes.data, parts)
+    lib = cpu_kernels.library()
+    fn, scratch = ((lib.bf16_rows, np.empty(parts * x.size, np.uint16)) if kernel == "AMX" else
+                   (lib.wide_rows, np.empty(x.size, np.float32)))
+    used = fn(x.ctypes.data, w.ctypes.data, out.ctypes.data, x.shape[0], w.shape[0], x.shape[1], threads,
+              scratch.ctypes.data, parts)
     assert used == threads
     return out
 
 
-@needs_kernel
 @pytest.mark.parametrize("M,N,K", [(1, 32, 32), (3, 96, 64), (16, 64, 3072), (17, 320, 96), (32, 128, 1056)])
-def test_products_are_float32_sums_of_bfloat16_terms(M, N, K):
+def test_products_are_float32_sums_of_bfloat16_terms(kernel, M, N, K):
     rng = np.random.default_rng(M * N + K)
     x = rng.normal(size=(M, K)).astype(np.float32)
     w = bf16_bits(rng.normal(size=(N, K)))
@@ -50,8 +63,7 @@ def test_products_are_float32_sums_of_bfloat16_terms(M, N, K):
     assert np.all(np.abs(got - exact) <= 8 * bound)
 
 
-@needs_kernel
-def test_inputs_are_rounded_to_nearest_even_and_rows_land_in_place():
+def test_inputs_are_rounded_to_nearest_even_and_rows_land_in_place(kernel):
     # An identity weight returns bf16(x) itself: every row and column where it belongs.
     rng = np.random.default_rng(0)
     K = 64
@@ -63,22 +75,20 @@ def test_inputs_are_rounded_to_nearest_even_and_rows_land_in_place():
     assert list(got[0, :4]) == [1.0, 1 + 2**-6, -1.0, 1.0]  # ties go to the even neighbour
 
 
-@needs_kernel
-def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it():
+def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it(kernel):
     rng = np.random.default_rng(1)
     K, N = 3072, 1024
     x = rng.normal(size=(32, K)).astype(np.float32)
     w = bf16_bits(rng.normal(size=(N, K)))
     for parts in (1, 3):
-        alone = np.concatenate([call(x[i : i + 1], w, 1, parts) for i in range(32)])
-        for m in (2, 4, 5, 6, 16, 17, 32):
+        alone = np.concatenate([call(kernel, x[i : i + 1], w, 1, parts) for i in range(32)])
+        for m in (2, 3, 4, 5, 6, 16, 17, 32):
             for threads in (1, 2, 3):
-                assert np.array_equal(call(x[:m], w, threads, parts), alone[:m]), (m, threads, parts)
+                assert np.array_equal(call(kernel, x[:m], w, threads, parts), alone[:m]), (m, threads, parts)
         assert np.array_equal(cpu_kernels.rows_t(x[5:9], w, parts)[2], alone[7])
 
 
-@needs_kernel
-def test_matmul_t_takes_the_kernel_for_few_rows_and_mkl_beyond(monkeypatch):
+def test_matmul_t_takes_the_kernel_for_few_rows_and_mkl_beyond(kernel, monkeypatch):
     rng = np.random.default_rng(2)
     w = mx.array(rng.normal(size=(64, 96)), mx.float32).astype(mx.bfloat16)
     bits = mkl_bf16.bits(w)
@@ -96,8 +106,7 @@ def test_matmul_t_takes_the_kernel_for_few_rows_and_mkl_beyond(monkeypatch):
         assert cpu_kernels.rows_t(np.zeros((0, 96), np.float32), bits, parts).shape == (0, 64)
 
 
-@needs_kernel
-def test_calls_from_several_threads_at_once():
+def test_calls_from_several_threads_at_once(kernel):
     rng = np.random.default_rng(3)
     cases = [(rng.normal(size=(m, 256)).astype(np.float32), bf16_bits(rng.normal(size=(512, 256)))) for m in (1, 5, 9, 30)]
     expected = [cpu_kernels.rows_t(x, w) for x, w in cases]
@@ -120,8 +129,7 @@ def _product_in_child(queue, eye):  # numpy only: MLX itself does not survive a 
     queue.put(cpu_kernels.rows_t(np.ones((3, 64), np.float32), eye).sum())
 
 
-@needs_kernel
-def test_a_forked_child_starts_its_own_workers():
+def test_a_forked_child_starts_its_own_workers(kernel):
     eye = bf16_bits(np.eye(64))
     cpu_kernels.rows_t(np.ones((2, 64), np.float32), eye)  # the parent's workers exist
     ctx = multiprocessing.get_context("fork")
@@ -134,8 +142,7 @@ def test_a_forked_child_starts_its_own_workers():
     assert child.exitcode == 0 and queue.get(timeout=5) == 3 * 64
 
 
-@needs_kernel
-def test_bfloat16_batch_gives_each_file_its_single_file_tokens(small_windows_dir):
+def test_bfloat16_batch_gives_each_file_its_single_file_tokens(kernel, small_windows_dir):
     model = voxtral_mlx.load(small_windows_dir, dtype="bfloat16")
     clips = [speech("jfk")[:48000], speech("night1968_5s")[:64000], speech("jfk")[16000:40000]]
     single = [model.transcribe(c, speculate=0).tokens for c in clips]
@@ -163,16 +170,17 @@ def test_reasons_when_the_kernel_cannot_be_used(monkeypatch):
 
 
 @pytest.mark.skipif(cpu_kernels.library() is None, reason=f"no kernel library: {cpu_kernels.reason}")
-def test_without_amx_only_the_bfloat16_kernel_is_refused(monkeypatch):
+def test_without_amx_the_avx512_kernels_multiply(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx512f", "amx_tile"})
     cpu_kernels.amx.cache_clear()
     try:
         reason = "the CPU lacks amx_bf16, amx_int8, avx512_bf16, avx512bw"
         assert not cpu_kernels.amx() and cpu_kernels.amx_reason == reason
-        assert not cpu_kernels.fits(1, 64, 64) and cpu_kernels.q_fits(8, 64, 128)
+        assert cpu_kernels.row_kernel() == "AVX-512" and cpu_kernels.fits(1, 64, 64) and cpu_kernels.q_fits(8, 64, 128)
         assert not cpu_kernels.q_amx_fits(8, 64, 128)
-        with pytest.raises(ValueError, match=f"^the bfloat16 row kernel is not available: {reason}$"):
-            cpu_kernels.rows_t(np.ones((1, 64), np.float32), np.ones((64, 64), np.uint16))
+        eye = bf16_bits(np.eye(64))
+        assert np.array_equal(cpu_kernels.rows_t(np.full((1, 64), 1 + 2**-9, np.float32), eye, 3),
+                              np.full((1, 64), 1 + 2**-9, np.float32))
         q, scales = np.zeros((16, 32), np.uint32), np.zeros((16, 2), np.float32)
         with pytest.raises(ValueError, match=f"^the AMX quantized kernel is not available: {reason}$"):
             cpu_kernels.q_pack(q, scales, scales, 8, 64)
@@ -182,6 +190,29 @@ def test_without_amx_only_the_bfloat16_kernel_is_refused(monkeypatch):
         assert cpu_kernels.q_rows_t(np.ones((40, 128), np.float32), q, scales, scales, 8, 64).shape == (40, 16)
     finally:
         cpu_kernels.amx.cache_clear()
+
+
+@pytest.mark.skipif(not mkl_bf16.available() or cpu_kernels.library() is None, reason="needs MKL and the kernels")
+def test_without_amx_float32_products_of_many_rows_widen_the_weights_a_block_at_a_time(monkeypatch):
+    rng = np.random.default_rng(11)
+    K, N = 96, 96
+    w = bf16_bits(rng.normal(size=(N, K)))
+    monkeypatch.setattr(cpu_kernels, "amx", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "WIDENED", 20 * K)  # blocks of 20 weight rows: 20, 20, 20, 20, 16
+    calls = []
+    real = cpu_kernels.bf16_widen
+    monkeypatch.setattr(cpu_kernels, "bf16_widen", lambda w, out: (calls.append(w.shape[0]), real(w, out))[1])
+    for rows, widened in ((32, []), (33, [20, 20, 20, 20, 16])):
+        calls.clear()
+        x = rng.normal(size=(rows, K)).astype(np.float32)
+        got = mkl_bf16.rows_t(x, w, parts=3)
+        exact = x.astype(np.float64) @ widen(w).T  # x's own values: float32 products
+        assert calls == widened and got.shape == (rows, N)
+        assert np.abs(got - exact).max() < 1e-5 * np.abs(exact).max()
+    odd = bf16_bits(rng.normal(size=(3, 21)))  # a row's last values past the whole vectors
+    assert np.array_equal(cpu_kernels.bf16_widen(odd, np.empty(70, np.float32)), widen(odd).astype(np.float32))
+    with pytest.raises(ValueError, match="^bf16_widen needs contiguous uint16 rows, got float32"):
+        cpu_kernels.bf16_widen(np.ones((2, 24), np.float32), np.empty(48, np.float32))
 
 
 def fake_compiler(path: Path, body: str) -> str:
@@ -212,8 +243,7 @@ def test_a_build_is_cached_per_source_and_compiler(tmp_path, monkeypatch):
     assert cpu_kernels.cache_dir() == tmp_path / "xdg" / "voxtral-mlx"
 
 
-@needs_kernel
-def test_rows_t_refuses_what_it_cannot_multiply():
+def test_rows_t_refuses_what_it_cannot_multiply(kernel):
     x = np.ones((2, 64), np.float32)
     with pytest.raises(ValueError, match="needs a contiguous uint16 weight with 64 columns"):
         cpu_kernels.rows_t(x, np.ones((32, 64), np.float32))
@@ -268,7 +298,7 @@ def test_the_model_takes_the_numpy_paths_for_chunks_and_mlx_for_single_steps(tin
     assert model.transcribe(speech("jfk")[:32000]).tokens == tokens and rows == []
 
 
-@needs_kernel
+@pytest.mark.skipif(cpu_kernels.library() is None, reason=f"no kernel library: {cpu_kernels.reason}")
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 4099, 300000])
 def test_silu_mul_is_swiglu_to_float32_rounding(n):
     from voxtral_mlx import host

@@ -246,7 +246,7 @@ def test_many_rows_multiply_dequantized_blocks_through_mkl(monkeypatch):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: (calls.append((name, a[0].shape[0])),
                                                                                   real(*a))[1])
-    monkeypatch.setattr(cpu_quant, "DEQUANTIZED", 16 * K)  # blocks of 16 weight rows: 16, 16, 16, 16, 6
+    monkeypatch.setattr(cpu_kernels, "WIDENED", 16 * K)  # blocks of 16 weight rows: 16, 16, 16, 16, 6
     for rows, expected in ((32, [("q_rows_t", 32)]), (33, [("q_dequantize", 16)] * 4 + [("q_dequantize", 6)])):
         calls.clear()
         x = rng.normal(size=(1, rows, K)).astype(np.float32)

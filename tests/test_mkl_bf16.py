@@ -139,16 +139,16 @@ def test_transcription_streams_as_it_runs_offline(small_windows_dir):
     assert model.transcribe(audio, speculate=8).tokens == offline.tokens
 
 
-# float32 products over bfloat16 weights: the CPU default where MKL and AMX are.
+# float32 products over bfloat16 weights: the CPU default where MKL and a row kernel are.
 
-needs_amx = pytest.mark.skipif(not mkl_bf16.float32_available(), reason="needs the AMX kernels")
+needs_row_kernel = pytest.mark.skipif(not mkl_bf16.float32_available(), reason="needs MKL and a row kernel")
 
 
 def widen(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
-@needs_amx
+@pytest.mark.skipif(not voxtral_mlx.cpu_kernels.amx(), reason="needs the AMX kernels")
 def test_three_bfloat16_parts_add_up_to_x_exactly():
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(3, 100)) * np.exp(rng.normal(size=(3, 100)) * 8)).astype(np.float32)
@@ -163,12 +163,13 @@ def test_three_bfloat16_parts_add_up_to_x_exactly():
         voxtral_mlx.cpu_kernels.bf16_split(x, 2)
 
 
-@needs_amx
+@needs_row_kernel
 @pytest.mark.parametrize("M,N,K", [(1, 96, 64), (5, 64, 3072), (6, 32, 96), (17, 320, 96), (32, 128, 1056),
                                    (33, 64, 640), (40, 1000, 96), (129, 64, 96)])
 def test_three_parts_give_float32_products(M, N, K):
-    # Up to 32 rows through the row kernel (5 rows of 3 parts per tile), more through MKL (the
-    # parts as one matrix up to 128 rows, then one product each).
+    # Up to 32 rows through the row kernel (AMX: 5 rows of 3 parts per tile), more through MKL
+    # (AMX: the parts as one matrix up to 128 rows, then one product each; else the widened
+    # weights).
     rng = np.random.default_rng(M + N + K)
     x = rng.normal(size=(M, K)).astype(np.float32)
     w = mkl_bf16.bits(mx.array(rng.normal(size=(N, K)), mx.bfloat16))
@@ -184,10 +185,12 @@ def test_three_parts_give_float32_products(M, N, K):
     assert np.abs(got - exact).max() < 0.05 * np.abs(bf16(x) @ widen(w).T - exact).max()
 
 
-@needs_amx
+@needs_row_kernel
 def test_float32_on_the_cpu_keeps_a_bfloat16_checkpoints_product_weights(small_windows_dir, tmp_path):
     model = load_model(small_windows_dir)  # float32, the CPU default
-    assert mkl_bf16.describe(model.net) == "float32 products over bfloat16 weights through MKL and the AMX row kernel"
+    kernel = voxtral_mlx.cpu_kernels.row_kernel()
+    assert mkl_bf16.describe(model.net) == ("float32 products over bfloat16 weights through MKL and the "
+                                            f"{kernel} row kernel")
     layers = [m for _, m in model.net.named_modules() if isinstance(m, (mkl_bf16.Linear, mkl_bf16.Embedding))]
     assert layers and all(m._parts == 3 and m.weight.dtype == mx.bfloat16 for m in layers)
     assert model.dtype == mx.float32
@@ -198,7 +201,7 @@ def test_float32_on_the_cpu_keeps_a_bfloat16_checkpoints_product_weights(small_w
     assert not mkl_bf16.adopted(f32.net) and {p.dtype for _, p in tree_flatten(f32.net.parameters())} == {mx.float32}
 
 
-@needs_amx
+@needs_row_kernel
 def test_float32_products_over_bfloat16_weights_give_the_float32_models_numbers(small_windows_dir):
     ref = reference(small_windows_dir)
     audio = speech("night1968_5s")
@@ -212,7 +215,7 @@ def test_float32_products_over_bfloat16_weights_give_the_float32_models_numbers(
     assert over_bf16.transcribe(x).tokens == mlx_graphs.transcribe(x).tokens
 
 
-@pytest.mark.parametrize("parts", [1, pytest.param(3, marks=needs_amx)])
+@pytest.mark.parametrize("parts", [1, pytest.param(3, marks=needs_row_kernel)])
 @pytest.mark.parametrize("M", [1, 32, 40, 129])
 def test_products_written_into_a_given_array_are_those_returned(parts, M):
     # The row kernel (up to 32 rows, with AMX), MKL with the parts as one matrix (40), one GEMM

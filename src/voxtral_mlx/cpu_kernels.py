@@ -6,7 +6,10 @@
   step. This kernel reads each weight once for up to 16 rows (twice for 17 to 32) at the
   speed of memory. x is rounded to bfloat16, or taken in three bfloat16 parts (`bf16_split`)
   for float32 products: 5 rows a pass, one row 1.7x MKL's float32 GEMM of the widened
-  weights (half the bytes), four rows 4x.
+  weights (half the bytes), four rows 4x. Without AMX (any CPU with AVX-512), the same
+  products through `wide_rows`: the weights widened to float32 in registers (exact) and
+  multiplied by x (rounded to bfloat16, or as it is for float32 products) with FMA; on a Zen 4,
+  one row 3x MKL's float32 GEMM of the widened weights, four rows 4x (`wide_t`: many rows).
 - `q_rows_t` (AVX-512): 4- and 8-bit weights as MLX quantizes them (affine, a float32 scale
   and bias per group), any number of rows. MLX's CPU quantized product is a scalar loop
   (3 s per decoder step of the 4B model); this one streams the packed weights at the speed
@@ -24,8 +27,8 @@ All give every row the same bits whatever rows, and however many threads, are ar
 (`q_amx_t`: on either side of MAX_ROWS).
 The source is compiled on first use with the system C compiler (`CC`, else cc, gcc or clang)
 into the user cache (`$XDG_CACHE_HOME/voxtral-mlx`, else ~/.cache/voxtral-mlx), one library
-per source and compiler. The quantized kernel needs AVX-512 (Skylake-SP and later Xeons,
-Zen 4 and later); the bfloat16 one AMX (Sapphire Rapids and later Xeons). Where they cannot
+per source and compiler. The library needs AVX-512 (Skylake-SP and later Xeons, Zen 4 and
+later); the AMX kernels AMX as well (Sapphire Rapids and later Xeons). Where they cannot
 be used (another CPU, no compiler, `VOXTRAL_MLX_CPU_KERNELS=off`), `reason` and `amx_reason`
 say why, and MKL and MLX multiply as before.
 """
@@ -131,6 +134,8 @@ def _load():
     p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.bf16_rows.argtypes = [p, p, p, n, n, n, i, p, i]
     lib.bf16_split.argtypes = [p, p, n, n, i]
+    lib.wide_rows.argtypes = [p, p, p, n, n, n, i, p, i]
+    lib.bf16_widen.argtypes = [p, p, n, n, i]
     lib.q_rows.argtypes = [p, p, p, p, p, n, n, n, i, i, i, p]
     lib.q_amx.argtypes = [p, p, p, p, p, n, n, n, i, i, i, i, i]
     lib.q_dequantize.argtypes = [p, p, p, p, n, n, i, i, i]
@@ -139,7 +144,8 @@ def _load():
     lib.attend_many.argtypes = [p, p, p, p, n, n, n, n, n, ctypes.c_float, p, i, i]
     lib.silu_mul.argtypes = [p, p, p, n, i]
     lib.rope_heads.argtypes = [p, p, p, p, n, n, n, n, i]
-    for fn in (lib.bf16_rows, lib.bf16_split, lib.q_rows, lib.q_amx, lib.q_pack, lib.q_dequantize, lib.attend,
+    for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.bf16_widen, lib.q_rows, lib.q_amx, lib.q_pack,
+               lib.q_dequantize, lib.attend,
                lib.attend_many, lib.silu_mul, lib.rope_heads, lib.bf16_rows_init):
         fn.restype = i
     return lib, None
@@ -197,8 +203,15 @@ def threads_for(work: int) -> int:
 
 
 def fits(rows: int, n: int, k: int) -> bool:
-    """Whether a product of `rows` rows with an n x k weight goes through the kernel."""
-    return rows <= MAX_ROWS and n % 32 == 0 and k % 32 == 0 and amx()
+    """Whether a product of `rows` rows with an n x k bfloat16 weight goes through a row kernel
+    (`rows_t`: AMX's, else the AVX-512 one)."""
+    return rows <= MAX_ROWS and n % 32 == 0 and k % 32 == 0 and library() is not None
+
+
+def row_kernel() -> str | None:
+    """Which kernel multiplies bfloat16 weights by a few rows here (`rows_t`): "AMX", "AVX-512"
+    (CPUs without AMX: Zen 4, Skylake-SP to Ice Lake Xeons), or None (`reason` says why)."""
+    return None if library() is None else "AMX" if amx() else "AVX-512"
 
 
 def result(out: np.ndarray | None, m: int, n: int) -> np.ndarray:
@@ -221,13 +234,62 @@ def rows_t(x: np.ndarray, w: np.ndarray, parts: int = 1, out: np.ndarray | None 
         raise ValueError(f"rows_t needs a contiguous uint16 weight with {k} columns, got {w.dtype} {w.shape}")
     if not fits(m, n, k):
         raise ValueError(f"rows_t takes at most {MAX_ROWS} rows and multiples of 32 ({m} x {k} by {n} x {k})"
-                         if amx() else f"the bfloat16 row kernel is not available: {amx_reason}")
+                         if library() is not None else f"the bfloat16 row kernel is not available: {reason}")
     out = result(out, m, n)
-    pairs = np.empty(parts * m * k, np.uint16)
-    if not library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(parts * m * n * k),
-                               pairs.ctypes.data, parts):
+    if amx():
+        pairs = np.empty(parts * m * k, np.uint16)
+        done = library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k,
+                                   threads_for(parts * m * n * k), pairs.ctypes.data, parts)
+    else:  # x's values rounded or as they are, times the weights widened in registers
+        rows = np.empty(m * k, np.float32)
+        done = library().wide_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(m * n * k),
+                                   rows.ctypes.data, parts)
+    if not done:
         raise ValueError(f"rows_t takes x in 1 or 3 parts, not {parts}")
     return out
+
+
+WIDENED = 1 << 23  # float32 weight values widened at a time for a product of many rows (32 MB)
+
+
+def blocks_gemm(x: np.ndarray, n: int, widen, out: np.ndarray | None = None) -> np.ndarray:
+    """`x @ W.T` [M, n] through MKL's float32 GEMM, for float32 rows x [M, K] (C-contiguous, many
+    of them) and a weight W [n, K] stored narrower: `widen(n0, n1, buffer)` writes its rows
+    n0..n1 as float32 into `buffer` and returns them [n1 - n0, K]. At most WIDENED values at a
+    time, in a buffer kept per thread. Into `out` where given (see `result`); needs MKL."""
+    from . import mkl_bf16
+
+    m, k = x.shape
+    out = result(out, m, n)
+    step = max(1, WIDENED // k)
+    buffer = scratch(min(step, n) * k)
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        mkl_bf16.sgemm_t(x, widen(n0, n1, buffer), out[:, n0:n1])
+    return out
+
+
+def bf16_widen(w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The float32 values of w [N, K] bfloat16 bits, on every core, into the start of `out`
+    (contiguous float32, at least N x K values); returns that view [N, K]."""
+    n, k = w.shape
+    if w.dtype != np.uint16 or not w.flags.c_contiguous:
+        raise ValueError(f"bf16_widen needs contiguous uint16 rows, got {w.dtype} {w.shape}")
+    if out.dtype != np.float32 or out.size < n * k or not out.flags.c_contiguous:
+        raise ValueError(f"bf16_widen needs a contiguous float32 out of at least {n} x {k} values")
+    out = out.reshape(-1)[: n * k].reshape(n, k)
+    library().bf16_widen(w.ctypes.data, out.ctypes.data, n, k, threads_for(n * k * 8))
+    return out
+
+
+def wide_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """`x @ w.T` for many float32 rows x [M, K] and w [N, K] bfloat16 bits in float32 (MKL's GEMM
+    over the weight widened a block at a time, `blocks_gemm`): on CPUs without AMX, where
+    MKL's bfloat16 GEMM is no faster than its float32 one and would take x in three parts."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if w.ndim != 2 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"wide_t: rows of {x.shape[1]} values by a weight of shape {w.shape}")
+    return blocks_gemm(x, w.shape[0], lambda n0, n1, buffer: bf16_widen(w[n0:n1], buffer), out)
 
 
 def bf16_split(x: np.ndarray, parts: int) -> np.ndarray:

@@ -29,8 +29,6 @@ import numpy as np
 from . import cpu_kernels, mkl_bf16
 from .mkl_bf16 import _quiet_blas_threads, replace_layers
 
-DEQUANTIZED = 1 << 23  # float32 weights dequantized at a time for a product of many rows (32 MB)
-
 
 def available() -> bool:
     """Whether quantized products can go through the kernel here."""
@@ -84,15 +82,8 @@ def product(new: nn.Module, a: np.ndarray, out: np.ndarray | None = None) -> np.
     w, s, b = new._q
     if a.shape[0] <= cpu_kernels.MAX_ROWS or not mkl_bf16.available():
         return cpu_kernels.q_rows_t(a, w, s, b, new.bits, new.group_size, out)
-    K = a.shape[1]
-    out = cpu_kernels.result(out, a.shape[0], w.shape[0])
-    step = max(1, DEQUANTIZED // K)
-    scratch = cpu_kernels.scratch(step * K)
-    for n in range(0, w.shape[0], step):
-        block = cpu_kernels.q_dequantize(w[n : n + step], s[n : n + step], b[n : n + step], new.bits,
-                                         new.group_size, scratch)
-        mkl_bf16.sgemm_t(a, block, out[:, n : n + step])
-    return out
+    return cpu_kernels.blocks_gemm(a, w.shape[0], lambda n0, n1, buffer: cpu_kernels.q_dequantize(
+        w[n0:n1], s[n0:n1], b[n0:n1], new.bits, new.group_size, buffer), out)
 
 
 def features(new: nn.Module) -> int:

@@ -7,15 +7,18 @@ weights of every linear layer and of the tied embedding stay bfloat16, as in the
 a decoder step reads half the bytes of float32. Everything else (norms, RoPE, attention,
 the conv stem, the residual stream) computes in float32; each product's input is rounded to
 bfloat16, as a bfloat16 GPU run rounds it. Products of at most 32 rows (decoder steps, batches,
-speculative passes) go through the AMX kernel of `cpu_kernels` where the CPU has one: MKL
-halves its speed from two rows on.
+speculative passes) go through a row kernel of `cpu_kernels` (AMX's, else the AVX-512 one):
+MKL halves its speed from two rows on, and without AMX its one-row product runs at a third
+of the kernel's.
 
-Where the CPU has AMX, `load(dtype="float32")` (the CPU default) over a bfloat16 checkpoint
-takes the same layers with float32 products: each input in three bfloat16 parts that add up
-to it exactly, each part's products with the bfloat16 weights exact in float32 and summed in
-float32, as a float32 GEMM of the widened weights sums them. The numbers are float32's (up to
-the order of the sums), from half the memory: a decoder step of the 4B model reads 6.9 GB
-instead of 13.7 (260-290 ms instead of 530 on two cores), and loading skips the widening.
+Where the CPU has a row kernel, `load(dtype="float32")` (the CPU default) over a bfloat16
+checkpoint takes the same layers with float32 products: each input in three bfloat16 parts
+that add up to it exactly, each part's products with the bfloat16 weights exact in float32 and
+summed in float32, as a float32 GEMM of the widened weights sums them (without AMX: the weights widened
+in registers and multiplied by x itself, and for many rows MKL's float32 GEMM over the weights
+widened a block at a time). The numbers are float32's (up to the order of the sums), from half
+the memory: a decoder step of the 4B model reads 6.9 GB instead of 13.7 (260-290 ms instead
+of 530 on two AMX cores, 249 instead of 703 on two Zen 4 cores), and loading skips the widening.
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ def rows_t(a: np.ndarray, w: np.ndarray, parts: int = 1, out: np.ndarray | None 
     (`cpu_kernels.result`)."""
     if cpu_kernels.fits(a.shape[0], w.shape[0], a.shape[1]):
         return cpu_kernels.rows_t(a, w, parts, out)
+    if parts == 3 and not cpu_kernels.amx():  # MKL's bfloat16 GEMM would cost three float32 ones
+        return cpu_kernels.wide_t(a, w, out)
     if parts == 1:
         return _gemm_t(bits(mx.array(a).astype(mx.bfloat16)), w, out)
     return _gemm_t(cpu_kernels.bf16_split(a, parts), w, out)
@@ -235,15 +240,17 @@ def describe(net: nn.Module) -> str | None:
     """How `net` multiplies, for messages: None unless it went through `adopt`."""
     if not adopted(net):
         return None
+    kernel = cpu_kernels.row_kernel()
+    rows = f" and the {kernel} row kernel" if kernel else ""
     if net.embedding_module.tok_embeddings._parts == 3:
-        return "float32 products over bfloat16 weights through MKL and the AMX row kernel"
-    return "bfloat16 products through MKL" + (" and the AMX row kernel" if cpu_kernels.amx() else "")
+        return "float32 products over bfloat16 weights through MKL" + rows
+    return "bfloat16 products through MKL" + rows
 
 
 def float32_available() -> bool:
     """Whether float32 products can be taken over bfloat16 weights here (`adopt(float32=True)`):
-    MKL and the AMX kernels."""
-    return available() and cpu_kernels.amx()
+    MKL and a row kernel (AMX's, or the AVX-512 one)."""
+    return available() and cpu_kernels.row_kernel() is not None
 
 
 def replace_layers(net: nn.Module, replace) -> nn.Module:
