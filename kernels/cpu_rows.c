@@ -340,17 +340,18 @@ int bf16_split(const float *x, uint16_t *out, long M, long K, int parts) {
 // 32 values' even ones first. A pass multiplies 8 weight rows, loaded and widened once per 32
 // values, by G = 1 or 2 rows of x (4 by 4 was no faster on a Zen 4); the sums are added across
 // lanes at the row's end. Each sum takes the same terms in the same order whatever G.
+#define WIDE_ROWS 8  // weight rows per pass
 static inline __attribute__((always_inline)) void wide_pass(const Job *j, long n, long m0, const int G) {
-    const int R = 8;
+    const int R = WIDE_ROWS;
     const long K = j->K;
     const uint16_t *w = (const uint16_t *)j->w + n * K;
     const float *x = (const float *)j->x + m0 * K;
     const __m512i odd = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 acc[8][2];
+    __m512 acc[WIDE_ROWS][2];
     for (int r = 0; r < R; r++)
         for (int a = 0; a < G; a++) acc[r][a] = _mm512_setzero_ps();
     for (long k = 0; k < K; k += 32) {
-        __m512 we[8], wo[8];
+        __m512 we[WIDE_ROWS], wo[WIDE_ROWS];
         for (int r = 0; r < R; r++) {
             const __m512i v = _mm512_loadu_si512((const void *)(w + r * K + k));
             we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -369,7 +370,7 @@ static inline __attribute__((always_inline)) void wide_pass(const Job *j, long n
 }
 
 static void wide_run(const Job *j) {
-    for (long n = j->n0; n < j->n1; n += 8)
+    for (long n = j->n0; n < j->n1; n += WIDE_ROWS)
         for (long m0 = 0; m0 < j->M; m0 += 2) {
             if (j->M - m0 >= 2)
                 wide_pass(j, n, m0, 2);
