@@ -338,45 +338,61 @@ int bf16_split(const float *x, uint16_t *out, long M, long K, int parts) {
 // exact) and multiplied into the sums by FMA, with x as float32 (parts = 3: its own values,
 // the products float32's) or rounded to bfloat16 (parts = 1), stored by `wide_rows` with each
 // 32 values' even ones first. A pass multiplies 8 weight rows, loaded and widened once per 32
-// values, by G = 1 or 2 rows of x (4 by 4 was no faster on a Zen 4); the sums are added across
-// lanes at the row's end. Each sum takes the same terms in the same order whatever G.
+// values, by G = 1 or 2 rows of x (4 by 4 or 8 by 3 were no faster on a Zen 4); the sums are
+// added across lanes at the row's end. Each sum takes the same terms in the same order
+// whatever G. The loops are unrolled so that the sums stay in registers.
 #define WIDE_ROWS 8  // weight rows per pass
+#define WIDE_X (512 << 10)  // bytes of x a thread's passes go over before the next rows of x
 static inline __attribute__((always_inline)) void wide_pass(const Job *j, long n, long m0, const int G) {
-    const int R = WIDE_ROWS;
     const long K = j->K;
     const uint16_t *w = (const uint16_t *)j->w + n * K;
     const float *x = (const float *)j->x + m0 * K;
     const __m512i odd = _mm512_set1_epi32((int)0xffff0000u);
     __m512 acc[WIDE_ROWS][2];
-    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+    for (int r = 0; r < WIDE_ROWS; r++)
+#pragma GCC unroll 2
         for (int a = 0; a < G; a++) acc[r][a] = _mm512_setzero_ps();
     for (long k = 0; k < K; k += 32) {
-        __m512 we[WIDE_ROWS], wo[WIDE_ROWS];
-        for (int r = 0; r < R; r++) {
-            const __m512i v = _mm512_loadu_si512((const void *)(w + r * K + k));
-            we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-            wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
-        }
+        __m512 xe[2], xo[2];
+#pragma GCC unroll 2
         for (int a = 0; a < G; a++) {
-            const __m512 xe = _mm512_loadu_ps(x + a * K + k), xo = _mm512_loadu_ps(x + a * K + k + 16);
-            for (int r = 0; r < R; r++) {
-                acc[r][a] = _mm512_fmadd_ps(we[r], xe, acc[r][a]);
-                acc[r][a] = _mm512_fmadd_ps(wo[r], xo, acc[r][a]);
+            xe[a] = _mm512_loadu_ps(x + a * K + k);
+            xo[a] = _mm512_loadu_ps(x + a * K + k + 16);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < WIDE_ROWS; r++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(w + r * K + k));
+            const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+#pragma GCC unroll 2
+            for (int a = 0; a < G; a++) {
+                acc[r][a] = _mm512_fmadd_ps(we, xe[a], acc[r][a]);
+                acc[r][a] = _mm512_fmadd_ps(wo, xo[a], acc[r][a]);
             }
         }
     }
+#pragma GCC unroll 2
     for (int a = 0; a < G; a++)
-        for (int r = 0; r < R; r++) j->out[(m0 + a) * j->N + n + r] = _mm512_reduce_add_ps(acc[r][a]);
+#pragma GCC unroll 8
+        for (int r = 0; r < WIDE_ROWS; r++) j->out[(m0 + a) * j->N + n + r] = _mm512_reduce_add_ps(acc[r][a]);
 }
 
+// Rows of x a block at a time (as many as fit WIDE_X bytes, for the caches), each block over
+// all of the thread's weight rows.
 static void wide_run(const Job *j) {
-    for (long n = j->n0; n < j->n1; n += WIDE_ROWS)
-        for (long m0 = 0; m0 < j->M; m0 += 2) {
-            if (j->M - m0 >= 2)
-                wide_pass(j, n, m0, 2);
-            else
-                wide_pass(j, n, m0, 1);
-        }
+    long block = WIDE_X / (4 * j->K) / 2 * 2;
+    if (block < 2) block = 2;
+    for (long b0 = 0; b0 < j->M; b0 += block) {
+        const long b1 = b0 + block < j->M ? b0 + block : j->M;
+        for (long n = j->n0; n < j->n1; n += WIDE_ROWS)
+            for (long m0 = b0; m0 < b1; m0 += 2) {
+                if (b1 - m0 >= 2)
+                    wide_pass(j, n, m0, 2);
+                else
+                    wide_pass(j, n, m0, 1);
+            }
+    }
 }
 
 // x rounded to bfloat16 (to nearest, ties to even; finite x), as float32.

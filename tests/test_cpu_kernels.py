@@ -88,6 +88,22 @@ def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it(kernel):
         assert np.array_equal(cpu_kernels.rows_t(x[5:9], w, parts)[2], alone[7])
 
 
+def test_the_avx512_kernel_gives_rows_their_bits_across_its_blocks_of_rows(monkeypatch):
+    # wide_rows takes x a block of 512 KB at a time: 8 rows of 16384 values, so 23 rows are
+    # three blocks (8, 8, 7), each over every weight row.
+    if cpu_kernels.library() is None:
+        pytest.skip(f"no kernel library: {cpu_kernels.reason}")
+    rng = np.random.default_rng(12)
+    K, N = 16384, 64
+    x = rng.normal(size=(23, K)).astype(np.float32)
+    w = bf16_bits(rng.normal(size=(N, K)))
+    alone = np.concatenate([call("AVX-512", x[i : i + 1], w, 1, 3) for i in range(23)])
+    for m in (9, 16, 23):
+        assert np.array_equal(call("AVX-512", x[:m], w, 2, 3), alone[:m]), m
+    exact = x.astype(np.float64) @ widen(w).T
+    assert np.abs(alone - exact).max() < 1e-5 * np.abs(exact).max()
+
+
 def test_matmul_t_takes_the_kernel_for_few_rows_and_mkl_beyond(kernel, monkeypatch):
     rng = np.random.default_rng(2)
     w = mx.array(rng.normal(size=(64, 96)), mx.float32).astype(mx.bfloat16)
@@ -198,17 +214,20 @@ def test_without_amx_float32_products_of_many_rows_widen_the_weights_a_block_at_
     K, N = 96, 96
     w = bf16_bits(rng.normal(size=(N, K)))
     monkeypatch.setattr(cpu_kernels, "amx", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "WIDE_MANY", 40)
     monkeypatch.setattr(cpu_kernels, "WIDENED", 20 * K)  # blocks of 20 weight rows: 20, 20, 20, 20, 16
     calls = []
     real = cpu_kernels.bf16_widen
     monkeypatch.setattr(cpu_kernels, "bf16_widen", lambda w, out: (calls.append(w.shape[0]), real(w, out))[1])
-    for rows, widened in ((32, []), (33, [20, 20, 20, 20, 16])):
+    for rows, widened in ((32, []), (40, []), (41, [20, 20, 20, 20, 16])):
         calls.clear()
         x = rng.normal(size=(rows, K)).astype(np.float32)
         got = mkl_bf16.rows_t(x, w, parts=3)
         exact = x.astype(np.float64) @ widen(w).T  # x's own values: float32 products
         assert calls == widened and got.shape == (rows, N)
         assert np.abs(got - exact).max() < 1e-5 * np.abs(exact).max()
+        if not widened:  # the row kernel's: each row's bits whatever rows are around it
+            assert np.array_equal(got[-1:], mkl_bf16.rows_t(x[-1:], w, parts=3))
     odd = bf16_bits(rng.normal(size=(3, 21)))  # a row's last values past the whole vectors
     assert np.array_equal(cpu_kernels.bf16_widen(odd, np.empty(70, np.float32)), widen(odd).astype(np.float32))
     with pytest.raises(ValueError, match="^bf16_widen needs contiguous uint16 rows, got float32"):

@@ -240,13 +240,20 @@ def rows_t(x: np.ndarray, w: np.ndarray, parts: int = 1, out: np.ndarray | None 
         pairs = np.empty(parts * m * k, np.uint16)
         done = library().bf16_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k,
                                    threads_for(parts * m * n * k), pairs.ctypes.data, parts)
-    else:  # x's values rounded or as they are, times the weights widened in registers
-        rows = np.empty(m * k, np.float32)
-        done = library().wide_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(m * n * k),
-                                   rows.ctypes.data, parts)
+    else:
+        done = _wide_rows(x, w, parts, out)
     if not done:
         raise ValueError(f"rows_t takes x in 1 or 3 parts, not {parts}")
     return out
+
+
+def _wide_rows(x: np.ndarray, w: np.ndarray, parts: int, out: np.ndarray) -> int:
+    """`wide_rows` (x's values rounded or as they are, times the weights widened in registers)
+    on checked arguments; 0 for parts other than 1 or 3."""
+    (m, k), n = x.shape, w.shape[0]
+    rows = np.empty(m * k, np.float32)
+    return library().wide_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(m * n * k),
+                               rows.ctypes.data, parts)
 
 
 WIDENED = 1 << 23  # float32 weight values widened at a time for a product of many rows (32 MB)
@@ -282,13 +289,24 @@ def bf16_widen(w: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+# Rows up to which `wide_t` multiplies in `wide_rows` (prompts, speculative passes), beyond
+# which MKL's float32 GEMM over widened weights is as fast (a Zen 4: 80-100 GMAC/s both).
+WIDE_MANY = 128
+
+
 def wide_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """`x @ w.T` for many float32 rows x [M, K] and w [N, K] bfloat16 bits in float32 (MKL's GEMM
-    over the weight widened a block at a time, `blocks_gemm`): on CPUs without AMX, where
-    MKL's bfloat16 GEMM is no faster than its float32 one and would take x in three parts."""
+    """`x @ w.T` for many float32 rows x [M, K] and w [N, K] bfloat16 bits in float32, on CPUs
+    without AMX (where MKL's bfloat16 GEMM is no faster than its float32 one and would take x
+    in three parts): `wide_rows` up to WIDE_MANY rows, then MKL's GEMM over the weight widened
+    a block at a time (`blocks_gemm`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if w.ndim != 2 or w.shape[1] != x.shape[1]:
         raise ValueError(f"wide_t: rows of {x.shape[1]} values by a weight of shape {w.shape}")
+    (m, k), n = x.shape, w.shape[0]
+    if m <= WIDE_MANY and n % 32 == 0 and k % 32 == 0 and w.dtype == np.uint16 and w.flags.c_contiguous:
+        out = result(out, m, n)
+        _wide_rows(x, w, 3, out)
+        return out
     return blocks_gemm(x, w.shape[0], lambda n0, n1, buffer: bf16_widen(w[n0:n1], buffer), out)
 
 
