@@ -444,11 +444,14 @@ int bf16_widen(const uint16_t *w, float *out, long N, long K, int threads) {
     return dispatch((Job){.run = widen_run, .w = w, .out = out, .N = N, .K = K}, threads, 1);
 }
 
-// Quantized weights (q_rows). A weight row's values are widened once per pass of up to QROWS
-// rows of x: s * q + b in float32, rounded after the product as mx.dequantize rounds (the
-// library is built with -ffp-contract=off), then each row multiplies them into
-// four accumulators (the 16-value chunks of k in turn), summed at the end of the weight row.
-#define QROWS 4    // rows of x per pass over a weight row
+// Quantized weights (q_rows). A pass takes QWEIGHTS weight rows and up to QROWS rows of x:
+// each 32 weight values are widened once per pass (s * q + b in float32, rounded after the
+// product as mx.dequantize rounds: the library is built with -ffp-contract=off) and each 32
+// values of x loaded once (the loads of x, not the widening, were what limited passes of one
+// weight row: 4 rows took 2.8x one on a Zen 4); each row of x multiplies them into two
+// accumulators per weight row (the 16-value halves), added at the end of the row.
+#define QROWS 4     // rows of x per pass
+#define QWEIGHTS 2  // weight rows per pass
 #define QBLOCK 32  // weight rows per block: the rows of x pass over a block while it is in L1/L2
 // The weights are prefetched QFAR bytes ahead into L1 and QFAR2 bytes ahead into L2: one
 // row's stream per thread, which the hardware prefetchers alone run at about half the speed.
@@ -495,59 +498,69 @@ static inline __attribute__((always_inline)) void q_widen(const int BITS, const 
 }
 
 static inline __attribute__((always_inline)) void q_pass(const Job *j, long n, long m0, const int BITS,
-                                                         const int R) {
-    const long K = j->K, units = K / 32, groups = K / j->group;
-    const int shift = __builtin_ctz((unsigned)j->group);  // groups of 32, 64 or 128
+                                                         const int R, const int W) {
+    const long K = j->K, groups = K / j->group, row = K * BITS / 8;
+    const int shift = __builtin_ctz((unsigned)j->group) - 5;  // units of 32 values per group: 1, 2 or 4
     const float *x = (const float *)j->x + m0 * K;
-    const uint8_t *q = (const uint8_t *)j->w + n * (K * BITS / 8);
+    const uint8_t *q = (const uint8_t *)j->w + n * row;
     const float *s = j->scales + n * groups, *b = j->biases + n * groups;
-    __m512 acc[QROWS][4], lo, hi;
-    QGroup p;
+    __m512 acc[QWEIGHTS][QROWS][2];
+#pragma GCC unroll 2
+    for (int w = 0; w < W; w++)
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
-    // Unit u goes into accumulators 2 (u % 2) and 2 (u % 2) + 1, whatever R.
-#define Q_STEP(U, A)                                                                                      \
-    do {                                                                                                  \
-        q_widen(BITS, q, U, &p, &lo, &hi);                                                                \
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                             \
-            acc[r][A] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + 32 * (U)), lo, acc[r][A]);             \
-            acc[r][A + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + 32 * (U) + 16), hi, acc[r][A + 1]); \
-        }                                                                                                 \
-    } while (0)
-    long u = 0;
-    for (; u + 1 < units; u += 2) {  // an even unit starts a group, unless groups are 32 wide
-        p = q_group(BITS, s, b, (32 * u) >> shift);
-        Q_STEP(u, 0);
-        if (shift == 5) p = q_group(BITS, s, b, u + 1);
-        Q_STEP(u + 1, 2);
-    }
-    if (u < units) {
-        p = q_group(BITS, s, b, (32 * u) >> shift);
-        Q_STEP(u, 0);
-    }
-#undef Q_STEP
+        for (int r = 0; r < R; r++) acc[w][r][0] = acc[w][r][1] = _mm512_setzero_ps();
+    for (long g = 0; g < groups; g++) {
+        QGroup p[QWEIGHTS];
+#pragma GCC unroll 2
+        for (int w = 0; w < W; w++) p[w] = q_group(BITS, s + w * groups, b + w * groups, g);
+        for (long u = g << shift; u < (g + 1) << shift; u++) {
+            __m512 lo[QWEIGHTS], hi[QWEIGHTS];
+#pragma GCC unroll 2
+            for (int w = 0; w < W; w++) q_widen(BITS, q + w * row, u, &p[w], &lo[w], &hi[w]);
+            // Each 32 values of x are loaded once for the W weight rows.
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++)
-        j->out[(m0 + r) * j->N + n] = _mm512_reduce_add_ps(
-            _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][2]), _mm512_add_ps(acc[r][1], acc[r][3])));
+            for (int r = 0; r < R; r++) {
+                const __m512 xl = _mm512_loadu_ps(x + r * K + 32 * u), xh = _mm512_loadu_ps(x + r * K + 32 * u + 16);
+#pragma GCC unroll 2
+                for (int w = 0; w < W; w++) {
+                    acc[w][r][0] = _mm512_fmadd_ps(xl, lo[w], acc[w][r][0]);
+                    acc[w][r][1] = _mm512_fmadd_ps(xh, hi[w], acc[w][r][1]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int w = 0; w < W; w++)
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+            j->out[(m0 + r) * j->N + n + w] = _mm512_reduce_add_ps(_mm512_add_ps(acc[w][r][0], acc[w][r][1]));
 }
 
 static void q_run(const Job *j) {
     for (long nb = j->n0; nb < j->n1; nb += QBLOCK) {
         const long ne = nb + QBLOCK < j->n1 ? nb + QBLOCK : j->n1;
         for (long m0 = 0; m0 < j->M; m0 += QROWS) {
-            // Constant bits and row counts: the accumulators stay in registers.
-            const long R = j->M - m0 < QROWS ? j->M - m0 : QROWS, variant = (j->bits == 8) * 4 + R;
-            for (long n = nb; n < ne; n++) {
-                switch (variant) {
-                    case 1: q_pass(j, n, m0, 4, 1); break;
-                    case 2: q_pass(j, n, m0, 4, 2); break;
-                    case 3: q_pass(j, n, m0, 4, 3); break;
-                    case 4: q_pass(j, n, m0, 4, 4); break;
-                    case 5: q_pass(j, n, m0, 8, 1); break;
-                    case 6: q_pass(j, n, m0, 8, 2); break;
-                    case 7: q_pass(j, n, m0, 8, 3); break;
-                    default: q_pass(j, n, m0, 8, 4);
+            // Constant bits, row counts and weight rows: the accumulators stay in registers.
+            const int R = j->M - m0 < QROWS ? (int)(j->M - m0) : QROWS;
+            for (long n = nb; n < ne; n += QWEIGHTS) {
+                const int W = ne - n < QWEIGHTS ? (int)(ne - n) : QWEIGHTS;
+                switch ((j->bits == 8) * 8 + (W - 1) * 4 + R - 1) {
+                    case 0: q_pass(j, n, m0, 4, 1, 1); break;
+                    case 1: q_pass(j, n, m0, 4, 2, 1); break;
+                    case 2: q_pass(j, n, m0, 4, 3, 1); break;
+                    case 3: q_pass(j, n, m0, 4, 4, 1); break;
+                    case 4: q_pass(j, n, m0, 4, 1, 2); break;
+                    case 5: q_pass(j, n, m0, 4, 2, 2); break;
+                    case 6: q_pass(j, n, m0, 4, 3, 2); break;
+                    case 7: q_pass(j, n, m0, 4, 4, 2); break;
+                    case 8: q_pass(j, n, m0, 8, 1, 1); break;
+                    case 9: q_pass(j, n, m0, 8, 2, 1); break;
+                    case 10: q_pass(j, n, m0, 8, 3, 1); break;
+                    case 11: q_pass(j, n, m0, 8, 4, 1); break;
+                    case 12: q_pass(j, n, m0, 8, 1, 2); break;
+                    case 13: q_pass(j, n, m0, 8, 2, 2); break;
+                    case 14: q_pass(j, n, m0, 8, 3, 2); break;
+                    default: q_pass(j, n, m0, 8, 4, 2);
                 }
             }
         }

@@ -209,17 +209,17 @@ def test_without_amx_the_avx512_kernels_multiply(monkeypatch):
 
 
 @pytest.mark.skipif(not mkl_bf16.available() or cpu_kernels.library() is None, reason="needs MKL and the kernels")
-def test_without_amx_float32_products_of_many_rows_widen_the_weights_a_block_at_a_time(monkeypatch):
+def test_without_amx_float32_products_of_many_rows_take_the_row_kernel_or_widened_blocks(monkeypatch):
     rng = np.random.default_rng(11)
-    K, N = 96, 96
-    w = bf16_bits(rng.normal(size=(N, K)))
     monkeypatch.setattr(cpu_kernels, "amx", lambda: False)
-    monkeypatch.setattr(cpu_kernels, "WIDE_MANY", 40)
-    monkeypatch.setattr(cpu_kernels, "WIDENED", 20 * K)  # blocks of 20 weight rows: 20, 20, 20, 20, 16
     calls = []
     real = cpu_kernels.bf16_widen
     monkeypatch.setattr(cpu_kernels, "bf16_widen", lambda w, out: (calls.append(w.shape[0]), real(w, out))[1])
-    for rows, widened in ((32, []), (40, []), (41, [20, 20, 20, 20, 16])):
+    # Whole multiples of 32: wide_rows, whatever the rows. Else MKL over the weight widened
+    # 20 rows at a time (WIDENED): 20, 20, 20, 20, 16.
+    for rows, (N, K), widened in ((33, (96, 96), []), (300, (96, 96), []), (33, (96, 80), [20, 20, 20, 20, 16])):
+        monkeypatch.setattr(cpu_kernels, "WIDENED", 20 * K)
+        w = bf16_bits(rng.normal(size=(N, K)))
         calls.clear()
         x = rng.normal(size=(rows, K)).astype(np.float32)
         got = mkl_bf16.rows_t(x, w, parts=3)

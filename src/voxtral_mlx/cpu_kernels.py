@@ -251,7 +251,7 @@ def _wide_rows(x: np.ndarray, w: np.ndarray, parts: int, out: np.ndarray) -> int
     """`wide_rows` (x's values rounded or as they are, times the weights widened in registers)
     on checked arguments; 0 for parts other than 1 or 3."""
     (m, k), n = x.shape, w.shape[0]
-    rows = np.empty(m * k, np.float32)
+    rows = scratch(m * k)  # x reordered: pages touched once, not per call
     return library().wide_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(m * n * k),
                                rows.ctypes.data, parts)
 
@@ -289,21 +289,18 @@ def bf16_widen(w: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-# Rows up to which `wide_t` multiplies in `wide_rows` (prompts, speculative passes), beyond
-# which MKL's float32 GEMM over widened weights is as fast (a Zen 4: 80-100 GMAC/s both).
-WIDE_MANY = 128
-
-
 def wide_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """`x @ w.T` for many float32 rows x [M, K] and w [N, K] bfloat16 bits in float32, on CPUs
-    without AMX (where MKL's bfloat16 GEMM is no faster than its float32 one and would take x
-    in three parts): `wide_rows` up to WIDE_MANY rows, then MKL's GEMM over the weight widened
-    a block at a time (`blocks_gemm`)."""
+    """`x @ w.T` for any number of float32 rows x [M, K] and w [N, K] bfloat16 bits in float32,
+    on CPUs without AMX (where MKL's bfloat16 GEMM is no faster than its float32 one and would
+    take x in three parts): `wide_rows`, which multiplies many rows as fast as MKL's float32
+    GEMM over widened weights (a Zen 4: 70-100 GMAC/s both) and gives each row its own bits;
+    for N or K not whole multiples of 32, that GEMM over the weight widened a block at a time
+    (`blocks_gemm`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if w.ndim != 2 or w.shape[1] != x.shape[1]:
         raise ValueError(f"wide_t: rows of {x.shape[1]} values by a weight of shape {w.shape}")
     (m, k), n = x.shape, w.shape[0]
-    if m <= WIDE_MANY and n % 32 == 0 and k % 32 == 0 and w.dtype == np.uint16 and w.flags.c_contiguous:
+    if n % 32 == 0 and k % 32 == 0 and w.dtype == np.uint16 and w.flags.c_contiguous:
         out = result(out, m, n)
         _wide_rows(x, w, 3, out)
         return out
