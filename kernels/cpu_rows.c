@@ -5,7 +5,8 @@
 //                      or, x in three bfloat16 parts p0 + p1 + p2 = x exactly, sum_p sum_k p * w:
 //                      float32 products over bfloat16 weights (bf16_split: the parts for MKL)
 // wide_rows (AVX-512F): the same products without AMX, the weights widened to float32 in
-//                      registers (bf16_widen: widened in memory, for MKL's float32 GEMM)
+//                      registers (bf16_widen: widened in memory, for MKL's float32 GEMM);
+//                      f32_rows: the same passes over float32 weights (dequantized blocks)
 // q_rows (AVX-512F):   out[m, n] = sum_k x[m, k] * (s[n, g] * q[n, k] + b[n, g])
 //                      q: N x K unsigned 4- or 8-bit values packed as MLX packs them (a value
 //                      per nibble or byte, lowest first), s and b: float32 per group of k
@@ -68,8 +69,8 @@ struct Job {
                          // q_rows: x as float32 rows (4 bits: each 32 values reordered, see q_rows)
     const void *w;       // bf16_rows: N x K bfloat16 bits; q_rows: N x K packed values
     const float *scales, *biases;  // q_rows: N x (K / group)
-    float *out;          // M x N
-    long M, N, K, n0, n1;
+    float *out;          // M x N (wide_rows: rows `ldo` values apart)
+    long M, N, K, n0, n1, ldo;
     int bits, group;
     // attend: x the queries, w the keys, v the values, out the outputs; N pairs of G = bits
     // query heads and one key head, M keys of K values each, `stride` values apart per pair.
@@ -343,9 +344,11 @@ int bf16_split(const float *x, uint16_t *out, long M, long K, int parts) {
 // whatever G. The loops are unrolled so that the sums stay in registers.
 #define WIDE_ROWS 8  // weight rows per pass
 #define WIDE_X (512 << 10)  // bytes of x a thread's passes go over before the next rows of x
-static inline __attribute__((always_inline)) void wide_pass(const Job *j, long n, long m0, const int G) {
+static inline __attribute__((always_inline)) void wide_pass(const Job *j, long n, long m0, const int G,
+                                                            const int F32) {
     const long K = j->K;
     const uint16_t *w = (const uint16_t *)j->w + n * K;
+    const float *wf = (const float *)j->w + n * K;  // F32: float32 weights, loaded as they are
     const float *x = (const float *)j->x + m0 * K;
     const __m512i odd = _mm512_set1_epi32((int)0xffff0000u);
     __m512 acc[WIDE_ROWS][2];
@@ -362,9 +365,15 @@ static inline __attribute__((always_inline)) void wide_pass(const Job *j, long n
         }
 #pragma GCC unroll 8
         for (int r = 0; r < WIDE_ROWS; r++) {
-            const __m512i v = _mm512_loadu_si512((const void *)(w + r * K + k));
-            const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-            const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+            __m512 we, wo;
+            if (F32) {
+                we = _mm512_loadu_ps(wf + r * K + k);
+                wo = _mm512_loadu_ps(wf + r * K + k + 16);
+            } else {
+                const __m512i v = _mm512_loadu_si512((const void *)(w + r * K + k));
+                we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                wo = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+            }
 #pragma GCC unroll 2
             for (int a = 0; a < G; a++) {
                 acc[r][a] = _mm512_fmadd_ps(we, xe[a], acc[r][a]);
@@ -375,12 +384,12 @@ static inline __attribute__((always_inline)) void wide_pass(const Job *j, long n
 #pragma GCC unroll 2
     for (int a = 0; a < G; a++)
 #pragma GCC unroll 8
-        for (int r = 0; r < WIDE_ROWS; r++) j->out[(m0 + a) * j->N + n + r] = _mm512_reduce_add_ps(acc[r][a]);
+        for (int r = 0; r < WIDE_ROWS; r++) j->out[(m0 + a) * j->ldo + n + r] = _mm512_reduce_add_ps(acc[r][a]);
 }
 
 // Rows of x a block at a time (as many as fit WIDE_X bytes, for the caches), each block over
 // all of the thread's weight rows.
-static void wide_run(const Job *j) {
+static inline __attribute__((always_inline)) void wide_blocks(const Job *j, const int F32) {
     long block = WIDE_X / (4 * j->K) / 2 * 2;
     if (block < 2) block = 2;
     for (long b0 = 0; b0 < j->M; b0 += block) {
@@ -388,12 +397,15 @@ static void wide_run(const Job *j) {
         for (long n = j->n0; n < j->n1; n += WIDE_ROWS)
             for (long m0 = b0; m0 < b1; m0 += 2) {
                 if (b1 - m0 >= 2)
-                    wide_pass(j, n, m0, 2);
+                    wide_pass(j, n, m0, 2, F32);
                 else
-                    wide_pass(j, n, m0, 1);
+                    wide_pass(j, n, m0, 1, F32);
             }
     }
 }
+
+static void wide_run(const Job *j) { wide_blocks(j, 0); }
+static void f32_run(const Job *j) { wide_blocks(j, 1); }
 
 // x rounded to bfloat16 (to nearest, ties to even; finite x), as float32.
 static inline __m512 round_bf16(__m512 x) {
@@ -420,8 +432,18 @@ int wide_rows(const float *x, const uint16_t *w, float *out, long M, long N, lon
             _mm512_storeu_ps(scratch + m * K + k, _mm512_permutex2var_ps(lo, even, hi));
             _mm512_storeu_ps(scratch + m * K + k + 16, _mm512_permutex2var_ps(lo, odd, hi));
         }
-    return dispatch((Job){.run = wide_run, .x = scratch, .w = w, .out = out, .M = M, .N = N, .K = K, .parts = parts},
+    return dispatch((Job){.run = wide_run, .x = scratch, .w = w, .out = out, .M = M, .N = N, .K = K, .ldo = N,
+                          .parts = parts},
                     threads, BLOCK);
+}
+
+// The same passes over float32 weights (N x K; a block of a quantized layer's, dequantized),
+// x as it is: out[m, n] at out + m * ldo + n. N a multiple of 8, K of 32. Returns the number of
+// threads that took part.
+int f32_rows(const float *x, const float *w, float *out, long M, long N, long K, long ldo, int threads) {
+    if (M < 1) return 1;
+    return dispatch((Job){.run = f32_run, .x = x, .w = w, .out = out, .M = M, .N = N, .K = K, .ldo = ldo}, threads,
+                    BLOCK);
 }
 
 static void widen_run(const Job *j) {

@@ -256,6 +256,27 @@ def test_many_rows_multiply_dequantized_blocks_through_mkl(monkeypatch):
         assert np.abs(got[0] - want).max() < 1e-5 * np.abs(want).max()
 
 
+def test_without_amx_many_rows_multiply_dequantized_blocks_in_the_row_kernel(monkeypatch):
+    if cpu_kernels.library() is None:
+        pytest.skip(f"no kernel library: {cpu_kernels.reason}")
+    rng = np.random.default_rng(8)
+    K, N = 256, 96
+    monkeypatch.setattr(cpu_kernels, "q_amx_fits", lambda *a: False)
+    layer = cpu_quant.Linear(nn.QuantizedLinear(K, N, bias=False, group_size=64, bits=4))
+    exact = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4), np.float64)
+    calls = []
+    real = cpu_kernels.q_dequantize
+    monkeypatch.setattr(cpu_kernels, "q_dequantize", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
+    monkeypatch.setattr(cpu_kernels, "DEQUANTIZED", 40 * K)  # blocks of 32 weight rows (whole multiples of 32)
+    x = rng.normal(size=(45, K)).astype(np.float32)
+    got = cpu_quant.product(layer, x)
+    assert calls == [32, 32, 32]
+    want = x.astype(np.float64) @ exact.T
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    # The kernel gives each row its own bits, whatever rows (more than MAX_ROWS) surround it.
+    assert np.array_equal(cpu_quant.product(layer, np.ascontiguousarray(x[10:43])), got[10:43])
+
+
 @needs_amx
 def test_with_amx_every_product_goes_through_the_amx_kernel(monkeypatch):
     rng = np.random.default_rng(8)

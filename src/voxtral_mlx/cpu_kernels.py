@@ -135,6 +135,7 @@ def _load():
     lib.bf16_rows.argtypes = [p, p, p, n, n, n, i, p, i]
     lib.bf16_split.argtypes = [p, p, n, n, i]
     lib.wide_rows.argtypes = [p, p, p, n, n, n, i, p, i]
+    lib.f32_rows.argtypes = [p, p, p, n, n, n, n, i]
     lib.bf16_widen.argtypes = [p, p, n, n, i]
     lib.q_rows.argtypes = [p, p, p, p, p, n, n, n, i, i, i, p]
     lib.q_amx.argtypes = [p, p, p, p, p, n, n, n, i, i, i, i, i]
@@ -144,7 +145,7 @@ def _load():
     lib.attend_many.argtypes = [p, p, p, p, n, n, n, n, n, ctypes.c_float, p, i, i]
     lib.silu_mul.argtypes = [p, p, p, n, i]
     lib.rope_heads.argtypes = [p, p, p, p, n, n, n, n, i]
-    for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.bf16_widen, lib.q_rows, lib.q_amx, lib.q_pack,
+    for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.f32_rows, lib.bf16_widen, lib.q_rows, lib.q_amx, lib.q_pack,
                lib.q_dequantize, lib.attend,
                lib.attend_many, lib.silu_mul, lib.rope_heads, lib.bf16_rows_init):
         fn.restype = i
@@ -256,24 +257,37 @@ def _wide_rows(x: np.ndarray, w: np.ndarray, parts: int, out: np.ndarray) -> int
                                rows.ctypes.data, parts)
 
 
-WIDENED = 1 << 23  # float32 weight values widened at a time for a product of many rows (32 MB)
+WIDENED = 1 << 23  # float32 weight values widened at a time for MKL's GEMM of many rows (32 MB)
+DEQUANTIZED = 1 << 20  # values a block for `f32_rows` (4 MB: in the last-level cache while x passes)
 
 
-def blocks_gemm(x: np.ndarray, n: int, widen, out: np.ndarray | None = None) -> np.ndarray:
-    """`x @ W.T` [M, n] through MKL's float32 GEMM, for float32 rows x [M, K] (C-contiguous, many
-    of them) and a weight W [n, K] stored narrower: `widen(n0, n1, buffer)` writes its rows
-    n0..n1 as float32 into `buffer` and returns them [n1 - n0, K]. At most WIDENED values at a
-    time, in a buffer kept per thread. Into `out` where given (see `result`); needs MKL."""
-    from . import mkl_bf16
-
+def blocks_gemm(x: np.ndarray, n: int, widen, out: np.ndarray | None = None, kernel: bool = False) -> np.ndarray:
+    """`x @ W.T` [M, n] for float32 rows x [M, K] (C-contiguous, many of them) and a weight W
+    [n, K] stored narrower: `widen(n0, n1, buffer)` writes its rows n0..n1 as float32 into
+    `buffer` and returns them [n1 - n0, K]. Each block multiplied by MKL's float32 GEMM (at most
+    WIDENED values, needs MKL) or, `kernel`, by `f32_rows` (DEQUANTIZED values, whole multiples
+    of 32 rows; n and K multiples of 32: `f32_fits`), which gives each row its own bits whatever
+    rows surround it. The buffer is kept per thread. Into `out` where given (see `result`)."""
     m, k = x.shape
     out = result(out, m, n)
-    step = max(1, WIDENED // k)
+    step = max(32, DEQUANTIZED // k // 32 * 32) if kernel else max(1, WIDENED // k)
     buffer = scratch(min(step, n) * k)
     for n0 in range(0, n, step):
         n1 = min(n, n0 + step)
-        mkl_bf16.sgemm_t(x, widen(n0, n1, buffer), out[:, n0:n1])
+        block = widen(n0, n1, buffer)
+        if kernel:
+            library().f32_rows(x.ctypes.data, block.ctypes.data, out[:, n0:].ctypes.data, m, n1 - n0, k, n,
+                               threads_for(m * (n1 - n0) * k))
+        else:
+            from . import mkl_bf16
+
+            mkl_bf16.sgemm_t(x, block, out[:, n0:n1])
     return out
+
+
+def f32_fits(n: int, k: int) -> bool:
+    """Whether `blocks_gemm(kernel=True)` takes a weight of n x k."""
+    return n % 32 == 0 and k % 32 == 0 and library() is not None
 
 
 def bf16_widen(w: np.ndarray, out: np.ndarray) -> np.ndarray:
