@@ -9,11 +9,14 @@
   weights (half the bytes), four rows 4x. Without AMX (any CPU with AVX-512), the same
   products through `wide_rows`: the weights widened to float32 in registers (exact) and
   multiplied by x (rounded to bfloat16, or as it is for float32 products) with FMA; on a Zen 4,
-  one row 3x MKL's float32 GEMM of the widened weights, four rows 4x (`wide_t`: many rows).
+  one row 3x MKL's float32 GEMM of the widened weights, four rows about 1.4x one, and many
+  rows (`wide_t`: prompts, encoder chunks) at 80-100 GMAC/s, as fast as MKL's GEMM or faster.
 - `q_rows_t` (AVX-512): 4- and 8-bit weights as MLX quantizes them (affine, a float32 scale
   and bias per group), any number of rows. MLX's CPU quantized product is a scalar loop
   (3 s per decoder step of the 4B model); this one streams the packed weights at the speed
   of memory and widens them to float32 in registers, one multiply-add per row and value.
+  More rows than MAX_ROWS without AMX: blocks of the weight dequantized (`q_dequantize`) and
+  multiplied by `f32_rows`, the passes of `wide_rows` over float32 weights (`blocks_gemm`).
 - `q_amx_t` (AMX): the same products (groups of 64 or 128) for any number of rows, over
   weights stored once for it (`q_pack`: the same bytes in the order AMX reads them), as
   exact 8-bit integer products: x split into 8-bit parts per group (four up to MAX_ROWS rows,
@@ -206,7 +209,13 @@ def threads_for(work: int) -> int:
 def fits(rows: int, n: int, k: int) -> bool:
     """Whether a product of `rows` rows with an n x k bfloat16 weight goes through a row kernel
     (`rows_t`: AMX's, else the AVX-512 one)."""
-    return rows <= MAX_ROWS and n % 32 == 0 and k % 32 == 0 and library() is not None
+    return rows <= MAX_ROWS and shapes_fit(n, k)
+
+
+def shapes_fit(n: int, k: int) -> bool:
+    """Whether the row kernels take a weight of n x k (whole multiples of 32): for any number of
+    rows, `wide_t` (bfloat16 weights, CPUs without AMX) and `blocks_gemm(kernel=True)`."""
+    return n % 32 == 0 and k % 32 == 0 and library() is not None
 
 
 def row_kernel() -> str | None:
@@ -266,7 +275,7 @@ def blocks_gemm(x: np.ndarray, n: int, widen, out: np.ndarray | None = None, ker
     [n, K] stored narrower: `widen(n0, n1, buffer)` writes its rows n0..n1 as float32 into
     `buffer` and returns them [n1 - n0, K]. Each block multiplied by MKL's float32 GEMM (at most
     WIDENED values, needs MKL) or, `kernel`, by `f32_rows` (DEQUANTIZED values, whole multiples
-    of 32 rows; n and K multiples of 32: `f32_fits`), which gives each row its own bits whatever
+    of 32 rows; n and K multiples of 32: `shapes_fit`), which gives each row its own bits whatever
     rows surround it. The buffer is kept per thread. Into `out` where given (see `result`)."""
     m, k = x.shape
     out = result(out, m, n)
@@ -285,11 +294,6 @@ def blocks_gemm(x: np.ndarray, n: int, widen, out: np.ndarray | None = None, ker
     return out
 
 
-def f32_fits(n: int, k: int) -> bool:
-    """Whether `blocks_gemm(kernel=True)` takes a weight of n x k."""
-    return n % 32 == 0 and k % 32 == 0 and library() is not None
-
-
 def bf16_widen(w: np.ndarray, out: np.ndarray) -> np.ndarray:
     """The float32 values of w [N, K] bfloat16 bits, on every core, into the start of `out`
     (contiguous float32, at least N x K values); returns that view [N, K]."""
@@ -303,21 +307,25 @@ def bf16_widen(w: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def wide_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """`x @ w.T` for any number of float32 rows x [M, K] and w [N, K] bfloat16 bits in float32,
-    on CPUs without AMX (where MKL's bfloat16 GEMM is no faster than its float32 one and would
-    take x in three parts): `wide_rows`, which multiplies many rows as fast as MKL's float32
-    GEMM over widened weights (a Zen 4: 70-100 GMAC/s both) and gives each row its own bits;
-    for N or K not whole multiples of 32, that GEMM over the weight widened a block at a time
-    (`blocks_gemm`)."""
+def wide_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None, parts: int = 3) -> np.ndarray:
+    """`x @ w.T` for any number of float32 rows x [M, K] and w [N, K] bfloat16 bits, x rounded to
+    bfloat16 (parts=1) or as it is (parts=3: float32 products), on CPUs without AMX (where MKL's
+    bfloat16 GEMM is no faster than its float32 one and would take x in three parts):
+    `wide_rows`, which multiplies many rows as fast as MKL's float32 GEMM over widened weights
+    (a Zen 4: 80-100 GMAC/s both) and gives each row its own bits. For N or K not whole
+    multiples of 32 (`shapes_fit`), float32 products only: that GEMM over the weight widened a
+    block at a time (`blocks_gemm`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if w.ndim != 2 or w.shape[1] != x.shape[1]:
         raise ValueError(f"wide_t: rows of {x.shape[1]} values by a weight of shape {w.shape}")
     (m, k), n = x.shape, w.shape[0]
-    if n % 32 == 0 and k % 32 == 0 and w.dtype == np.uint16 and w.flags.c_contiguous:
+    if shapes_fit(n, k) and w.dtype == np.uint16 and w.flags.c_contiguous:
         out = result(out, m, n)
-        _wide_rows(x, w, 3, out)
+        if not _wide_rows(x, w, parts, out):
+            raise ValueError(f"wide_t takes x in 1 or 3 parts, not {parts}")
         return out
+    if parts != 3:
+        raise ValueError(f"wide_t rounds x to bfloat16 only for whole multiples of 32 ({n} x {k})")
     return blocks_gemm(x, w.shape[0], lambda n0, n1, buffer: bf16_widen(w[n0:n1], buffer), out)
 
 

@@ -80,7 +80,7 @@ def product(new: nn.Module, a: np.ndarray, out: np.ndarray | None = None) -> np.
     if new._amx:
         return cpu_kernels.q_amx_t(a, new._q, out)
     w, s, b = new._q
-    kernel = cpu_kernels.f32_fits(w.shape[0], a.shape[1])
+    kernel = cpu_kernels.shapes_fit(w.shape[0], a.shape[1])
     if a.shape[0] <= cpu_kernels.MAX_ROWS or not (kernel or mkl_bf16.available()):
         return cpu_kernels.q_rows_t(a, w, s, b, new.bits, new.group_size, out)
     # Many rows (prompts, encoder chunks): blocks of the weight dequantized, then multiplied in float32.

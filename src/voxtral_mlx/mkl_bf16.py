@@ -83,8 +83,6 @@ def matmul_t(x: mx.array, w: np.ndarray, parts: int = 1) -> mx.array:
     add up to it exactly (parts=3: float32 products)."""
     *lead, K = x.shape
     rows = x.reshape(-1, K).astype(mx.float32)
-    if parts == 1 and not cpu_kernels.fits(rows.shape[0], w.shape[0], K):
-        return mx.array(_gemm_t(bits(rows.astype(mx.bfloat16)), w)).reshape(*lead, w.shape[0])
     mx.eval(rows)
     return mx.array(rows_t(np.asarray(rows), w, parts)).reshape(*lead, w.shape[0])
 
@@ -94,8 +92,9 @@ def rows_t(a: np.ndarray, w: np.ndarray, parts: int = 1, out: np.ndarray | None 
     (`cpu_kernels.result`)."""
     if cpu_kernels.fits(a.shape[0], w.shape[0], a.shape[1]):
         return cpu_kernels.rows_t(a, w, parts, out)
-    if parts == 3 and not cpu_kernels.amx():  # MKL's bfloat16 GEMM would cost three float32 ones
-        return cpu_kernels.wide_t(a, w, out)
+    if not cpu_kernels.amx() and (parts == 3 or cpu_kernels.shapes_fit(*w.shape)):
+        # MKL's bfloat16 GEMM would cost three float32 ones, and is no faster than the row kernel for one part
+        return cpu_kernels.wide_t(a, w, out, parts)
     if parts == 1:
         return _gemm_t(bits(mx.array(a).astype(mx.bfloat16)), w, out)
     return _gemm_t(cpu_kernels.bf16_split(a, parts), w, out)
