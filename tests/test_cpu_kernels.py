@@ -88,7 +88,7 @@ def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it(kernel):
         assert np.array_equal(cpu_kernels.rows_t(x[5:9], w, parts)[2], alone[7])
 
 
-def test_the_avx512_kernel_gives_rows_their_bits_across_its_blocks_of_rows(monkeypatch):
+def test_the_avx512_kernel_gives_rows_their_bits_across_its_blocks_of_rows():
     # wide_rows takes x a block of 512 KB at a time: 8 rows of 16384 values, so 23 rows are
     # three blocks (8, 8, 7), each over every weight row.
     if cpu_kernels.library() is None:
@@ -228,6 +228,14 @@ def test_without_amx_float32_products_of_many_rows_take_the_row_kernel_or_widene
         assert np.abs(got - exact).max() < 1e-5 * np.abs(exact).max()
         if not widened:  # the row kernel's: each row's bits whatever rows are around it
             assert np.array_equal(got[-1:], mkl_bf16.rows_t(x[-1:], w, parts=3))
+    # --dtype bfloat16 (x rounded to bfloat16): many rows through the row kernel too.
+    w = bf16_bits(rng.normal(size=(96, 96)))
+    x = rng.normal(size=(40, 96)).astype(np.float32)
+    calls.clear()
+    got = mkl_bf16.rows_t(x, w, parts=1)
+    exact = widen(bf16_bits(x)) @ widen(w).T
+    assert calls == [] and np.abs(got - exact).max() < 1e-5 * np.abs(exact).max()
+    assert np.array_equal(got[-1:], mkl_bf16.rows_t(x[-1:], w, parts=1))
     odd = bf16_bits(rng.normal(size=(3, 21)))  # a row's last values past the whole vectors
     assert np.array_equal(cpu_kernels.bf16_widen(odd, np.empty(70, np.float32)), widen(odd).astype(np.float32))
     with pytest.raises(ValueError, match="^bf16_widen needs contiguous uint16 rows, got float32"):

@@ -148,9 +148,9 @@ def _load():
     lib.attend_many.argtypes = [p, p, p, p, n, n, n, n, n, ctypes.c_float, p, i, i]
     lib.silu_mul.argtypes = [p, p, p, n, i]
     lib.rope_heads.argtypes = [p, p, p, p, n, n, n, n, i]
-    for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.f32_rows, lib.bf16_widen, lib.q_rows, lib.q_amx, lib.q_pack,
-               lib.q_dequantize, lib.attend,
-               lib.attend_many, lib.silu_mul, lib.rope_heads, lib.bf16_rows_init):
+    for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.f32_rows, lib.bf16_widen, lib.q_rows, lib.q_amx,
+               lib.q_pack, lib.q_dequantize, lib.attend, lib.attend_many, lib.silu_mul, lib.rope_heads,
+               lib.bf16_rows_init):
         fn.restype = i
     return lib, None
 
