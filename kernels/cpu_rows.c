@@ -466,14 +466,15 @@ int bf16_widen(const uint16_t *w, float *out, long N, long K, int threads) {
     return dispatch((Job){.run = widen_run, .w = w, .out = out, .N = N, .K = K}, threads, 1);
 }
 
-// Quantized weights (q_rows). A pass takes QWEIGHTS weight rows and up to QROWS rows of x:
-// each 32 weight values are widened once per pass (s * q + b in float32, rounded after the
-// product as mx.dequantize rounds: the library is built with -ffp-contract=off) and each 32
-// values of x loaded once (the loads of x, not the widening, were what limited passes of one
-// weight row: 4 rows took 2.8x one on a Zen 4); each row of x multiplies them into two
-// accumulators per weight row (the 16-value halves), added at the end of the row.
+// Quantized weights (q_rows). A pass takes up to QWEIGHTS weight rows (two for one row of x)
+// and up to QROWS rows of x: each 32 weight values are widened once per pass (s * q + b in
+// float32, rounded after the product as mx.dequantize rounds: the library is built with
+// -ffp-contract=off) and each 32 values of x loaded once (the loads of x, not the widening,
+// were what limited passes of one weight row: 4 rows took 2.8x one on a Zen 4); each row of x
+// multiplies them into one sum per weight row (the first 16 values, then the other 16),
+// added across lanes at the end of the row: the same order whatever the pass.
 #define QROWS 4     // rows of x per pass
-#define QWEIGHTS 2  // weight rows per pass
+#define QWEIGHTS 4  // weight rows per pass
 #define QBLOCK 32  // weight rows per block: the rows of x pass over a block while it is in L1/L2
 // The weights are prefetched QFAR bytes ahead into L1 and QFAR2 bytes ahead into L2: one
 // row's stream per thread, which the hardware prefetchers alone run at about half the speed.
@@ -526,36 +527,33 @@ static inline __attribute__((always_inline)) void q_pass(const Job *j, long n, l
     const float *x = (const float *)j->x + m0 * K;
     const uint8_t *q = (const uint8_t *)j->w + n * row;
     const float *s = j->scales + n * groups, *b = j->biases + n * groups;
-    __m512 acc[QWEIGHTS][QROWS][2];
-#pragma GCC unroll 2
+    __m512 acc[QWEIGHTS][QROWS];
+#pragma GCC unroll 4
     for (int w = 0; w < W; w++)
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) acc[w][r][0] = acc[w][r][1] = _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) acc[w][r] = _mm512_setzero_ps();
     for (long g = 0; g < groups; g++) {
         QGroup p[QWEIGHTS];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int w = 0; w < W; w++) p[w] = q_group(BITS, s + w * groups, b + w * groups, g);
         for (long u = g << shift; u < (g + 1) << shift; u++) {
             __m512 lo[QWEIGHTS], hi[QWEIGHTS];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int w = 0; w < W; w++) q_widen(BITS, q + w * row, u, &p[w], &lo[w], &hi[w]);
             // Each 32 values of x are loaded once for the W weight rows.
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
                 const __m512 xl = _mm512_loadu_ps(x + r * K + 32 * u), xh = _mm512_loadu_ps(x + r * K + 32 * u + 16);
-#pragma GCC unroll 2
-                for (int w = 0; w < W; w++) {
-                    acc[w][r][0] = _mm512_fmadd_ps(xl, lo[w], acc[w][r][0]);
-                    acc[w][r][1] = _mm512_fmadd_ps(xh, hi[w], acc[w][r][1]);
-                }
+#pragma GCC unroll 4
+                for (int w = 0; w < W; w++)
+                    acc[w][r] = _mm512_fmadd_ps(xh, hi[w], _mm512_fmadd_ps(xl, lo[w], acc[w][r]));
             }
         }
     }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int w = 0; w < W; w++)
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++)
-            j->out[(m0 + r) * j->N + n + w] = _mm512_reduce_add_ps(_mm512_add_ps(acc[w][r][0], acc[w][r][1]));
+        for (int r = 0; r < R; r++) j->out[(m0 + r) * j->N + n + w] = _mm512_reduce_add_ps(acc[w][r]);
 }
 
 static void q_run(const Job *j) {
@@ -564,26 +562,19 @@ static void q_run(const Job *j) {
         for (long m0 = 0; m0 < j->M; m0 += QROWS) {
             // Constant bits, row counts and weight rows: the accumulators stay in registers.
             const int R = j->M - m0 < QROWS ? (int)(j->M - m0) : QROWS;
-            for (long n = nb; n < ne; n += QWEIGHTS) {
-                const int W = ne - n < QWEIGHTS ? (int)(ne - n) : QWEIGHTS;
-                switch ((j->bits == 8) * 8 + (W - 1) * 4 + R - 1) {
-                    case 0: q_pass(j, n, m0, 4, 1, 1); break;
-                    case 1: q_pass(j, n, m0, 4, 2, 1); break;
-                    case 2: q_pass(j, n, m0, 4, 3, 1); break;
-                    case 3: q_pass(j, n, m0, 4, 4, 1); break;
-                    case 4: q_pass(j, n, m0, 4, 1, 2); break;
-                    case 5: q_pass(j, n, m0, 4, 2, 2); break;
-                    case 6: q_pass(j, n, m0, 4, 3, 2); break;
-                    case 7: q_pass(j, n, m0, 4, 4, 2); break;
-                    case 8: q_pass(j, n, m0, 8, 1, 1); break;
-                    case 9: q_pass(j, n, m0, 8, 2, 1); break;
-                    case 10: q_pass(j, n, m0, 8, 3, 1); break;
-                    case 11: q_pass(j, n, m0, 8, 4, 1); break;
-                    case 12: q_pass(j, n, m0, 8, 1, 2); break;
-                    case 13: q_pass(j, n, m0, 8, 2, 2); break;
-                    case 14: q_pass(j, n, m0, 8, 3, 2); break;
-                    default: q_pass(j, n, m0, 8, 4, 2);
+            // One row of x goes with two weight rows at a time (four were slower), more with four.
+            const int most = R == 1 ? 2 : QWEIGHTS;
+            for (long n = nb; n < ne; n += most) {
+                const int W = ne - n < most ? (int)(ne - n) : most;
+#define Q_CASE(B, WW, RR) \
+    case ((B) == 8) * QROWS * QWEIGHTS + ((WW) - 1) * QROWS + (RR) - 1: q_pass(j, n, m0, B, RR, WW); break;
+#define Q_CASES(B, WW) Q_CASE(B, WW, 1) Q_CASE(B, WW, 2) Q_CASE(B, WW, 3) Q_CASE(B, WW, 4)
+                switch ((j->bits == 8) * QROWS * QWEIGHTS + (W - 1) * QROWS + R - 1) {
+                    Q_CASES(4, 1) Q_CASES(4, 2) Q_CASES(4, 3) Q_CASES(4, 4)
+                    Q_CASES(8, 1) Q_CASES(8, 2) Q_CASES(8, 3) Q_CASES(8, 4)
                 }
+#undef Q_CASES
+#undef Q_CASE
             }
         }
     }
