@@ -121,7 +121,7 @@ class Voxtral:
         on the CPU's row kernels, which give each position the bits of its own step at about
         a step's cost (the 4B model's products on x86-64 with AMX, or quantized with AVX-512:
         speech 1.47x and silence 2.1x faster there; over bfloat16 weights on a Zen 4 without
-        AMX, 1.26-1.32x and 1.6-2.5x, at 4 bits there 1.1x); else 0, off."""
+        AMX, 1.26-1.32x and 1.6-2.5x, at 4 bits there 1.16x and 1.22x); else 0, off."""
         return SPECULATE if host.rows_exact(self.net, SPECULATE) else 0
 
     def stream(self, delay_ms: int | None = None, interval_ms: float | None = None,
