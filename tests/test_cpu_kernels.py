@@ -276,6 +276,14 @@ def test_rows_t_refuses_what_it_cannot_multiply(kernel):
         cpu_kernels.rows_t(x, np.ones((32, 64), np.float32))
     with pytest.raises(ValueError, match="at most 32 rows and multiples of 32"):
         cpu_kernels.rows_t(np.ones((33, 64), np.float32), bf16_bits(np.eye(64)))
+    if kernel == "AVX-512":  # wide_t: any rows, x in 1 or 3 parts, rounded only for whole shapes
+        with pytest.raises(ValueError, match="^wide_t: rows of 64 values by a weight of shape \\(32, 48\\)$"):
+            cpu_kernels.wide_t(np.ones((40, 64), np.float32), bf16_bits(np.ones((32, 48))))
+        with pytest.raises(ValueError, match="^wide_t takes x in 1 or 3 parts, not 2$"):
+            cpu_kernels.wide_t(np.ones((40, 64), np.float32), bf16_bits(np.eye(64)), parts=2)
+        with pytest.raises(ValueError,
+                           match="^wide_t rounds x to bfloat16 only for whole multiples of 32 \\(40 x 64\\)$"):
+            cpu_kernels.wide_t(np.ones((40, 64), np.float32), bf16_bits(np.ones((40, 64))), parts=1)
 
 
 # Attention and SwiGLU of several rows through numpy on the CPU (encoder.py)

@@ -277,6 +277,8 @@ def blocks_gemm(x: np.ndarray, n: int, widen, out: np.ndarray | None = None, ker
     WIDENED values, needs MKL) or, `kernel`, by `f32_rows` (DEQUANTIZED values, whole multiples
     of 32 rows; n and K multiples of 32: `shapes_fit`), which gives each row its own bits whatever
     rows surround it. The buffer is kept per thread. Into `out` where given (see `result`)."""
+    from . import mkl_bf16
+
     m, k = x.shape
     out = result(out, m, n)
     step = max(32, DEQUANTIZED // k // 32 * 32) if kernel else max(1, WIDENED // k)
@@ -288,8 +290,6 @@ def blocks_gemm(x: np.ndarray, n: int, widen, out: np.ndarray | None = None, ker
             library().f32_rows(x.ctypes.data, block.ctypes.data, out[:, n0:].ctypes.data, m, n1 - n0, k, n,
                                threads_for(m * (n1 - n0) * k))
         else:
-            from . import mkl_bf16
-
             mkl_bf16.sgemm_t(x, block, out[:, n0:n1])
     return out
 

@@ -95,14 +95,16 @@ def features(new: nn.Module) -> int:
 
 def rows_exact(new: nn.Module, rows: int) -> bool:
     """Whether a product of up to `rows` rows gives each row the bits it gets alone: up to
-    MAX_ROWS, `q_amx_t` (in four parts) and `q_rows_t` do; beyond, MKL's GEMM may not."""
+    MAX_ROWS, `q_amx_t` (in four parts) and `q_rows_t` do; beyond, products take another path
+    (`q_amx_t` in three parts, `f32_rows` over dequantized blocks, or MKL's GEMM), with other bits."""
     return rows <= cpu_kernels.MAX_ROWS
 
 
 def stacks(new: nn.Module) -> bool:
     """Whether rows of several streams, more than `cpu_kernels.MAX_ROWS` each, may be multiplied
     as one product: `q_amx_t` gives each row the same bits whatever rows are multiplied with it
-    (for rows beyond MAX_ROWS, in three parts), where MKL's GEMM may not."""
+    (for rows beyond MAX_ROWS, in three parts). Without AMX such rows go through `f32_rows` (exact
+    too) or, for other shapes, MKL's GEMM (which may not be): kept a stream at a time."""
     return new._amx
 
 

@@ -14,11 +14,11 @@ of the kernel's.
 Where the CPU has a row kernel, `load(dtype="float32")` (the CPU default) over a bfloat16
 checkpoint takes the same layers with float32 products: each input in three bfloat16 parts
 that add up to it exactly, each part's products with the bfloat16 weights exact in float32 and
-summed in float32, as a float32 GEMM of the widened weights sums them (without AMX: the weights widened
-in registers and multiplied by x itself, and for many rows MKL's float32 GEMM over the weights
-widened a block at a time). The numbers are float32's (up to the order of the sums), from half
-the memory: a decoder step of the 4B model reads 6.9 GB instead of 13.7 (260-290 ms instead
-of 530 on two AMX cores, 249 instead of 703 on two Zen 4 cores), and loading skips the widening.
+summed in float32, as a float32 GEMM of the widened weights sums them (without AMX: the weights
+widened in registers and multiplied by x itself, for any number of rows). The numbers are
+float32's (up to the order of the sums), from half the memory: a decoder step of the 4B model
+reads 6.9 GB instead of 13.7 (260-290 ms instead of 530 on two AMX cores, 218-277 instead of
+703 on two Zen 4 cores), and loading skips the widening.
 """
 
 from __future__ import annotations
