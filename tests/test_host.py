@@ -6,7 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import checkpoint, load_mlx
+from conftest import checkpoint, load_mlx, speech
+from test_streaming import without_left_pad_state
 
 import voxtral_mlx
 from voxtral_mlx import cpu_kernels, cpu_quant, host, mkl_bf16
@@ -186,6 +187,23 @@ def test_a_streams_numbers_do_not_depend_on_the_streams_beside_it(models, name, 
     audio = np.array(net.encode(mx.array(mel[:, :128]), net.make_cache(3)))
     for b in range(3):
         assert np.array_equal(audio[b], np.array(net.encode(mx.array(mel[b : b + 1, :128]), net.make_cache(1)))[0])
+
+
+@pytest.mark.parametrize("name", ADOPTED)
+def test_the_left_pads_state_gives_a_session_its_tokens(models, name, monkeypatch):
+    # The state of the tokens that hear only the left pad, copied from the model's snapshot
+    # into a single stream and a batch: the tokens computed in full, their probabilities to the
+    # last bits that another chunking of the audio moves too.
+    model = models[name]
+    clips = [speech("night1968_5s"), speech("jfk")[: 16000 * 3]]
+    whole = [without_left_pad_state(model, x, monkeypatch, speculate=0) for x in clips]
+    alone = [model.transcribe(x, speculate=0) for x in clips]
+    assert model.net.snapshots.nbytes > 0
+    for got, want, batch in zip(alone, whole, model.transcribe(clips)):
+        assert got.tokens == want.tokens == batch.tokens
+        for other in (want, batch):
+            np.testing.assert_allclose([r.probability for r in got.token_records],
+                                       [r.probability for r in other.token_records], rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ADOPTED)

@@ -4,9 +4,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import load_model, reference, speech, synthetic
+from conftest import load_mlx, load_model, reference, speech, synthetic
 
 import voxtral_mlx
+from voxtral_mlx.config import AudioArgs
 
 
 def stream_tokens(model, audio, sizes, delay_ms=None, **kw):
@@ -124,6 +125,44 @@ def test_interval_batches_work_without_changing_tokens(small_windows_dir):
     # The model runs only once ten tokens of audio are ready: tokens arrive in batches of 10.
     steps = [b - a for a, b in zip(counts, counts[1:]) if b != a]
     assert steps and all(s >= 10 for s in steps[1:])
+
+
+def without_left_pad_state(model, audio, monkeypatch, **kw):
+    """`transcribe` computing every token, those that hear only the left pad included."""
+    with monkeypatch.context() as m:
+        m.setattr(AudioArgs, "pad_only_tokens", property(lambda self: 0))
+        return model.transcribe(audio, **kw)
+
+
+def test_sessions_start_from_the_left_pads_state_computed_once(small_windows_dir, monkeypatch):
+    # The first 31 tokens hear only the left pad: a model computes their state once per delay
+    # and every new session copies it, here with both rings past their windows (24 encoder
+    # frames, 20 decoder positions) by then.
+    model = load_mlx(small_windows_dir)
+    audio = speech("night1968_5s")
+    mel_frames, real = [], model.net.encode
+    monkeypatch.setattr(model.net, "encode", lambda mel, caches: (mel_frames.append(mel.shape[-2]),
+                                                                  real(mel, caches))[1])
+    whole = without_left_pad_state(model, audio, monkeypatch)
+    assert model.net.snapshots.nbytes == 0
+    n, everything = model.audio.pad_only_tokens, sum(mel_frames)
+    assert n == 31
+    for run in range(3):
+        mel_frames.clear()
+        got = model.transcribe(audio, delay_ms=80 if run == 2 else None)
+        # The first run encodes the pad's tokens alone (then keeps their state); the second copies it.
+        assert mel_frames[0] == 8 * n if run != 1 else sum(mel_frames) == everything - 8 * n
+        if run < 2:
+            assert got.tokens == whole.tokens and got.text == whole.text
+            np.testing.assert_allclose([r.probability for r in got.token_records],
+                                       [r.probability for r in whole.token_records], rtol=1e-5)
+    expected, margins = reference(small_windows_dir).transcribe(audio, 80)
+    assert got.tokens == expected and min(margins) > 1e-3
+    # One state per delay: the caches' (two layers each) and the conv stem's, one batch row.
+    per_delay = model.net.snapshots.nbytes / 2
+    enc, dec = model.net.args.encoder, model.net.args.decoder
+    assert per_delay == 4 * (2 * 2 * 24 * enc.n_kv_heads * enc.head_dim + 2 * 2 * 20 * dec.n_kv_heads * dec.head_dim
+                             + 2 * enc.audio_encoding_args.num_mel_bins + enc.dim)
 
 
 def rss_mb() -> float:

@@ -159,6 +159,27 @@ class RingKVCache:
             raise ValueError(f"cannot take back {n} positions: {self.spare} spare slots, {self.offset} written")
         self.offset -= n
 
+    def snapshot(self) -> tuple[int, mx.array, mx.array]:
+        """(offset, keys, values): what later queries can still see, the last `window` positions
+        [B, H, n, D] in position order, copied out of the ring (which is written in place)."""
+        n = min(self.offset, self.window)
+        slots = mx.array([p % self.capacity for p in range(self.offset - n, self.offset)])
+        keys, values = mx.take(self.keys, slots, axis=2), mx.take(self.values, slots, axis=2)
+        mx.eval(keys, values)
+        return self.offset, keys, values
+
+    def restore(self, snapshot: tuple[int, mx.array, mx.array], batch_size: int):
+        """Take a new ring's state from `snapshot` (of a ring of the same window, one batch
+        row), copied into each of `batch_size` rows."""
+        offset, keys, values = snapshot
+        B, H, n, D = keys.shape
+        keys, values = (mx.broadcast_to(a, (batch_size, H, n, D)) for a in (keys, values))
+        self.offset = 0
+        self._reserve(keys, offset)
+        self._write(keys, values, offset - n)
+        self.offset = offset
+        mx.eval(self.keys, self.values)
+
     def filter(self, rows: mx.array):
         """Keep only these batch rows."""
         if self.keys is not None:

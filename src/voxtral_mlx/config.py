@@ -259,6 +259,12 @@ class AudioArgs:
         return 1000.0 / self.frame_rate
 
     @property
+    def pad_only_tokens(self) -> int:
+        """The first tokens, whose mel frames reach no sample past the left pad: every stream
+        starts with the same ones (31 of the 32)."""
+        return (self.n_left_pad_tokens * self.samples_per_token - self.look_ahead) // self.samples_per_token
+
+    @property
     def allowed_delays_ms(self) -> list[int]:
         return [round(n * self.token_ms) for n in TRAINED_DELAY_TOKENS]
 

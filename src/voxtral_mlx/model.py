@@ -63,6 +63,60 @@ class Caches:
         for cache in self.encoder + self.decoder:
             cache.filter(rows)
 
+    def snapshot(self) -> "CachesSnapshot":
+        """A copy of this state (one batch row) that `restore` can give new caches."""
+        mx.eval(self.stem.tails)
+        return CachesSnapshot(list(self.stem.tails), [c.snapshot() for c in self.encoder],
+                              [c.snapshot() for c in self.decoder])
+
+    def restore(self, snapshot: "CachesSnapshot", batch_size: int):
+        """Take the state of `snapshot` (caches of the same model, one row), in each of `batch_size` rows."""
+        self.stem.tails = [mx.repeat(t, batch_size, axis=0) for t in snapshot.tails]
+        for cache, saved in zip(self.encoder + self.decoder, snapshot.encoder + snapshot.decoder):
+            cache.restore(saved, batch_size)
+
+
+@dataclass
+class CachesSnapshot:
+    """`Caches.snapshot`: the conv stem's tails and each ring's (offset, keys, values)."""
+
+    tails: list[mx.array]
+    encoder: list[tuple[int, mx.array, mx.array]]
+    decoder: list[tuple[int, mx.array, mx.array]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.tails) + sum(k.nbytes + v.nbytes for _, k, v in self.encoder + self.decoder)
+
+
+class Snapshots:
+    """Caches' states a model keeps for new sessions, by key (`streaming`: the state after the
+    left pad, per delay and compute path); the `LIMIT` most recently used."""
+
+    LIMIT = 4
+
+    def __init__(self):
+        self._items: dict[tuple, CachesSnapshot] = {}
+
+    def get(self, key: tuple) -> CachesSnapshot | None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self._items[key] = item
+        return item
+
+    def put(self, key: tuple, item: CachesSnapshot):
+        self._items.pop(key, None)
+        self._items[key] = item
+        while len(self._items) > self.LIMIT:
+            del self._items[next(iter(self._items))]
+
+    def clear(self):
+        self._items.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(item.nbytes for item in self._items.values())
+
 
 class VoxtralRealtime(nn.Module):
     def __init__(self, args: ModelArgs, audio: AudioArgs):
@@ -71,6 +125,7 @@ class VoxtralRealtime(nn.Module):
         self.mm_streams_embeddings = StreamsEmbeddings(args, audio)
         self.layers = [DecoderBlock(args.decoder) for _ in range(args.decoder.n_layers)]
         self.norm = nn.RMSNorm(args.decoder.dim, eps=args.decoder.norm_eps)
+        self.snapshots = Snapshots()  # a plain object: not a parameter of the module
 
     @property
     def embedding_module(self) -> EmbeddingModule:
