@@ -110,9 +110,6 @@ class Snapshots:
         while len(self._items) > self.LIMIT:
             del self._items[next(iter(self._items))]
 
-    def clear(self):
-        self._items.clear()
-
     @property
     def nbytes(self) -> int:
         return sum(item.nbytes for item in self._items.values())
