@@ -7,6 +7,8 @@
 // wide_rows (AVX-512F): the same products without AMX, the weights widened to float32 in
 //                      registers (bf16_widen: widened in memory, for MKL's float32 GEMM);
 //                      f32_rows: the same passes over float32 weights (dequantized blocks)
+// dot_rows (AVX-512 BF16): x rounded to bfloat16 (wide_rows' parts = 1), each pair of products
+//                      summed into float32 by VDPBF16PS, twice the multiply-adds per instruction
 // q_rows (AVX-512F):   out[m, n] = sum_k x[m, k] * (s[n, g] * q[n, k] + b[n, g])
 //                      q: N x K unsigned 4- or 8-bit values packed as MLX packs them (a value
 //                      per nibble or byte, lowest first), s and b: float32 per group of k
@@ -453,6 +455,77 @@ int wide_rows(const float *x, const uint16_t *w, float *out, long M, long N, lon
         }
     return dispatch((Job){.run = wide_run, .x = scratch, .w = w, .out = out, .M = M, .N = N, .K = K, .ldo = N,
                           .parts = parts},
+                    threads, BLOCK);
+}
+
+// dot_rows: the products of x rounded to bfloat16 (parts = 1) on CPUs with AVX-512 BF16 but
+// no AMX (Zen 4, Cooper Lake): x is stored as bfloat16 pairs in the weights' order and each 32
+// values of a weight row and a row of x go into the sums in one VDPBF16PS (two exact products
+// per lane, added in float32), 32 multiply-adds per instruction where wide_rows widens and
+// takes two FMA of 16. The passes are wide_rows' (4 by 4, the rest by 8), with its prefetch; a
+// row's bits do not depend on the rows around it. (Zen 4, two threads: 376 rows of 9216 x 3072
+// 108 -> 71 ms, 154 GMAC/s; one to four rows, which the weights' bytes bound, unchanged.)
+static inline __attribute__((always_inline)) void dot_pass(const Job *j, long n, long m0, const int R, const int G) {
+    const long K = j->K;
+    const uint16_t *w = (const uint16_t *)j->w + n * K;
+    const uint16_t *x = (const uint16_t *)j->x + m0 * K;
+    __m512 acc[WIDE_ROWS][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int a = 0; a < G; a++) acc[r][a] = _mm512_setzero_ps();
+    for (long k = 0; k < K; k += 32) {
+        __m512bh xs[4];
+#pragma GCC unroll 4
+        for (int a = 0; a < G; a++) xs[a] = (__m512bh)_mm512_loadu_si512((const void *)(x + a * K + k));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const long ahead = r * K + k + WIDE_AHEAD + (k + WIDE_AHEAD < K ? 0 : (R - 1) * K);
+            _mm_prefetch((const char *)((uintptr_t)w + 2 * ahead), _MM_HINT_T1);
+            const __m512bh v = (__m512bh)_mm512_loadu_si512((const void *)(w + r * K + k));
+#pragma GCC unroll 4
+            for (int a = 0; a < G; a++) acc[r][a] = _mm512_dpbf16_ps(acc[r][a], v, xs[a]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int a = 0; a < G; a++)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) j->out[(m0 + a) * j->ldo + n + r] = _mm512_reduce_add_ps(acc[r][a]);
+}
+
+static void dot_run(const Job *j) {
+    long block = WIDE_X / (2 * j->K) / 4 * 4;
+    if (block < 4) block = 4;
+    for (long b0 = 0; b0 < j->M; b0 += block) {
+        const long b1 = b0 + block < j->M ? b0 + block : j->M, b4 = b0 + (b1 - b0) / 4 * 4;
+        for (long n = j->n0; n < j->n1; n += WIDE_ROWS) {
+            for (long m0 = b0; m0 < b4; m0 += 4) {
+                dot_pass(j, n, m0, 4, 4);
+                dot_pass(j, n + 4, m0, 4, 4);
+            }
+            for (long m0 = b4; m0 < b1;) {
+                if (b1 - m0 >= 2) {
+                    dot_pass(j, n, m0, 8, 2);
+                    m0 += 2;
+                } else {
+                    dot_pass(j, n, m0, 8, 1);
+                    m0 += 1;
+                }
+            }
+        }
+    }
+}
+
+// wide_rows' products with parts = 1 (the same arguments but parts; `scratch`: M x K uint16) by
+// dot_run. Only on a CPU with AVX-512 BF16.
+int dot_rows(const float *x, const uint16_t *w, float *out, long M, long N, long K, int threads, uint16_t *scratch) {
+    if (M < 1) return 1;
+    for (long m = 0; m < M; m++)
+        for (long k = 0; k < K; k += 32) {
+            const __m512 lo = _mm512_loadu_ps(x + m * K + k), hi = _mm512_loadu_ps(x + m * K + k + 16);
+            _mm512_storeu_si512((void *)(scratch + m * K + k), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    return dispatch((Job){.run = dot_run, .x = scratch, .w = w, .out = out, .M = M, .N = N, .K = K, .ldo = N},
                     threads, BLOCK);
 }
 

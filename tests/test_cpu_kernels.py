@@ -39,13 +39,21 @@ def widen(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
-def call(kernel: str, x: np.ndarray, w: np.ndarray, threads: int, parts: int = 1) -> np.ndarray:
+def call(kernel: str, x: np.ndarray, w: np.ndarray, threads: int, parts: int = 1, dot: bool | None = None):
+    """The kernel's product on `threads` threads; without AMX and for x rounded to bfloat16,
+    `dot_rows` (`dot`, by default where the CPU has AVX-512 BF16, as `rows_t`) or `wide_rows`."""
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     lib = cpu_kernels.library()
-    fn, scratch = ((lib.bf16_rows, np.empty(parts * x.size, np.uint16)) if kernel == "AMX" else
-                   (lib.wide_rows, np.empty(x.size, np.float32)))
-    used = fn(x.ctypes.data, w.ctypes.data, out.ctypes.data, x.shape[0], w.shape[0], x.shape[1], threads,
-              scratch.ctypes.data, parts)
+    args = [x.ctypes.data, w.ctypes.data, out.ctypes.data, x.shape[0], w.shape[0], x.shape[1], threads]
+    if kernel == "AMX":
+        scratch = np.empty(parts * x.size, np.uint16)
+        used = lib.bf16_rows(*args, scratch.ctypes.data, parts)
+    elif parts == 1 and (cpu_kernels.dot_bf16() if dot is None else dot):
+        scratch = np.empty(x.size, np.uint16)
+        used = lib.dot_rows(*args, scratch.ctypes.data)
+    else:
+        scratch = np.empty(x.size, np.float32)
+        used = lib.wide_rows(*args, scratch.ctypes.data, parts)
     assert used == threads
     return out
 
@@ -80,12 +88,18 @@ def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it(kernel):
     K, N = 3072, 1024
     x = rng.normal(size=(32, K)).astype(np.float32)
     w = bf16_bits(rng.normal(size=(N, K)))
-    for parts in (1, 3):
-        alone = np.concatenate([call(kernel, x[i : i + 1], w, 1, parts) for i in range(32)])
+    dots = [False, True] if kernel == "AVX-512" and cpu_kernels.dot_bf16() else [None]
+    for parts, dot in [(1, d) for d in dots] + [(3, None)]:
+        alone = np.concatenate([call(kernel, x[i : i + 1], w, 1, parts, dot) for i in range(32)])
         for m in (2, 3, 4, 5, 6, 16, 17, 32):
             for threads in (1, 2, 3):
-                assert np.array_equal(call(kernel, x[:m], w, threads, parts), alone[:m]), (m, threads, parts)
-        assert np.array_equal(cpu_kernels.rows_t(x[5:9], w, parts)[2], alone[7])
+                assert np.array_equal(call(kernel, x[:m], w, threads, parts, dot), alone[:m]), (m, threads, parts)
+        if dot is not False:
+            assert np.array_equal(cpu_kernels.rows_t(x[5:9], w, parts)[2], alone[7])
+        # Float32 sums of the bfloat16 products (or of x's own values' products, three parts).
+        xb = x.astype(np.float64) if parts == 3 else widen(bf16_bits(x))
+        exact = xb @ widen(w).T
+        assert np.abs(alone - exact).max() < 2e-5 * np.abs(exact).max(), (parts, dot)
 
 
 def test_the_avx512_kernel_gives_rows_their_bits_across_its_blocks_of_rows():
@@ -102,6 +116,10 @@ def test_the_avx512_kernel_gives_rows_their_bits_across_its_blocks_of_rows():
         assert np.array_equal(call("AVX-512", x[:m], w, 2, 3), alone[:m]), m
     exact = x.astype(np.float64) @ widen(w).T
     assert np.abs(alone - exact).max() < 1e-5 * np.abs(exact).max()
+    if cpu_kernels.dot_bf16():  # dot_rows holds x in bfloat16: blocks of 16 rows (16, 7)
+        alone = np.concatenate([call("AVX-512", x[i : i + 1], w, 1, 1, True) for i in range(23)])
+        for m in (9, 16, 17, 23):
+            assert np.array_equal(call("AVX-512", x[:m], w, 2, 1, True), alone[:m]), m
 
 
 def test_matmul_t_takes_the_kernel_for_few_rows_and_mkl_beyond(kernel, monkeypatch):

@@ -138,6 +138,7 @@ def _load():
     lib.bf16_rows.argtypes = [p, p, p, n, n, n, i, p, i]
     lib.bf16_split.argtypes = [p, p, n, n, i]
     lib.wide_rows.argtypes = [p, p, p, n, n, n, i, p, i]
+    lib.dot_rows.argtypes = [p, p, p, n, n, n, i, p]
     lib.f32_rows.argtypes = [p, p, p, n, n, n, n, i]
     lib.bf16_widen.argtypes = [p, p, n, n, i]
     lib.q_rows.argtypes = [p, p, p, p, p, n, n, n, i, i, i, p]
@@ -148,7 +149,7 @@ def _load():
     lib.attend_many.argtypes = [p, p, p, p, n, n, n, n, n, ctypes.c_float, p, i, i]
     lib.silu_mul.argtypes = [p, p, p, n, i]
     lib.rope_heads.argtypes = [p, p, p, p, n, n, n, n, i]
-    for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.f32_rows, lib.bf16_widen, lib.q_rows, lib.q_amx,
+    for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.dot_rows, lib.f32_rows, lib.bf16_widen, lib.q_rows, lib.q_amx,
                lib.q_pack, lib.q_dequantize, lib.attend, lib.attend_many, lib.silu_mul, lib.rope_heads,
                lib.bf16_rows_init):
         fn.restype = i
@@ -259,11 +260,22 @@ def rows_t(x: np.ndarray, w: np.ndarray, parts: int = 1, out: np.ndarray | None 
 
 def _wide_rows(x: np.ndarray, w: np.ndarray, parts: int, out: np.ndarray) -> int:
     """`wide_rows` (x's values rounded or as they are, times the weights widened in registers)
-    on checked arguments; 0 for parts other than 1 or 3."""
+    on checked arguments, or for x rounded to bfloat16 on a CPU with AVX-512 BF16, `dot_rows`
+    (pairs of bfloat16 products by VDPBF16PS: 1.5-1.7x for many rows); 0 for parts other than
+    1 or 3."""
     (m, k), n = x.shape, w.shape[0]
     rows = scratch(m * k)  # x reordered: pages touched once, not per call
+    if parts == 1 and dot_bf16():
+        return library().dot_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(m * n * k),
+                                  rows.ctypes.data)
     return library().wide_rows(x.ctypes.data, w.ctypes.data, out.ctypes.data, m, n, k, threads_for(m * n * k),
                                rows.ctypes.data, parts)
+
+
+@lru_cache(maxsize=None)
+def dot_bf16() -> bool:
+    """Whether the CPU has AVX-512 BF16 (VDPBF16PS) for `dot_rows`."""
+    return "avx512_bf16" in cpu_flags()
 
 
 WIDENED = 1 << 23  # float32 weight values widened at a time for MKL's GEMM of many rows (32 MB)
