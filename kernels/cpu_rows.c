@@ -400,64 +400,6 @@ static inline __attribute__((always_inline)) void wide_pass(const Job *j, long n
         for (int r = 0; r < R; r++) j->out[(m0 + a) * j->ldo + n + r] = _mm512_reduce_add_ps(acc[r][a]);
 }
 
-// Rows of x a block at a time (as many as fit WIDE_X bytes, for the caches), each block over
-// all of the thread's weight rows.
-static inline __attribute__((always_inline)) void wide_blocks(const Job *j, const int F32) {
-    long block = WIDE_X / (4 * j->K) / 4 * 4;
-    if (block < 4) block = 4;
-    for (long b0 = 0; b0 < j->M; b0 += block) {
-        const long b1 = b0 + block < j->M ? b0 + block : j->M, b4 = b0 + (b1 - b0) / 4 * 4;
-        for (long n = j->n0; n < j->n1; n += WIDE_ROWS) {
-            for (long m0 = b0; m0 < b4; m0 += 4) {
-                wide_pass(j, n, m0, 4, 4, F32);
-                wide_pass(j, n + 4, m0, 4, 4, F32);
-            }
-            for (long m0 = b4; m0 < b1;) {
-                if (b1 - m0 >= 2) {
-                    wide_pass(j, n, m0, 8, 2, F32);
-                    m0 += 2;
-                } else {
-                    wide_pass(j, n, m0, 8, 1, F32);
-                    m0 += 1;
-                }
-            }
-        }
-    }
-}
-
-static void wide_run(const Job *j) { wide_blocks(j, 0); }
-static void f32_run(const Job *j) { wide_blocks(j, 1); }
-
-// x rounded to bfloat16 (to nearest, ties to even; finite x), as float32.
-static inline __m512 round_bf16(__m512 x) {
-    const __m512i b = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    const __m512i up = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u)));
-}
-
-// bf16_rows's products without AMX, the same arguments but `scratch`: M x K float32.
-int wide_rows(const float *x, const uint16_t *w, float *out, long M, long N, long K, int threads, float *scratch,
-              int parts) {
-    if (parts != 1 && parts != 3) return 0;
-    if (M < 1) return 1;
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    for (long m = 0; m < M; m++)
-        for (long k = 0; k < K; k += 32) {
-            __m512 lo = _mm512_loadu_ps(x + m * K + k), hi = _mm512_loadu_ps(x + m * K + k + 16);
-            if (parts == 1) {
-                lo = round_bf16(lo);
-                hi = round_bf16(hi);
-            }
-            _mm512_storeu_ps(scratch + m * K + k, _mm512_permutex2var_ps(lo, even, hi));
-            _mm512_storeu_ps(scratch + m * K + k + 16, _mm512_permutex2var_ps(lo, odd, hi));
-        }
-    return dispatch((Job){.run = wide_run, .x = scratch, .w = w, .out = out, .M = M, .N = N, .K = K, .ldo = N,
-                          .parts = parts},
-                    threads, BLOCK);
-}
-
 // dot_rows: the products of x rounded to bfloat16 (parts = 1) on CPUs with AVX-512 BF16 but
 // no AMX (Zen 4, Cooper Lake): x is stored as bfloat16 pairs in the weights' order and each 32
 // values of a weight row and a row of x go into the sums in one VDPBF16PS (two exact products
@@ -493,27 +435,73 @@ static inline __attribute__((always_inline)) void dot_pass(const Job *j, long n,
         for (int r = 0; r < R; r++) j->out[(m0 + a) * j->ldo + n + r] = _mm512_reduce_add_ps(acc[r][a]);
 }
 
-static void dot_run(const Job *j) {
-    long block = WIDE_X / (2 * j->K) / 4 * 4;
+enum { WIDEN, F32, DOT };  // how a pass takes the weights: bfloat16 widened, float32, VDPBF16PS
+
+static inline __attribute__((always_inline)) void pass(const Job *j, long n, long m0, const int R, const int G,
+                                                       const int MODE) {
+    if (MODE == DOT)
+        dot_pass(j, n, m0, R, G);
+    else
+        wide_pass(j, n, m0, R, G, MODE == F32);
+}
+
+// Rows of x a block at a time (as many as fit WIDE_X bytes, for the caches), each block over
+// all of the thread's weight rows.
+static inline __attribute__((always_inline)) void wide_blocks(const Job *j, const int MODE) {
+    long block = WIDE_X / ((MODE == DOT ? 2 : 4) * j->K) / 4 * 4;
     if (block < 4) block = 4;
     for (long b0 = 0; b0 < j->M; b0 += block) {
         const long b1 = b0 + block < j->M ? b0 + block : j->M, b4 = b0 + (b1 - b0) / 4 * 4;
         for (long n = j->n0; n < j->n1; n += WIDE_ROWS) {
             for (long m0 = b0; m0 < b4; m0 += 4) {
-                dot_pass(j, n, m0, 4, 4);
-                dot_pass(j, n + 4, m0, 4, 4);
+                pass(j, n, m0, 4, 4, MODE);
+                pass(j, n + 4, m0, 4, 4, MODE);
             }
             for (long m0 = b4; m0 < b1;) {
                 if (b1 - m0 >= 2) {
-                    dot_pass(j, n, m0, 8, 2);
+                    pass(j, n, m0, 8, 2, MODE);
                     m0 += 2;
                 } else {
-                    dot_pass(j, n, m0, 8, 1);
+                    pass(j, n, m0, 8, 1, MODE);
                     m0 += 1;
                 }
             }
         }
     }
+}
+
+static void wide_run(const Job *j) { wide_blocks(j, WIDEN); }
+static void f32_run(const Job *j) { wide_blocks(j, F32); }
+static void dot_run(const Job *j) { wide_blocks(j, DOT); }
+
+// x rounded to bfloat16 (to nearest, ties to even; finite x), as float32.
+static inline __m512 round_bf16(__m512 x) {
+    const __m512i b = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i up = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+// bf16_rows's products without AMX, the same arguments but `scratch`: M x K float32.
+int wide_rows(const float *x, const uint16_t *w, float *out, long M, long N, long K, int threads, float *scratch,
+              int parts) {
+    if (parts != 1 && parts != 3) return 0;
+    if (M < 1) return 1;
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (long m = 0; m < M; m++)
+        for (long k = 0; k < K; k += 32) {
+            __m512 lo = _mm512_loadu_ps(x + m * K + k), hi = _mm512_loadu_ps(x + m * K + k + 16);
+            if (parts == 1) {
+                lo = round_bf16(lo);
+                hi = round_bf16(hi);
+            }
+            _mm512_storeu_ps(scratch + m * K + k, _mm512_permutex2var_ps(lo, even, hi));
+            _mm512_storeu_ps(scratch + m * K + k + 16, _mm512_permutex2var_ps(lo, odd, hi));
+        }
+    return dispatch((Job){.run = wide_run, .x = scratch, .w = w, .out = out, .M = M, .N = N, .K = K, .ldo = N,
+                          .parts = parts},
+                    threads, BLOCK);
 }
 
 // wide_rows' products with parts = 1 (the same arguments but parts; `scratch`: M x K uint16) by
