@@ -355,12 +355,22 @@ int bf16_split(const float *x, uint16_t *out, long M, long K, int parts) {
 // busy multiplying several rows of x, falls behind (a Zen 4, two threads, 9216 x 3072: one
 // row 1.6-2.3 -> 1.4-1.5 ms, four 2.1-2.7 -> 1.5-1.7 ms).
 #define WIDE_AHEAD 1024
+// dot_rows: the products of x rounded to bfloat16 (parts = 1) on CPUs with AVX-512 BF16 but
+// no AMX (Zen 4, Cooper Lake): x is stored as bfloat16 pairs in the weights' order and each 32
+// values of a weight row and a row of x go into the sums in one VDPBF16PS (two exact products
+// per lane, added in float32), 32 multiply-adds per instruction where wide_rows widens and
+// takes two FMA of 16. The passes are wide_rows' (4 by 4, the rest by 8), with its prefetch; a
+// row's bits do not depend on the rows around it. (Zen 4, two threads: 376 rows of 9216 x 3072
+// 108 -> 71 ms, 154 GMAC/s; one to four rows, which the weights' bytes bound, unchanged.)
+enum { WIDEN, F32, DOT };  // how a pass takes the weights: bfloat16 widened, float32, VDPBF16PS
+
 static inline __attribute__((always_inline)) void wide_pass(const Job *j, long n, long m0, const int R, const int G,
-                                                            const int F32) {
+                                                            const int MODE) {
     const long K = j->K;
     const uint16_t *w = (const uint16_t *)j->w + n * K;
     const float *wf = (const float *)j->w + n * K;  // F32: float32 weights, loaded as they are
     const float *x = (const float *)j->x + m0 * K;
+    const uint16_t *xb = (const uint16_t *)j->x + m0 * K;  // DOT: x as bfloat16 pairs
     const __m512i odd = _mm512_set1_epi32((int)0xffff0000u);
     __m512 acc[WIDE_ROWS][4];
 #pragma GCC unroll 8
@@ -369,80 +379,42 @@ static inline __attribute__((always_inline)) void wide_pass(const Job *j, long n
         for (int a = 0; a < G; a++) acc[r][a] = _mm512_setzero_ps();
     for (long k = 0; k < K; k += 32) {
         __m512 xe[4], xo[4];
-#pragma GCC unroll 4
-        for (int a = 0; a < G; a++) {
-            xe[a] = _mm512_loadu_ps(x + a * K + k);
-            xo[a] = _mm512_loadu_ps(x + a * K + k + 16);
-        }
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            __m512 we, wo;
-            if (F32) {
-                we = _mm512_loadu_ps(wf + r * K + k);
-                wo = _mm512_loadu_ps(wf + r * K + k + 16);
-            } else {
-                const long ahead = r * K + k + WIDE_AHEAD + (k + WIDE_AHEAD < K ? 0 : (R - 1) * K);
-                _mm_prefetch((const char *)((uintptr_t)w + 2 * ahead), _MM_HINT_T1);  // never faults, even past w
-                const __m512i v = _mm512_loadu_si512((const void *)(w + r * K + k));
-                we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                wo = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
-            }
-#pragma GCC unroll 4
-            for (int a = 0; a < G; a++) {
-                acc[r][a] = _mm512_fmadd_ps(we, xe[a], acc[r][a]);
-                acc[r][a] = _mm512_fmadd_ps(wo, xo[a], acc[r][a]);
-            }
-        }
-    }
-#pragma GCC unroll 4
-    for (int a = 0; a < G; a++)
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++) j->out[(m0 + a) * j->ldo + n + r] = _mm512_reduce_add_ps(acc[r][a]);
-}
-
-// dot_rows: the products of x rounded to bfloat16 (parts = 1) on CPUs with AVX-512 BF16 but
-// no AMX (Zen 4, Cooper Lake): x is stored as bfloat16 pairs in the weights' order and each 32
-// values of a weight row and a row of x go into the sums in one VDPBF16PS (two exact products
-// per lane, added in float32), 32 multiply-adds per instruction where wide_rows widens and
-// takes two FMA of 16. The passes are wide_rows' (4 by 4, the rest by 8), with its prefetch; a
-// row's bits do not depend on the rows around it. (Zen 4, two threads: 376 rows of 9216 x 3072
-// 108 -> 71 ms, 154 GMAC/s; one to four rows, which the weights' bytes bound, unchanged.)
-static inline __attribute__((always_inline)) void dot_pass(const Job *j, long n, long m0, const int R, const int G) {
-    const long K = j->K;
-    const uint16_t *w = (const uint16_t *)j->w + n * K;
-    const uint16_t *x = (const uint16_t *)j->x + m0 * K;
-    __m512 acc[WIDE_ROWS][4];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-        for (int a = 0; a < G; a++) acc[r][a] = _mm512_setzero_ps();
-    for (long k = 0; k < K; k += 32) {
         __m512bh xs[4];
 #pragma GCC unroll 4
-        for (int a = 0; a < G; a++) xs[a] = (__m512bh)_mm512_loadu_si512((const void *)(x + a * K + k));
+        for (int a = 0; a < G; a++) {
+            if (MODE == DOT) {
+                xs[a] = (__m512bh)_mm512_loadu_si512((const void *)(xb + a * K + k));
+            } else {
+                xe[a] = _mm512_loadu_ps(x + a * K + k);
+                xo[a] = _mm512_loadu_ps(x + a * K + k + 16);
+            }
+        }
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            const long ahead = r * K + k + WIDE_AHEAD + (k + WIDE_AHEAD < K ? 0 : (R - 1) * K);
-            _mm_prefetch((const char *)((uintptr_t)w + 2 * ahead), _MM_HINT_T1);
-            const __m512bh v = (__m512bh)_mm512_loadu_si512((const void *)(w + r * K + k));
+            __m512i v = _mm512_setzero_si512();
+            if (MODE != F32) {
+                const long ahead = r * K + k + WIDE_AHEAD + (k + WIDE_AHEAD < K ? 0 : (R - 1) * K);
+                _mm_prefetch((const char *)((uintptr_t)w + 2 * ahead), _MM_HINT_T1);  // never faults, even past w
+                v = _mm512_loadu_si512((const void *)(w + r * K + k));
+            }
+            if (MODE == DOT) {
 #pragma GCC unroll 4
-            for (int a = 0; a < G; a++) acc[r][a] = _mm512_dpbf16_ps(acc[r][a], v, xs[a]);
+                for (int a = 0; a < G; a++) acc[r][a] = _mm512_dpbf16_ps(acc[r][a], (__m512bh)v, xs[a]);
+                continue;
+            }
+            // The even values shifted up, the odd ones masked: float32 exactly.
+            const __m512 we = MODE == F32 ? _mm512_loadu_ps(wf + r * K + k)
+                                          : _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            const __m512 wo = MODE == F32 ? _mm512_loadu_ps(wf + r * K + k + 16)
+                                          : _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+#pragma GCC unroll 4
+            for (int a = 0; a < G; a++) acc[r][a] = _mm512_fmadd_ps(wo, xo[a], _mm512_fmadd_ps(we, xe[a], acc[r][a]));
         }
     }
 #pragma GCC unroll 4
     for (int a = 0; a < G; a++)
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) j->out[(m0 + a) * j->ldo + n + r] = _mm512_reduce_add_ps(acc[r][a]);
-}
-
-enum { WIDEN, F32, DOT };  // how a pass takes the weights: bfloat16 widened, float32, VDPBF16PS
-
-static inline __attribute__((always_inline)) void pass(const Job *j, long n, long m0, const int R, const int G,
-                                                       const int MODE) {
-    if (MODE == DOT)
-        dot_pass(j, n, m0, R, G);
-    else
-        wide_pass(j, n, m0, R, G, MODE == F32);
 }
 
 // Rows of x a block at a time (as many as fit WIDE_X bytes, for the caches), each block over
@@ -454,15 +426,15 @@ static inline __attribute__((always_inline)) void wide_blocks(const Job *j, cons
         const long b1 = b0 + block < j->M ? b0 + block : j->M, b4 = b0 + (b1 - b0) / 4 * 4;
         for (long n = j->n0; n < j->n1; n += WIDE_ROWS) {
             for (long m0 = b0; m0 < b4; m0 += 4) {
-                pass(j, n, m0, 4, 4, MODE);
-                pass(j, n + 4, m0, 4, 4, MODE);
+                wide_pass(j, n, m0, 4, 4, MODE);
+                wide_pass(j, n + 4, m0, 4, 4, MODE);
             }
             for (long m0 = b4; m0 < b1;) {
                 if (b1 - m0 >= 2) {
-                    pass(j, n, m0, 8, 2, MODE);
+                    wide_pass(j, n, m0, 8, 2, MODE);
                     m0 += 2;
                 } else {
-                    pass(j, n, m0, 8, 1, MODE);
+                    wide_pass(j, n, m0, 8, 1, MODE);
                     m0 += 1;
                 }
             }

@@ -174,7 +174,6 @@ class RingKVCache:
         offset, keys, values = snapshot
         B, H, n, D = keys.shape
         keys, values = (mx.broadcast_to(a, (batch_size, H, n, D)) for a in (keys, values))
-        self.offset = 0
         self._reserve(keys, offset)
         self._write(keys, values, offset - n)
         self.offset = offset
