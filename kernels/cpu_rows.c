@@ -14,6 +14,7 @@
 //                      per nibble or byte, lowest first), s and b: float32 per group of k
 // q_amx (AMX):         the same sums as q_rows, as sum_g s[n, g] * (x . q)_g + b[n, g] * (sum x)_g,
 //                      over the weights as q_pack stores them
+// q_vnni (AVX-512 VNNI): q_amx's sums and numbers without AMX (VPDPBUSD), over the same weights
 // q_dequantize:        the float32 s * q + b themselves, for products of many rows
 // attend (AVX-512F):   softmax(q k^T scale) v for one position, per key head (at the end);
 //                      attend_many for many (a prompt, an encoder chunk)
@@ -33,8 +34,8 @@
 // width or the thread count: a stream's numbers do not depend on the batch around it.
 //
 // Built by voxtral_mlx/cpu_kernels.py with the system C compiler on first use, on x86-64
-// Linux CPUs with AVX-512 (bf16_rows and q_amx: with AMX); elsewhere, or without a compiler,
-// MKL and MLX multiply instead.
+// Linux CPUs with AVX-512 (bf16_rows and q_amx: with AMX; q_vnni: with VNNI); elsewhere, or
+// without a compiler, MKL and MLX multiply instead.
 
 #include <immintrin.h>
 #include <math.h>
@@ -1010,13 +1011,113 @@ static void qa_split_run(const Job *j) {
     }
 }
 
-// out = x @ dequantize(w).T (as q_rows) through AMX, on `threads` threads splitting N; any M;
-// K a multiple of `group`, 64 or 128; w, scales and biases as q_pack stores them, the scales
-// and biases float32 or (half = 1) their bfloat16 bits in the same layout; x in `parts` parts,
-// 3 or 4. Returns the number of threads that took part, 0 for what it does not take, or -1
-// where memory ran out.
-int q_amx(const float *x, const void *w, const void *scales, const void *biases, float *out, long M, long N,
-          long K, int bits, int group, int parts, int threads, int half) {
+// q_vnni: q_amx's sums without AMX, through AVX-512 VNNI (Zen 4; Ice Lake and Cascade Lake
+// Xeons). Tile row i of a chunk (4 values of each of a block's 16 weight rows, as q_pack stores
+// them) is one vector, and VPDPBUSD adds to each weight row's int32 lane its 4 products with 4
+// values of one part of one row of x, broadcast: 64 exact products an instruction, for R rows
+// of x and P parts with each vector of weights loaded once. The sums are q_amx's (exact
+// integers) and each group is scaled by qa_add's steps in qa_add's order, so a row's bits are
+// q_amx's for the same parts. (q_rows widens each weight to float32 first: a 4-bit step's
+// products ran at 60% of the memory's speed there, bound by the widening's shuffles.)
+#define QV_FAR 2048    // weights prefetched this many bytes ahead into L1
+#define QV_FAR2 16384  // and this many into L2
+
+// Tile t of x (R rows, `valid` of them real) times block blk; `first`: the tile that reads the
+// block from memory (the others find it in L1 or L2).
+static inline __attribute__((always_inline)) void qv_tile(const Job *j, long blk, long t, int valid, int first,
+                                                          const int BITS, const int R, const int P) {
+    const long K = j->K, G = K / j->group, chunks = K / 64, per = j->group / 64, rows = j->rows;
+    const uint8_t *wb = (const uint8_t *)j->w + blk * 16 * K * BITS / 8;
+    const long at = blk * G * 16 * (j->half ? 2 : 4);  // bytes
+    const void *sb = (const char *)j->scales + at, *bb = (const char *)j->biases + at;
+    const int32_t *xa = (const int32_t *)j->x;  // 4 values of a part a dword
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const __m512 step = _mm512_set1_ps(1.0f / 128);
+    __m512 acc[QA_ROWS];
+#pragma GCC unroll 5
+    for (int m = 0; m < R; m++) acc[m] = _mm512_setzero_ps();
+    for (long g = 0; g < G; g++) {
+        __m512i sum[QA_ROWS][4];
+#pragma GCC unroll 5
+        for (int m = 0; m < R; m++)
+#pragma GCC unroll 4
+            for (int p = 0; p < P; p++) sum[m][p] = _mm512_setzero_si512();
+        for (long u = g * per; u < (g + 1) * per; u++) {
+            const int32_t *xu = xa + (t * chunks + u) * P * R * 16;  // [R x P][16]
+            const uint8_t *q = wb + u * 128 * BITS;
+            if (first)
+#pragma GCC unroll 16
+                for (int l = 0; l < 2 * BITS; l++) {
+                    _mm_prefetch((const char *)(q + QV_FAR + 64 * l), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(q + QV_FAR2 + 64 * l), _MM_HINT_T1);
+                }
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) {
+                __m512i w;
+                if (BITS == 8) {
+                    w = _mm512_loadu_si512((const void *)(q + 64 * i));
+                } else {  // byte i of the chunk's 512 holds tile bytes i (low nibble) and 512 + i (high)
+                    const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * (i % 8)));
+                    w = _mm512_and_si512(i < 8 ? v : _mm512_srli_epi16(v, 4), low);
+                }
+#pragma GCC unroll 5
+                for (int m = 0; m < R; m++)
+#pragma GCC unroll 4
+                    for (int p = 0; p < P; p++)
+                        sum[m][p] = _mm512_dpbusd_epi32(sum[m][p], w, _mm512_set1_epi32(xu[(P * m + p) * 16 + i]));
+            }
+        }
+        const __m512 s = qa_scales(j, sb, g * 16), b = qa_scales(j, bb, g * 16);
+#pragma GCC unroll 5
+        for (int m = 0; m < R; m++) {  // qa_add's steps
+            __m512 total = _mm512_cvtepi32_ps(sum[m][P - 1]);
+#pragma GCC unroll 4
+            for (int p = P - 2; p >= 0; p--) total = _mm512_fmadd_ps(total, step, _mm512_cvtepi32_ps(sum[m][p]));
+            total = _mm512_mul_ps(total, _mm512_set1_ps(j->xscale[g * rows + t * R + m]));
+            acc[m] = _mm512_fmadd_ps(s, total, acc[m]);
+            acc[m] = _mm512_fmadd_ps(b, _mm512_set1_ps(j->xsum[g * rows + t * R + m]), acc[m]);
+        }
+    }
+    const long n = 16 * blk, N = j->N;
+    const __mmask16 in = N - n >= 16 ? 0xffff : (__mmask16)((1u << (N - n)) - 1);
+#pragma GCC unroll 5
+    for (int m = 0; m < R; m++)
+        if (m < valid) _mm512_mask_storeu_ps(j->out + (t * R + m) * N + n, in, acc[m]);
+}
+
+static void qv_run(const Job *j) {
+    const long K = j->K, P = j->parts, R = j->bits_rows, T = j->rows / R;
+    // The tiles of x go over the weights in sets that stay in L2 (QA_SET bytes of parts).
+    const long most = QA_SET / (K * P * R) > 1 ? QA_SET / (K * P * R) : 1;
+    const long sets = (T + most - 1) / most, set = (T + sets - 1) / sets;
+    for (long t0 = 0; t0 < T; t0 += set) {
+        const long t1 = t0 + set < T ? t0 + set : T;
+        for (long blk = j->n0 / 16; blk < (j->n1 + 15) / 16; blk++)
+            for (long t = t0; t < t1; t++) {
+                const int valid = (int)(j->M - t * R < R ? j->M - t * R : R), first = t == t0;
+                // Constant bits, rows and parts: the sums stay in registers.
+#define QV_CASE(B, RR, PP) \
+    case ((B) == 8) * 16 + ((PP) == 4) * 8 + (RR): qv_tile(j, blk, t, valid, first, B, RR, PP); break;
+#define QV_CASES(B, PP) QV_CASE(B, 1, PP) QV_CASE(B, 2, PP) QV_CASE(B, 3, PP) QV_CASE(B, 4, PP)
+                switch ((j->bits == 8) * 16 + (P == 4) * 8 + (int)R) {
+                    QV_CASES(4, 3) QV_CASES(4, 4) QV_CASES(8, 3) QV_CASES(8, 4)
+                    QV_CASE(4, 5, 3) QV_CASE(8, 5, 3)
+                }
+#undef QV_CASES
+#undef QV_CASE
+            }
+    }
+}
+
+// out = x @ dequantize(w).T (as q_rows) on `threads` threads splitting N; any M; K a multiple
+// of `group`, 64 or 128; w, scales and biases as q_pack stores them, the scales and biases
+// float32 or (half = 1) their bfloat16 bits in the same layout; x in `parts` parts, 3 or 4:
+// through AMX (q_amx) or AVX-512 VNNI (q_vnni), the same numbers. Returns the number of threads
+// that took part, 0 for what it does not take, or -1 where memory ran out.
+static int q_packed(void (*run)(const Job *), const float *x, const void *w, const void *scales,
+                    const void *biases, float *out, long M, long N, long K, int bits, int group, int parts,
+                    int threads, int half) {
+
     if (parts < 3 || parts > 4 || (bits != 4 && bits != 8) || (group != 64 && group != 128) || K % group ||
         (half != 0 && half != 1))
         return 0;
@@ -1037,7 +1138,7 @@ int q_amx(const float *x, const void *w, const void *scales, const void *biases,
     Job split = {.run = qa_split_run, .x = x, .M = M, .N = rows, .K = K, .bits = bits, .group = group, .rows = rows,
                  .bits_rows = (int)R, .parts = parts, .parts_out = xa, .sums_out = xsum, .scales_out = xscale};
     dispatch(split, rows > R ? threads : 1, R);
-    Job job = {.run = qa_run, .x = xa, .w = w, .scales = scales, .biases = biases, .half = half, .out = out, .M = M,
+    Job job = {.run = run, .x = xa, .w = w, .scales = scales, .biases = biases, .half = half, .out = out, .M = M,
                .N = N, .K = K, .bits = bits, .group = group, .xsum = xsum, .xscale = xscale, .rows = rows,
                .bits_rows = (int)R, .parts = parts};
     atomic_store(&qa_short, 0);
@@ -1046,6 +1147,16 @@ int q_amx(const float *x, const void *w, const void *scales, const void *biases,
     free(xsum);
     free(xscale);
     return atomic_load(&qa_short) ? -1 : used;
+}
+
+int q_amx(const float *x, const void *w, const void *scales, const void *biases, float *out, long M, long N,
+          long K, int bits, int group, int parts, int threads, int half) {
+    return q_packed(qa_run, x, w, scales, biases, out, M, N, K, bits, group, parts, threads, half);
+}
+
+int q_vnni(const float *x, const void *w, const void *scales, const void *biases, float *out, long M, long N,
+           long K, int bits, int group, int parts, int threads, int half) {
+    return q_packed(qv_run, x, w, scales, biases, out, M, N, K, bits, group, parts, threads, half);
 }
 
 // Attention of one position (a decoder step) over a key/value cache, in float32: for each

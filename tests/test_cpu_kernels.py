@@ -3,6 +3,7 @@ AVX-512 one of CPUs without AMX (each test runs with every kernel this CPU has);
 quantized kernels of the same library are tested in test_cpu_quant.py."""
 
 import multiprocessing
+import re
 import stat
 import threading
 from pathlib import Path
@@ -207,23 +208,28 @@ def test_reasons_when_the_kernel_cannot_be_used(monkeypatch):
 def test_without_amx_the_avx512_kernels_multiply(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx512f", "amx_tile"})
     cpu_kernels.amx.cache_clear()
+    cpu_kernels.packed_kernel.cache_clear()
     try:
         reason = "the CPU lacks amx_bf16, amx_int8, avx512_bf16, avx512bw"
         assert not cpu_kernels.amx() and cpu_kernels.amx_reason == reason
         assert cpu_kernels.row_kernel() == "AVX-512" and cpu_kernels.fits(1, 64, 64) and cpu_kernels.q_fits(8, 64, 128)
-        assert not cpu_kernels.q_amx_fits(8, 64, 128)
+        assert not cpu_kernels.q_packed_fits(8, 64, 128) and cpu_kernels.packed_kernel() is None
+        packed_reason = f"neither AMX nor AVX-512 VNNI ({reason}; the CPU lacks avx512_vnni, avx512bw)"
+        assert cpu_kernels.packed_reason == packed_reason
+        msg = f"the packed quantized kernel is not available: {packed_reason}"
         eye = bf16_bits(np.eye(64))
         assert np.array_equal(cpu_kernels.rows_t(np.full((1, 64), 1 + 2**-9, np.float32), eye, 3),
                               np.full((1, 64), 1 + 2**-9, np.float32))
         q, scales = np.zeros((16, 32), np.uint32), np.zeros((16, 2), np.float32)
-        with pytest.raises(ValueError, match=f"^the AMX quantized kernel is not available: {reason}$"):
+        with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
             cpu_kernels.q_pack(q, scales, scales, 8, 64)
         packed = cpu_kernels.QPacked(np.zeros((1, 2048), np.uint8), *[np.zeros((1, 2, 16), np.float32)] * 2, 16, 8, 64)
-        with pytest.raises(ValueError, match=f"^the AMX quantized kernel is not available: {reason}$"):
-            cpu_kernels.q_amx_t(np.ones((40, 128), np.float32), packed)
+        with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+            cpu_kernels.q_packed_t(np.ones((40, 128), np.float32), packed)
         assert cpu_kernels.q_rows_t(np.ones((40, 128), np.float32), q, scales, scales, 8, 64).shape == (40, 16)
     finally:
         cpu_kernels.amx.cache_clear()
+        cpu_kernels.packed_kernel.cache_clear()
 
 
 @pytest.mark.skipif(not mkl_bf16.available() or cpu_kernels.library() is None, reason="needs MKL and the kernels")

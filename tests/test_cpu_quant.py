@@ -1,5 +1,5 @@
-"""The quantized kernels (kernels/cpu_rows.c `q_rows` and `q_amx`, cpu_kernels.q_rows_t and
-q_amx_t) and the CPU quantized layers that use them (cpu_quant.py)."""
+"""The quantized kernels (kernels/cpu_rows.c `q_rows`, `q_amx` and `q_vnni`, cpu_kernels.q_rows_t
+and q_packed_t) and the CPU quantized layers that use them (cpu_quant.py)."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,6 +16,10 @@ from voxtral_mlx.streaming import StreamingSession
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None,
                                   reason=f"the quantized row kernel is not available: {cpu_kernels.reason}")
 needs_amx = pytest.mark.skipif(not cpu_kernels.amx(), reason=f"the AMX kernels are not available: {cpu_kernels.amx_reason}")
+needs_vnni = pytest.mark.skipif(cpu_kernels.library() is None or not set(cpu_kernels.VNNI_FLAGS) <= cpu_kernels.cpu_flags(),
+                                reason="needs the kernels and AVX-512 VNNI")
+needs_packed = pytest.mark.skipif(cpu_kernels.packed_kernel() is None,
+                                  reason=f"the packed quantized kernel is not available: {cpu_kernels.packed_reason}")
 
 
 def quantized(rng, N: int, K: int, bits: int, group: int):
@@ -26,7 +30,7 @@ def quantized(rng, N: int, K: int, bits: int, group: int):
 
 
 def call(kernel: str, x: np.ndarray, w, bits: int, group: int, threads: int, parts: int = 4) -> np.ndarray:
-    """One of the kernels on a given number of threads (q_amx: x in `parts` parts)."""
+    """One of the kernels on a given number of threads (q_amx, q_vnni: x in `parts` parts)."""
     q, s, b = w
     out = np.empty((x.shape[0], q.shape[0]), np.float32)
     lib, rows = cpu_kernels.library(), x.shape[0]
@@ -36,25 +40,36 @@ def call(kernel: str, x: np.ndarray, w, bits: int, group: int, threads: int, par
                           q.shape[0], x.shape[1], bits, group, threads, scratch.ctypes.data)
     else:
         p = cpu_kernels.q_pack(q, s, b, bits, group)
-        used = lib.q_amx(x.ctypes.data, p.weight.ctypes.data, p.scales.ctypes.data, p.biases.ctypes.data,
-                         out.ctypes.data, rows, q.shape[0], x.shape[1], bits, group, parts, threads, 0)
+        used = getattr(lib, kernel)(x.ctypes.data, p.weight.ctypes.data, p.scales.ctypes.data, p.biases.ctypes.data,
+                                    out.ctypes.data, rows, q.shape[0], x.shape[1], bits, group, parts, threads, 0)
     assert used == threads
     return out
 
 
-KERNELS = [pytest.param("q_rows", marks=needs_kernel), pytest.param("q_amx", marks=needs_amx)]
-PRODUCT = {"q_rows": lambda *a: cpu_kernels.q_rows_t(*a),
-           "q_amx": lambda x, q, s, b, bits, group: cpu_kernels.q_amx_t(x, cpu_kernels.q_pack(q, s, b, bits, group))}
+def through(kernel: str):
+    """`cpu_kernels.q_packed_t` through `kernel` ("q_amx" or "q_vnni"), whichever this CPU would take."""
+
+    def product(x, q, s, b, bits, group):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(cpu_kernels, "packed_kernel", lambda: "AMX" if kernel == "q_amx" else "VNNI")
+            return cpu_kernels.q_packed_t(x, cpu_kernels.q_pack(q, s, b, bits, group))
+
+    return product
+
+
+MARKS = {"q_rows": needs_kernel, "q_amx": needs_amx, "q_vnni": needs_vnni}
+KERNELS = [pytest.param(kernel, marks=mark) for kernel, mark in MARKS.items()]
+PRODUCT = {"q_rows": lambda *a: cpu_kernels.q_rows_t(*a), "q_amx": through("q_amx"), "q_vnni": through("q_vnni")}
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("kernel,M,N,K,group", [
     *(pytest.param("q_rows", *shape, marks=needs_kernel)
       for shape in ((1, 32, 32, 32), (3, 70, 96, 32), (4, 64, 256, 64), (5, 33, 384, 128), (33, 96, 3072, 64))),
-    # q_amx: up to 32 rows in tiles of up to 4 (x in four parts), more in tiles of up to 5
-    # (three parts), the last padded; 16 weight rows at a time (the last part-empty); odd and
-    # even numbers of groups (two sets of tiles alternate)
-    *(pytest.param("q_amx", *shape, marks=needs_amx)
+    # q_amx, q_vnni: up to 32 rows in tiles of up to 4 (x in four parts), more in tiles of up
+    # to 5 (three parts), the last padded; 16 weight rows at a time (the last part-empty); odd
+    # and even numbers of groups (q_amx: two sets of tiles alternate)
+    *(pytest.param(kernel, *shape, marks=MARKS[kernel]) for kernel in ("q_amx", "q_vnni")
       for shape in ((1, 32, 64, 64), (3, 70, 192, 64), (7, 48, 512, 64), (17, 50, 128, 128), (33, 96, 3072, 64),
                     (40, 40, 1280, 128), (20, 24, 1280, 64), (32, 16, 640, 128), (46, 8, 192, 64)))])
 def test_products_are_float32_sums_with_the_dequantized_weight(kernel, bits, M, N, K, group):
@@ -70,9 +85,9 @@ def test_products_are_float32_sums_with_the_dequantized_weight(kernel, bits, M, 
 
 @pytest.mark.parametrize("kernel,bits,group", [
     pytest.param("q_rows", 4, 32, marks=needs_kernel), pytest.param("q_rows", 4, 128, marks=needs_kernel),
-    pytest.param("q_rows", 8, 64, marks=needs_kernel), pytest.param("q_amx", 4, 64, marks=needs_amx),
-    pytest.param("q_amx", 4, 128, marks=needs_amx), pytest.param("q_amx", 8, 64, marks=needs_amx),
-    pytest.param("q_amx", 8, 128, marks=needs_amx)])
+    pytest.param("q_rows", 8, 64, marks=needs_kernel),
+    *(pytest.param(kernel, bits, group, marks=MARKS[kernel])
+      for kernel in ("q_amx", "q_vnni") for bits in (4, 8) for group in (64, 128))])
 def test_every_value_is_dequantized_in_place_as_mlx_does(kernel, bits, group):
     # One-hot rows pick single weights: out[m, n] is the dequantized w[n, k_m] itself.
     rng = np.random.default_rng(bits + group)
@@ -80,7 +95,7 @@ def test_every_value_is_dequantized_in_place_as_mlx_does(kernel, bits, group):
     w, exact = quantized(rng, N, K, bits, group)
     got = PRODUCT[kernel](np.eye(K, dtype=np.float32), *w, bits, group)
     assert np.array_equal(got, exact.T.astype(np.float32))
-    for k in range(0, K, 32):  # q_amx: up to 32 rows in four parts
+    for k in range(0, K, 32):  # q_amx, q_vnni: up to 32 rows in four parts
         assert np.array_equal(PRODUCT[kernel](np.eye(K, dtype=np.float32)[k : k + 32], *w, bits, group),
                               exact.T[k : k + 32].astype(np.float32))
 
@@ -88,13 +103,13 @@ def test_every_value_is_dequantized_in_place_as_mlx_does(kernel, bits, group):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it(kernel, bits):
-    # q_amx: the integer sums are exact and the rest is per row, wherever it sits in a tile,
-    # for either number of parts; q_amx_t splits x in four parts up to MAX_ROWS rows.
+    # q_amx, q_vnni: the integer sums are exact and the rest is per row, wherever it sits in a
+    # tile, for either number of parts; q_packed_t splits x in four parts up to MAX_ROWS rows.
     rng = np.random.default_rng(bits)
     K, N = 1024, 200
     w, _ = quantized(rng, N, K, bits, 64)
     x = rng.normal(size=(40, K)).astype(np.float32)
-    for parts in (4, 3) if kernel == "q_amx" else (4,):
+    for parts in (4, 3) if kernel != "q_rows" else (4,):
         alone = np.concatenate([call(kernel, x[i : i + 1], w, bits, 64, 1, parts) for i in range(40)])
         for m in (2, 3, 4, 5, 6, 9, 16, 17, 40):
             for threads in (1, 2, 3):
@@ -102,7 +117,7 @@ def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it(kernel, 
         if parts == 4:
             assert np.array_equal(PRODUCT[kernel](x[5:12], *w, bits, 64)[3], alone[8])
             assert np.array_equal(PRODUCT[kernel](x[:32], *w, bits, 64), alone[:32])
-    if kernel == "q_amx":
+    if kernel != "q_rows":
         assert np.array_equal(PRODUCT[kernel](x, *w, bits, 64), alone)  # 40 rows: three parts
 
 
@@ -129,12 +144,28 @@ def test_dequantize_gives_the_values_of_mx_dequantize(bits, group):
     assert np.array_equal(cpu_kernels.q_dequantize(*w, bits, group), exact.astype(np.float32))
 
 
-# The AMX kernel (q_amx): the same products as exact 8-bit integer products
+# The packed kernels (q_amx, q_vnni): the same products as exact 8-bit integer products
 
 
 @needs_amx
+@needs_vnni
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 128)])
+def test_vnni_gives_the_bits_of_amx(bits, group):
+    rng = np.random.default_rng(bits + group)
+    (q, s, b), _ = quantized(rng, 70, 384, bits, group)
+    halves = [np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32)) for a in (s, b)]
+    for scales in ((s, b), halves):
+        packed = cpu_kernels.q_pack(q, *scales, bits, group).halved()
+        for rows in (1, 4, 5, 32, 33, 40):  # four parts and three
+            x = rng.normal(size=(rows, 384)).astype(np.float32)
+            assert np.array_equal(call("q_vnni", x, (q, *scales), bits, group, 2, 4 if rows <= 32 else 3),
+                                  call("q_amx", x, (q, *scales), bits, group, 2, 4 if rows <= 32 else 3)), rows
+            assert np.array_equal(through("q_vnni")(x, q, *scales, bits, group), cpu_kernels.q_packed_t(x, packed))
+
+
+@needs_packed
 @pytest.mark.parametrize("rows,bits_kept", [(5, 28), (40, 21)])
-def test_amx_rows_of_any_scale_hold_21_or_28_bits_below_each_groups_largest_value(rows, bits_kept):
+def test_packed_rows_of_any_scale_hold_21_or_28_bits_below_each_groups_largest_value(rows, bits_kept):
     # Each group of a row is split below its own largest value, in four parts (28 bits) up to
     # MAX_ROWS rows, else three (21): a value 2^15 times the others costs them 15 of those
     # bits (the sums stay within 2^(1 - bits) of the largest times the weights); values of
@@ -148,7 +179,7 @@ def test_amx_rows_of_any_scale_hold_21_or_28_bits_below_each_groups_largest_valu
     x[2] *= np.float32(1e30)
     x[3] = 0
     x[4, 64:192] = 0
-    got = cpu_kernels.q_amx_t(x, cpu_kernels.q_pack(*w, 4, group))
+    got = cpu_kernels.q_packed_t(x, cpu_kernels.q_pack(*w, 4, group))
     want = x.astype(np.float64) @ exact.T
     largest = np.abs(x).astype(np.float64).reshape(rows, K // group, group).max(axis=2)  # [rows, groups]
     by_group = np.abs(exact).reshape(N, K // group, group).sum(axis=2)                # [N, groups]
@@ -158,12 +189,12 @@ def test_amx_rows_of_any_scale_hold_21_or_28_bits_below_each_groups_largest_valu
     assert np.all(got[3] == 0)
     if rows == 5:  # the value 3e4 sits 15 bits above the others: 13 of their 28 kept, not 6 of 21
         forty = np.concatenate([x, np.zeros((35, K), np.float32)])
-        three = cpu_kernels.q_amx_t(forty, cpu_kernels.q_pack(*w, 4, group))
+        three = cpu_kernels.q_packed_t(forty, cpu_kernels.q_pack(*w, 4, group))
         assert np.abs(got[0] - want[0]).max() < np.abs(three[0] - want[0]).max() / 16
 
 
-@needs_amx
-def test_q_pack_and_q_amx_t_refuse_what_they_cannot_multiply():
+@needs_packed
+def test_q_pack_and_q_packed_t_refuse_what_they_cannot_multiply():
     rng = np.random.default_rng(0)
     w, _ = quantized(rng, 16, 128, 4, 32)
     x = np.ones((1, 128), np.float32)
@@ -175,21 +206,21 @@ def test_q_pack_and_q_amx_t_refuse_what_they_cannot_multiply():
     with pytest.raises(ValueError, match="^q_pack packs in place only writable weights of a multiple of 16 rows"):
         cpu_kernels.q_pack(*(a[:15].copy() for a in w), 4, 64, in_place=True)
     packed = cpu_kernels.q_pack(*w, 4, 64)
-    assert cpu_kernels.q_amx_t(x[:0], packed).shape == (0, 16)
-    with pytest.raises(ValueError, match=r"^q_amx_t: rows of 64 values by a weight of 128 columns, 4 bits in groups"):
-        cpu_kernels.q_amx_t(x[:, :64], packed)
+    assert cpu_kernels.q_packed_t(x[:0], packed).shape == (0, 16)
+    with pytest.raises(ValueError, match=r"^q_packed_t: rows of 64 values by a weight of 128 columns, 4 bits in"):
+        cpu_kernels.q_packed_t(x[:, :64], packed)
     with pytest.raises(ValueError, match=r"of 128 columns, 6 bits in groups of 64 \(it takes 4 or 8 bits"):
-        cpu_kernels.q_amx_t(x, packed._replace(bits=6, weight=np.zeros((1, 1536), np.uint8)))
-    assert cpu_kernels.library().q_amx(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data,
-                                       packed.biases.ctypes.data, np.empty(16, np.float32).ctypes.data, 1, 16, 128,
-                                       4, 64, 5, 1, 0) == 0  # five parts: nothing computed
-    assert cpu_kernels.library().q_amx(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data,
-                                       packed.biases.ctypes.data, 0, 0, 16, 128, 4, 64, 4, 2, 0) == 1  # no rows
-    assert not cpu_kernels.q_amx_fits(8, 64, 96) and not cpu_kernels.q_amx_fits(4, 32, 128)
-    assert cpu_kernels.q_amx_fits(8, 128, 256)
+        cpu_kernels.q_packed_t(x, packed._replace(bits=6, weight=np.zeros((1, 1536), np.uint8)))
+    product = getattr(cpu_kernels.library(), "q_amx" if cpu_kernels.packed_kernel() == "AMX" else "q_vnni")
+    assert product(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data,
+                   np.empty(16, np.float32).ctypes.data, 1, 16, 128, 4, 64, 5, 1, 0) == 0  # five parts: nothing computed
+    assert product(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data,
+                   0, 0, 16, 128, 4, 64, 4, 2, 0) == 1  # no rows
+    assert not cpu_kernels.q_packed_fits(8, 64, 96) and not cpu_kernels.q_packed_fits(4, 32, 128)
+    assert cpu_kernels.q_packed_fits(8, 128, 256)
 
 
-@needs_amx
+@needs_packed
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, 128)])
 def test_bfloat16_scales_are_stored_as_their_bits_with_the_same_products(bits, group):
     rng = np.random.default_rng(group)
@@ -201,22 +232,22 @@ def test_bfloat16_scales_are_stored_as_their_bits_with_the_same_products(bits, g
     assert halved.halved() is halved and np.array_equal(halved.rows(np.arange(70)), packed.rows(np.arange(70)))
     for rows in (1, 4, 33):  # four parts and three
         x = rng.normal(size=(rows, 384)).astype(np.float32)
-        assert np.array_equal(cpu_kernels.q_amx_t(x, halved), cpu_kernels.q_amx_t(x, packed)), rows
+        assert np.array_equal(cpu_kernels.q_packed_t(x, halved), cpu_kernels.q_packed_t(x, packed)), rows
     # Scales that bfloat16 does not hold stay float32.
     full = cpu_kernels.q_pack(q, s, b, bits, group)
     assert full.halved() is full and full.scales.dtype == np.float32
 
 
-@needs_amx
+@needs_packed
 def test_float32_scales_stay_float32_in_the_model(tiny_dir, tmp_path):
     path = convert(tiny_dir, tmp_path / "q4", q_bits=4, q_group_size=64, dtype="float32").path
     layers = [m for _, m in voxtral_mlx.load(path).net.named_modules() if isinstance(m, cpu_quant.Linear)]
-    assert layers and all(m._amx for m in layers)
+    assert layers and all(m._packed for m in layers)
     # mx.quantize's float32 scales: most are not bfloat16 values.
     assert all(m.scales.dtype == m.biases.dtype == mx.float32 for m in layers)
 
 
-@needs_amx
+@needs_packed
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, 128)])
 def test_packed_rows_are_the_values_of_mx_dequantize(bits, group):
     # An embedding's lookup from the stored layout: any rows, the last block part-empty.
@@ -238,7 +269,7 @@ def test_packed_rows_are_the_values_of_mx_dequantize(bits, group):
 def test_many_rows_multiply_dequantized_blocks_through_mkl(monkeypatch):
     rng = np.random.default_rng(7)
     K, N = 256, 70
-    monkeypatch.setattr(cpu_kernels, "q_amx_fits", lambda *a: False)  # the path of CPUs without AMX
+    monkeypatch.setattr(cpu_kernels, "q_packed_fits", lambda *a: False)  # the path of CPUs without AMX or VNNI
     layer = cpu_quant.Linear(nn.QuantizedLinear(K, N, bias=True, group_size=64, bits=8))
     exact = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 8), np.float64)
     calls = []
@@ -256,12 +287,12 @@ def test_many_rows_multiply_dequantized_blocks_through_mkl(monkeypatch):
         assert np.abs(got[0] - want).max() < 1e-5 * np.abs(want).max()
 
 
-def test_without_amx_many_rows_multiply_dequantized_blocks_in_the_row_kernel(monkeypatch):
+def test_without_the_packed_kernel_many_rows_multiply_dequantized_blocks_in_the_row_kernel(monkeypatch):
     if cpu_kernels.library() is None:
         pytest.skip(f"no kernel library: {cpu_kernels.reason}")
     rng = np.random.default_rng(8)
     K, N = 256, 96
-    monkeypatch.setattr(cpu_kernels, "q_amx_fits", lambda *a: False)
+    monkeypatch.setattr(cpu_kernels, "q_packed_fits", lambda *a: False)
     layer = cpu_quant.Linear(nn.QuantizedLinear(K, N, bias=False, group_size=64, bits=4))
     exact = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4), np.float64)
     calls = []
@@ -277,16 +308,16 @@ def test_without_amx_many_rows_multiply_dequantized_blocks_in_the_row_kernel(mon
     assert np.array_equal(cpu_quant.product(layer, np.ascontiguousarray(x[10:43])), got[10:43])
 
 
-@needs_amx
-def test_with_amx_every_product_goes_through_the_amx_kernel(monkeypatch):
+@needs_packed
+def test_with_the_packed_kernel_every_product_goes_through_it(monkeypatch):
     rng = np.random.default_rng(8)
     K, N = 256, 70
     source = nn.QuantizedLinear(K, N, bias=True, group_size=64, bits=4)
     exact = np.array(mx.dequantize(source.weight, source.scales, source.biases, 64, 4), np.float64)
     layer = cpu_quant.Linear(source)
-    assert layer._amx and layer.weight.shape == (5, 16 * K // 2)  # stored for the kernel
+    assert layer._packed and layer.weight.shape == (5, 16 * K // 2)  # stored for the kernel
     calls = []
-    for name in ("q_rows_t", "q_amx_t", "q_dequantize"):
+    for name in ("q_rows_t", "q_packed_t", "q_dequantize"):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: (calls.append((name, a[0].shape[0])),
                                                                                   real(*a))[1])
@@ -295,7 +326,7 @@ def test_with_amx_every_product_goes_through_the_amx_kernel(monkeypatch):
         x = rng.normal(size=(1, rows, K)).astype(np.float32)
         got = np.array(layer(mx.array(x)))
         want = x[0].astype(np.float64) @ exact.T + np.array(layer.bias)
-        assert calls == [("q_amx_t", rows)] and got.shape == (1, rows, N)
+        assert calls == [("q_packed_t", rows)] and got.shape == (1, rows, N)
         assert np.abs(got[0] - want).max() < 1e-5 * np.abs(want).max()
     # Rows in whole blocks of 16: stored in the loaded weight's own memory, nothing copied.
     source = nn.QuantizedLinear(K, 64, bias=False, group_size=64, bits=8)
@@ -327,11 +358,11 @@ def test_layers_take_the_kernel_and_keep_mlx_logits(quantized_dirs, bits, group,
     model = load_model(quantized_dirs[bits, group], dtype="bfloat16")
     layers = [m for _, m in model.net.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     assert layers and all(isinstance(m, (cpu_quant.Linear, cpu_quant.Embedding)) for m in layers)
-    amx = cpu_kernels.amx() and group in cpu_kernels.Q_AMX_GROUPS
-    assert all(m._amx == amx for m in layers) and model.dtype == mx.float32
-    # The checkpoint's bfloat16 scales and biases: float32, or their bits where AMX multiplies.
-    assert all(m.scales.dtype == m.biases.dtype == (mx.uint16 if amx else mx.float32) for m in layers)
-    kernel = "AMX" if amx else "AVX-512"
+    packed = cpu_kernels.packed_kernel() is not None and group in cpu_kernels.Q_PACKED_GROUPS
+    assert all(m._packed == packed for m in layers) and model.dtype == mx.float32
+    # The checkpoint's bfloat16 scales and biases: float32, or their bits where the packed kernel multiplies.
+    assert all(m.scales.dtype == m.biases.dtype == (mx.uint16 if packed else mx.float32) for m in layers)
+    kernel = {"AMX": "AMX", "VNNI": "AVX-512 VNNI"}[cpu_kernels.packed_kernel()] if packed else "AVX-512"
     assert cpu_quant.describe(model.net) == f"{bits}-bit products through the {kernel} kernel, float32 elsewhere"
     reference = mlx_model(quantized_dirs[bits, group], monkeypatch)
     assert not cpu_quant.adopted(reference.net)
@@ -376,13 +407,13 @@ def test_batches_hold_no_more_files_than_the_row_kernel_takes(quantized_dirs, mo
 
 
 @needs_kernel
-@pytest.mark.parametrize("group", [32, 64])  # 32: q_rows_t, and MKL beyond 32 rows; 64: q_amx_t with AMX
+@pytest.mark.parametrize("group", [32, 64])  # 32: q_rows_t, and f32_rows or MKL beyond 32 rows; 64: q_packed_t
 @pytest.mark.parametrize("M", [5, 40])
 def test_a_layers_products_written_into_a_given_array_are_those_returned(group, M):
     mx.random.seed(M + group)
     layer = cpu_quant.Linear(nn.QuantizedLinear.from_linear(nn.Linear(256, 64), group_size=group, bits=4))
     assert "bias" in layer and layer.host_features == 64
-    assert layer.host_stacks == (group == 64 and cpu_kernels.amx())  # rows of several streams as one product
+    assert layer.host_stacks == (group == 64 and cpu_kernels.packed_kernel() is not None)  # rows of several streams as one product
     x = np.random.default_rng(M).normal(size=(M, 256)).astype(np.float32)
     out = np.full((2, M, 64), np.nan, np.float32)
     got = layer.host(x, out[1])

@@ -17,23 +17,26 @@
   of memory and widens them to float32 in registers, one multiply-add per row and value.
   More rows than MAX_ROWS without AMX: blocks of the weight dequantized (`q_dequantize`) and
   multiplied by `f32_rows`, the passes of `wide_rows` over float32 weights (`blocks_gemm`).
-- `q_amx_t` (AMX): the same products (groups of 64 or 128) for any number of rows, over
-  weights stored once for it (`q_pack`: the same bytes in the order AMX reads them), as
-  exact 8-bit integer products: x split into 8-bit parts per group (four up to MAX_ROWS rows,
-  28 bits below the group's largest value; three beyond, 21 bits), q times each summed
-  exactly in int32 by AMX, then scaled in float32 (scales and biases float32, or bfloat16 bits:
-  `QPacked.halved`). Up to five rows share each instruction:
-  one row 1.3x `q_rows_t`'s speed at 4 bits (1.1x at 8), four rows 2.4-2.6x; the prompt
-  about twice MKL's float32 GEMM of the dequantized weights.
+- `q_packed_t` (AMX, else AVX-512 VNNI): the same products (groups of 64 or 128) for any
+  number of rows, over weights stored once for it (`q_pack`: the same bytes in the order AMX
+  reads them), as exact 8-bit integer products: x split into 8-bit parts per group (four up
+  to MAX_ROWS rows, 28 bits below the group's largest value; three beyond, 21 bits), q times
+  each summed exactly in int32, then scaled in float32 (scales and biases float32, or
+  bfloat16 bits: `QPacked.halved`). AMX: up to five rows share each instruction; one row 1.3x
+  `q_rows_t`'s speed at 4 bits (1.1x at 8), four rows 2.4-2.6x; the prompt about twice MKL's
+  float32 GEMM of the dequantized weights. VNNI (`q_vnni`: Zen 4, Ice Lake and Cascade Lake
+  Xeons), the same numbers 64 products an instruction: on a Zen 4, one row of 4 bits 1.4-1.8x
+  `q_rows_t`'s speed (at the memory's), four rows 1.2-1.5x, many rows 1.2-1.3x `f32_rows`
+  over dequantized blocks.
 
 All give every row the same bits whatever rows, and however many threads, are around it
-(`q_amx_t`: on either side of MAX_ROWS).
+(`q_packed_t`: on either side of MAX_ROWS).
 The source is compiled on first use with the system C compiler (`CC`, else cc, gcc or clang)
 into the user cache (`$XDG_CACHE_HOME/voxtral-mlx`, else ~/.cache/voxtral-mlx), one library
 per source and compiler. The library needs AVX-512 (Skylake-SP and later Xeons, Zen 4 and
 later); the AMX kernels AMX as well (Sapphire Rapids and later Xeons). Where they cannot
-be used (another CPU, no compiler, `VOXTRAL_MLX_CPU_KERNELS=off`), `reason` and `amx_reason`
-say why, and MKL and MLX multiply as before.
+be used (another CPU, no compiler, `VOXTRAL_MLX_CPU_KERNELS=off`), `reason`, `amx_reason` and
+`packed_reason` say why, and MKL and MLX multiply as before.
 """
 
 from __future__ import annotations
@@ -65,12 +68,14 @@ CPU_FLAGS = ("avx512f",)  # the library, and the quantized kernel
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512bw")  # bf16_rows and q_amx
 Q_BITS = (4, 8)
 Q_GROUPS = (32, 64, 128)  # MLX's group sizes; the kernel finds a value's group by a shift
-Q_AMX_GROUPS = (64, 128)  # q_amx takes a group as whole chunks of 64 values
+VNNI_FLAGS = ("avx512_vnni", "avx512bw")  # q_vnni (q_packed_t without AMX)
+Q_PACKED_GROUPS = (64, 128)  # q_packed_t takes a group as whole chunks of 64 values
 FLAGS = ("-O2", "-ffp-contract=off", "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-mavx512f", "-mavx512bw",
-         "-mavx512bf16", "-fPIC", "-shared", "-pthread")
+         "-mavx512bf16", "-mavx512vnni", "-fPIC", "-shared", "-pthread")
 
 reason: str | None = None  # why the kernels are not used, once `library()` has looked
 amx_reason: str | None = None  # why the AMX kernels are not, once `amx()` has looked
+packed_reason: str | None = None  # why `q_packed_t` cannot multiply, once `packed_kernel()` has looked
 
 
 def cache_dir() -> Path:
@@ -143,15 +148,16 @@ def _load():
     lib.bf16_widen.argtypes = [p, p, n, n, i]
     lib.q_rows.argtypes = [p, p, p, p, p, n, n, n, i, i, i, p]
     lib.q_amx.argtypes = [p, p, p, p, p, n, n, n, i, i, i, i, i]
+    lib.q_vnni.argtypes = [p, p, p, p, p, n, n, n, i, i, i, i, i]
     lib.q_dequantize.argtypes = [p, p, p, p, n, n, i, i, i]
     lib.q_pack.argtypes = [p, p, p, p, p, p, n, n, i, i, i]
     lib.attend.argtypes = [p, p, p, p, n, i, n, n, n, ctypes.c_float, p, i, p, i]
     lib.attend_many.argtypes = [p, p, p, p, n, n, n, n, n, ctypes.c_float, p, i, i]
     lib.silu_mul.argtypes = [p, p, p, n, i]
     lib.rope_heads.argtypes = [p, p, p, p, n, n, n, n, i]
-    for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.dot_rows, lib.f32_rows, lib.bf16_widen, lib.q_rows, lib.q_amx,
-               lib.q_pack, lib.q_dequantize, lib.attend, lib.attend_many, lib.silu_mul, lib.rope_heads,
-               lib.bf16_rows_init):
+    for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.dot_rows, lib.f32_rows, lib.bf16_widen, lib.q_rows,
+               lib.q_amx, lib.q_vnni, lib.q_pack, lib.q_dequantize, lib.attend, lib.attend_many, lib.silu_mul,
+               lib.rope_heads, lib.bf16_rows_init):
         fn.restype = i
     return lib, None
 
@@ -178,6 +184,22 @@ def amx() -> bool:
     else:
         amx_reason = None
     return amx_reason is None
+
+
+@lru_cache(maxsize=None)
+def packed_kernel() -> str | None:
+    """Which kernel multiplies quantized weights stored by `q_pack` here (`q_packed_t`): "AMX",
+    "VNNI" (AVX-512 VNNI, CPUs without AMX), or None (`packed_reason` says why)."""
+    global packed_reason
+    missing = [f for f in VNNI_FLAGS if f not in cpu_flags()]
+    packed_reason = None
+    if amx():
+        return "AMX"
+    if library() is None:
+        packed_reason = reason
+    elif missing:
+        packed_reason = f"neither AMX nor AVX-512 VNNI ({amx_reason}; the CPU lacks {', '.join(missing)})"
+    return None if packed_reason else "VNNI"
 
 
 @lru_cache(maxsize=None)
@@ -361,7 +383,7 @@ def q_fits(bits: int, group_size: int, k: int) -> bool:
 
 
 def _check(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int, k: int,
-           through_amx: bool = False):
+           packed: bool = False):
     n = w.shape[0]
     groups = (n, k // group_size) if group_size and k % group_size == 0 else None
     if (w.dtype != np.uint32 or w.shape != (n, k * bits // 32) or not w.flags.c_contiguous
@@ -369,10 +391,10 @@ def _check(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gro
         raise ValueError(f"a quantized product needs a contiguous uint32 weight of {k * bits // 32} columns and "
                          f"float32 scales and biases of {k} / {group_size} columns, got {w.dtype} {w.shape}, "
                          f"{scales.dtype} {scales.shape}, {biases.dtype} {biases.shape}")
-    fits, name, sizes = ((q_amx_fits, "AMX quantized kernel", "64 or 128") if through_amx
+    fits, name, sizes = ((q_packed_fits, "packed quantized kernel", "64 or 128") if packed
                          else (q_fits, "quantized kernel", "32, 64 or 128"))
     if not fits(bits, group_size, k):
-        available, why = (amx(), amx_reason) if through_amx else (library() is not None, reason)
+        available, why = (packed_kernel(), packed_reason) if packed else (library() is not None, reason)
         raise ValueError(f"the {name} takes 4 or 8 bits in groups of {sizes} ({bits} bits, group {group_size})"
                          if available else f"the {name} is not available: {why}")
 
@@ -392,14 +414,14 @@ def q_rows_t(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.ndarra
     return out
 
 
-def q_amx_fits(bits: int, group_size: int, k: int) -> bool:
+def q_packed_fits(bits: int, group_size: int, k: int) -> bool:
     """Whether a product with a k-column weight of `bits` bits in groups of `group_size` can go
-    through the AMX quantized kernel (`q_pack`, `q_amx_t`)."""
-    return bits in Q_BITS and group_size in Q_AMX_GROUPS and k % group_size == 0 and amx()
+    through the packed quantized kernel (`q_pack`, `q_packed_t`: AMX or VNNI)."""
+    return bits in Q_BITS and group_size in Q_PACKED_GROUPS and k % group_size == 0 and packed_kernel() is not None
 
 
 class QPacked(NamedTuple):
-    """A quantized weight stored for `q_amx_t` (`q_pack`): per block of 16 weight rows (the last
+    """A quantized weight stored for `q_packed_t` (`q_pack`): per block of 16 weight rows (the last
     padded with zeros), each chunk of 64 values as AMX's B operand, and the block's scales and
     biases by group, a vector over its 16 rows."""
 
@@ -449,10 +471,10 @@ def _widen(a: np.ndarray) -> np.ndarray:
 def q_pack(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
            in_place: bool = False) -> QPacked:
     """A weight as `mx.quantize` packs it ([N, K * bits / 32] uint32, float32 scales and biases
-    [N, K / group_size]) stored for `q_amx_t`; `in_place` (N a multiple of 16, writable
+    [N, K / group_size]) stored for `q_packed_t`; `in_place` (N a multiple of 16, writable
     arrays): in the same memory, which then holds only the stored form."""
     n, k = w.shape[0], w.shape[1] * 32 // bits if bits else 0
-    _check(w, scales, biases, bits, group_size, k, through_amx=True)
+    _check(w, scales, biases, bits, group_size, k, packed=True)
     blocks, groups = -(-n // 16), k // group_size
     if in_place:
         if n % 16 or not all(a.flags.writeable for a in (w, scales, biases)):
@@ -469,27 +491,29 @@ def q_pack(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gro
     return packed
 
 
-def q_amx_t(x: np.ndarray, w: QPacked, out: np.ndarray | None = None) -> np.ndarray:
-    """`x @ dequantize(w).T` in float32 through AMX for x [M, K] float32, any M: x in 8-bit parts
-    per group times the weights' integers, exactly, then scaled in float32. Up to MAX_ROWS rows
-    (decoder steps, batches, speculative passes) in four parts, 28 bits below each group's
-    largest value (float32 holds 24 below each value); more (the prompt, encoder chunks) in
-    three, 21 bits, a quarter less work. Into `out` [M, N] where given (see `result`)."""
+def q_packed_t(x: np.ndarray, w: QPacked, out: np.ndarray | None = None) -> np.ndarray:
+    """`x @ dequantize(w).T` in float32 through AMX or VNNI (`packed_kernel`: the same numbers)
+    for x [M, K] float32, any M: x in 8-bit parts per group times the weights' integers,
+    exactly, then scaled in float32. Up to MAX_ROWS rows (decoder steps, batches, speculative
+    passes) in four parts, 28 bits below each group's largest value (float32 holds 24 below each
+    value); more (the prompt, encoder chunks) in three, 21 bits, a quarter less work. Into `out`
+    [M, N] where given (see `result`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     (m, k), n = x.shape, w.n
-    if not amx():
-        raise ValueError(f"the AMX quantized kernel is not available: {amx_reason}")
+    kernel = packed_kernel()
+    if kernel is None:
+        raise ValueError(f"the packed quantized kernel is not available: {packed_reason}")
     out = result(out, m, n)
     parts = 4 if m <= MAX_ROWS else 3
-    used = 0 if k != w.k else library().q_amx(x.ctypes.data, w.weight.ctypes.data, w.scales.ctypes.data,
-                                              w.biases.ctypes.data, out.ctypes.data, m, n, k, w.bits,
-                                              w.group_size, parts, threads_for(m * n * k),
-                                              int(w.scales.dtype == np.uint16))
+    product = library().q_amx if kernel == "AMX" else library().q_vnni
+    used = 0 if k != w.k else product(x.ctypes.data, w.weight.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data,
+                                      out.ctypes.data, m, n, k, w.bits, w.group_size, parts, threads_for(m * n * k),
+                                      int(w.scales.dtype == np.uint16))
     if used == 0:  # refused: nothing computed
-        raise ValueError(f"q_amx_t: rows of {k} values by a weight of {w.k} columns, {w.bits} bits in groups of "
+        raise ValueError(f"q_packed_t: rows of {k} values by a weight of {w.k} columns, {w.bits} bits in groups of "
                          f"{w.group_size} (it takes 4 or 8 bits in groups of 64 or 128)")
     if used < 0:
-        raise MemoryError(f"the AMX quantized kernel could not allocate its buffers for {m} rows of {k}")
+        raise MemoryError(f"the {kernel} quantized kernel could not allocate its buffers for {m} rows of {k}")
     return out
 
 

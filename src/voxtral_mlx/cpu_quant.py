@@ -4,19 +4,22 @@ MLX's CPU quantized matmul is a scalar loop: a decoder step of the 4B model take
 at 8 or 4 bits, ten times the bfloat16 step, though it reads a half or a quarter of the
 bytes. On the CPU, `load` gives a quantized model's layers the classes below where a kernel
 runs (AVX-512, a C compiler); everything else (norms, RoPE, attention, the residual stream,
-the scales and biases) computes in float32, whatever dtype was asked for. With AMX and
-groups of 64 or 128, each layer is stored once, in its own memory, for `q_amx_t`
-(`cpu_kernels.q_pack`: the same bytes in the order AMX reads them) and every product goes
-through it, exact 8-bit integer products of the weights and x in parts: 1.3x `q_rows_t`'s
-speed for a 4-bit decoder step, 2.4-2.6x for a batch of four files, twice MKL's on the
-prompt. Scales and biases that are bfloat16 values (a bfloat16 checkpoint's, the default of
+the scales and biases) computes in float32, whatever dtype was asked for. With AMX or
+AVX-512 VNNI and groups of 64 or 128, each layer is stored once, in its own memory, for
+`q_packed_t` (`cpu_kernels.q_pack`: the same bytes in the order AMX reads them) and every
+product goes through it, exact 8-bit integer products of the weights and x in parts. AMX:
+1.3x `q_rows_t`'s speed for a 4-bit decoder step, 2.4-2.6x for a batch of four files, twice
+MKL's on the prompt; VNNI (on a Zen 4): 1.4-1.8x for one row at 4 bits (the memory's
+speed), 1.2-1.5x for four rows, 1.2-1.3x the float32 products of dequantized blocks for many.
+Scales and biases that are bfloat16 values (a bfloat16 checkpoint's, the default of
 `convert`) are kept as their bfloat16 bits, the same numbers in half the bytes: at 4 bits
-they were a fifth of a step's bytes as float32. Elsewhere the packed weights stay as MLX
-stores them: products of up to 32 rows go through `q_rows_t` (the weights widened to float32
-in registers), more through MKL's float32 GEMM of 32 MB of weights dequantized at a time,
-where MKL is loaded. Each kernel gives a row the same bits whatever rows are around it, and
-the 32-row boundary (where `q_amx_t` splits x in three parts rather than four) lies above
-any decoder step's rows, so batches and speculative passes keep single-stream tokens.
+they were a fifth of a step's bytes as float32. Elsewhere (other CPUs with AVX-512, groups of
+32) the packed weights stay as MLX stores them: products of up to 32 rows go through
+`q_rows_t` (the weights widened to float32 in registers), more through blocks of the weights
+dequantized and multiplied in float32 (`f32_rows`, or MKL's GEMM for other shapes). Each
+kernel gives a row the same bits whatever rows are around it, and the 32-row boundary (where
+`q_packed_t` splits x in three parts rather than four) lies above any decoder step's rows, so
+batches and speculative passes keep single-stream tokens.
 Layers of other bit widths (6) keep MLX's product.
 """
 
@@ -43,7 +46,7 @@ def fits(layer: nn.Module) -> bool:
 
 
 def _take(new: nn.Module, layer: nn.Module) -> None:
-    """The quantized weight, float32 scales and biases (stored for `q_amx_t` where it runs, the
+    """The quantized weight, float32 scales and biases (stored for `q_packed_t` where it runs, the
     scales and biases as bfloat16 bits where they are bfloat16 values; else as MLX stores
     them), and numpy views of them."""
     nn.Module.__init__(new)
@@ -52,8 +55,8 @@ def _take(new: nn.Module, layer: nn.Module) -> None:
     new.scales, new.biases = layer.scales.astype(mx.float32), layer.biases.astype(mx.float32)
     mx.eval(new.weight, new.scales, new.biases)
     new._q = (np.asarray(new.weight), np.asarray(new.scales), np.asarray(new.biases))
-    new._amx = cpu_kernels.q_amx_fits(new.bits, new.group_size, new.weight.shape[1] * 32 // new.bits)
-    if new._amx:  # stored for the kernel; where the rows come in whole blocks, in the same memory
+    new._packed = cpu_kernels.q_packed_fits(new.bits, new.group_size, new.weight.shape[1] * 32 // new.bits)
+    if new._packed:  # stored for the kernel; where the rows come in whole blocks, in the same memory
         n = new.weight.shape[0]
         packed = cpu_kernels.q_pack(*new._q, new.bits, new.group_size, in_place=n % 16 == 0)
         stored = None
@@ -77,8 +80,8 @@ def _take(new: nn.Module, layer: nn.Module) -> None:
 def product(new: nn.Module, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """`a @ dequantize(W).T` [M, N] float32 for float32 rows `a` [M, K] (C-contiguous), into
     `out` where given (`cpu_kernels.result`)."""
-    if new._amx:
-        return cpu_kernels.q_amx_t(a, new._q, out)
+    if new._packed:
+        return cpu_kernels.q_packed_t(a, new._q, out)
     w, s, b = new._q
     kernel = cpu_kernels.shapes_fit(w.shape[0], a.shape[1])
     if a.shape[0] <= cpu_kernels.MAX_ROWS or not (kernel or mkl_bf16.available()):
@@ -90,22 +93,22 @@ def product(new: nn.Module, a: np.ndarray, out: np.ndarray | None = None) -> np.
 
 def features(new: nn.Module) -> int:
     """Columns of a product with the layer's weight."""
-    return new._q.n if new._amx else new._q[0].shape[0]
+    return new._q.n if new._packed else new._q[0].shape[0]
 
 
 def rows_exact(new: nn.Module, rows: int) -> bool:
     """Whether a product of up to `rows` rows gives each row the bits it gets alone: up to
-    MAX_ROWS, `q_amx_t` (in four parts) and `q_rows_t` do; beyond, products take another path
-    (`q_amx_t` in three parts, `f32_rows` over dequantized blocks, or MKL's GEMM), with other bits."""
+    MAX_ROWS, `q_packed_t` (in four parts) and `q_rows_t` do; beyond, products take another path
+    (`q_packed_t` in three parts, `f32_rows` over dequantized blocks, or MKL's GEMM), with other bits."""
     return rows <= cpu_kernels.MAX_ROWS
 
 
 def stacks(new: nn.Module) -> bool:
     """Whether rows of several streams, more than `cpu_kernels.MAX_ROWS` each, may be multiplied
-    as one product: `q_amx_t` gives each row the same bits whatever rows are multiplied with it
-    (for rows beyond MAX_ROWS, in three parts). Without AMX such rows go through `f32_rows` (exact
+    as one product: `q_packed_t` gives each row the same bits whatever rows are multiplied with it
+    (for rows beyond MAX_ROWS, in three parts). Without AMX or VNNI such rows go through `f32_rows` (exact
     too) or, for other shapes, MKL's GEMM (which may not be): kept a stream at a time."""
-    return new._amx
+    return new._packed
 
 
 def _product(new: nn.Module, x: mx.array) -> mx.array:
@@ -148,7 +151,7 @@ class Embedding(nn.QuantizedEmbedding):
         self.num_embeddings, self.dims = layer.num_embeddings, layer.dims
 
     def __call__(self, ids: mx.array) -> mx.array:
-        if self._amx:
+        if self._packed:
             return mx.array(self._q.rows(np.array(ids))).reshape(*ids.shape, -1)
         return mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids], self.group_size, self.bits)
 
@@ -175,7 +178,8 @@ def describe(net: nn.Module) -> str | None:
         return None
     layers = [m for _, m in net.named_modules() if isinstance(m, (Linear, Embedding))]
     bits = " and ".join(map(str, sorted({m.bits for m in layers})))
-    kinds = sorted({"AMX" if m._amx else "AVX-512" for m in layers})
+    packed = "AMX" if cpu_kernels.packed_kernel() == "AMX" else "AVX-512 VNNI"
+    kinds = sorted({packed if m._packed else "AVX-512" for m in layers})
     return f"{bits}-bit products through the {' and '.join(kinds)} kernel{'s' * (len(kinds) > 1)}, float32 elsewhere"
 
 

@@ -166,7 +166,7 @@ def linear(layer: nn.Module, x: np.ndarray) -> np.ndarray:
     `cpu_kernels.MAX_ROWS`) or where the layer's product gives each row the same bits whatever
     rows are around it (`host_stacks`), else each stream's rows apart, as in the stream's own
     run: the products of many rows may sum in an order that depends on how many there are
-    (MKL), or split x in fewer parts (`q_amx_t`)."""
+    (MKL), or split x in fewer parts (`q_packed_t`)."""
     B, L, K = x.shape
     rows = cpu_kernels.MAX_ROWS
     if B == 1 or B * L <= rows or (L > rows and getattr(layer, "host_stacks", False)):
