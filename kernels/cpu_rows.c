@@ -1117,7 +1117,6 @@ static void qv_run(const Job *j) {
 static int q_packed(void (*run)(const Job *), const float *x, const void *w, const void *scales,
                     const void *biases, float *out, long M, long N, long K, int bits, int group, int parts,
                     int threads, int half) {
-
     if (parts < 3 || parts > 4 || (bits != 4 && bits != 8) || (group != 64 && group != 128) || K % group ||
         (half != 0 && half != 1))
         return 0;

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import AUDIO, checkpoint, load_model, speech, synthetic
 
-from voxtral_mlx.mic import CaptureBuffer, EnergyGate, MicError, _sounddevice, transcribe_live
+from voxtral_mlx.mic import CaptureBuffer, EnergyGate, MicError, Microphone, _sounddevice, transcribe_live
 
 CLI = Path(sys.executable).parent / "voxtral-mlx"
 FAKEMIC_CONF = Path(os.environ.get("VOXTRAL_FAKEMIC_CONF", AUDIO.parent / "tools" / "fakemic" / "asound.conf"))
@@ -271,8 +271,13 @@ def test_python_mic_helper_yields_the_offline_text(fakemic, tiny_dir, monkeypatc
     sd._initialize()
     try:
         model = load_model(tiny_dir)
+        # The left pad's state is computed before the microphone opens (`Voxtral.prepare`).
+        state_at_open, enter = [], Microphone.__enter__
+        monkeypatch.setattr(Microphone, "__enter__",
+                            lambda self: (state_at_open.append(model.net.snapshots.nbytes), enter(self))[1])
         with pytest.warns(UserWarning, match="falling behind real time"):  # the fake delivers at once
             pieces = list(voxtral_mlx.mic(model, device="fakemic", duration=5, vad=False))
+        assert state_at_open[0] > 0
         assert "".join(pieces) == model.transcribe(audio).text
         assert len(pieces) >= 1
     finally:

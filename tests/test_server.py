@@ -22,6 +22,7 @@ from websockets.sync.client import connect
 
 from conftest import AUDIO, checkpoint, load_model, speech, synthetic
 
+import voxtral_mlx
 from voxtral_mlx.server import Engine, ServerLimits, listen, uvicorn_server
 from voxtral_mlx.transcribe import to_srt, to_vtt
 
@@ -190,6 +191,17 @@ def test_engine_serves_jobs_round_robin_in_bounded_turns(model, jfk):
     assert max(n for name, kind, n in turns[last_b + 1:] if kind == "audio") == 40960
     assert engine.sessions == 2
     engine.close(a)
+
+
+def test_the_left_pads_state_is_computed_before_the_first_request(ckpt_root):
+    fresh = voxtral_mlx.load(checkpoint(ckpt_root, embed_std=0.5))  # not the shared model: a state of its own
+    with running(fresh, delay_ms=80):
+        one = fresh.net.snapshots.nbytes
+        assert one > 0
+    fresh.prepare(80)  # the server's delay: already there
+    assert fresh.net.snapshots.nbytes == one
+    fresh.prepare()
+    assert fresh.net.snapshots.nbytes == 2 * one
 
 
 # HTTP

@@ -165,6 +165,30 @@ def test_sessions_start_from_the_left_pads_state_computed_once(small_windows_dir
                              + 2 * enc.audio_encoding_args.num_mel_bins + enc.dim)
 
 
+def test_prepare_computes_the_left_pads_state_before_any_audio(small_windows_dir, monkeypatch):
+    # What live captions do before they listen: a session's audio then encodes only what it
+    # heard, and the tokens are those of an unprepared model.
+    n = 31
+    runs = []
+    for prepared in (False, True):
+        model = load_mlx(small_windows_dir)
+        mel_frames, real = [], model.net.encode
+        monkeypatch.setattr(model.net, "encode", lambda mel, caches, real=real, frames=mel_frames:
+                            (frames.append(mel.shape[-2]), real(mel, caches))[1])
+        if prepared:
+            model.prepare()
+            assert mel_frames == [8 * n] and model.net.snapshots.nbytes > 0
+            one = model.net.snapshots.nbytes
+            model.prepare()  # kept: nothing computed again
+            assert len(mel_frames) == 1
+            mel_frames.clear()
+        runs.append((model.transcribe(speech("night1968_5s")).tokens, list(mel_frames)))
+    (want, unprepared), (got, frames) = runs
+    assert got == want and unprepared[0] == 8 * n and frames == unprepared[1:]
+    model.prepare(delay_ms=80)  # another delay: another state
+    assert model.net.snapshots.nbytes == 2 * one
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 1e6

@@ -480,6 +480,7 @@ def mic(
     printer, stats, failed = _Printer(), {}, False
     try:
         voxtral = load(path, dtype=dtype)
+        voxtral.prepare(delay_ms)  # before the microphone opens: the first words are not late by it
         with Microphone(device_id, duration=duration) as source:
             _status(verbose, f"listening on {source.name!r} at {source.rate} Hz; Ctrl+C to stop")
             previous = signal.signal(signal.SIGINT, on_sigint)

@@ -317,6 +317,7 @@ def mic(model=None, device: int | str | None = None, delay_ms: int | None = None
         from .weights import DEFAULT_MODEL, load
 
         model = load(model or DEFAULT_MODEL)
+    model.prepare(delay_ms)  # before the microphone opens: the first words are not late by it
     stop = threading.Event()
     previous = None
     if threading.current_thread() is threading.main_thread():

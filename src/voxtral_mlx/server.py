@@ -851,6 +851,7 @@ def create_app(model: Voxtral, *, model_id: str = "voxtral-mlx", api_key: str | 
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        model.prepare(server.delay_ms)  # before the first request: it is not slower than the others
         server.engine.start()
         try:
             yield

@@ -16,7 +16,7 @@ import numpy as np
 from . import cpu_kernels, host, kernels
 from .audio import AudioError, LogMel, prepare_audio
 from .config import AudioArgs, ConfigError
-from .model import VoxtralRealtime
+from .model import CachesSnapshot, VoxtralRealtime
 from .timestamps import Alternative, Segment, Timeline, TokenRecord, Word
 from .tokenizer import Tekken
 
@@ -178,14 +178,19 @@ class StreamingSession:
         self._unread: tuple[mx.array, list[int]] | None = None
         self._closed = False
 
-    def _skip_left_pad(self):
-        """Go past the tokens that hear only the left pad (zeros; 31 of the 32): their state is
-        the same for every stream, so it is computed once per model, delay and compute path, and
-        copied into each new session's caches (a 5 s clip's encoder and prompt: 28% and 79% of
-        their work). Done on the first audio, once `expect` has sized the rings."""
+    def prepare(self) -> None:
+        """Compute now, where the model has not yet, what this session's first audio would wait
+        for: the state of the tokens that hear only the left pad, which the model keeps for every
+        later session at this delay and on this compute path (`Voxtral.prepare`; 3-5 s for the 4B
+        model on a 2-core CPU, once)."""
+        self._left_pad_state()
+
+    def _left_pad_state(self) -> CachesSnapshot | None:
+        """The model's state after the tokens that hear only the left pad (zeros; 31 of the 32),
+        computed on first use per delay and compute path; None where there are none."""
         spt, half, n = self.audio.samples_per_token, self.audio.window_size // 2, self.audio.pad_only_tokens
         if n < 1:
-            return
+            return None
         key = (self.n_delay, str(mx.default_device()), self.net.dtype, kernels.enabled(), cpu_kernels.row_kernel(),
                host.fits(self.net.encoder.transformer.layers, []), host.fits(self.net.layers, []))
         snapshot = self.net.snapshots.get(key)
@@ -195,9 +200,19 @@ class StreamingSession:
             self.net.decode(self.net.encode(mel, caches), mx.array([self.prompt[:n]]), caches, self.scales)
             snapshot = caches.snapshot()
             self.net.snapshots.put(key, snapshot)
+        return snapshot
+
+    def _skip_left_pad(self):
+        """Go past the tokens that hear only the left pad: their state is the same for every
+        stream, so it is computed once per model, delay and compute path, and copied into each
+        new session's caches (a 5 s clip's encoder and prompt: 28% and 79% of their work). Done
+        on the first audio, once `expect` has sized the rings."""
+        snapshot = self._left_pad_state()
+        if snapshot is None:
+            return
         self.caches.restore(snapshot, len(self.streams))
-        self._embedded(n)
-        self._n_decoded = n
+        self._embedded(self.audio.pad_only_tokens)
+        self._n_decoded = self.audio.pad_only_tokens
 
     def __enter__(self) -> "StreamingSession":
         return self

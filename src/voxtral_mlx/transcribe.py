@@ -121,7 +121,7 @@ class Voxtral:
         on the CPU's row kernels, which give each position the bits of its own step at about
         a step's cost (the 4B model's products on x86-64 with AMX, or quantized with AVX-512:
         speech 1.47x and silence 2.1x faster there; over bfloat16 weights on a Zen 4 without
-        AMX, 1.26-1.32x and 1.6-2.5x, at 4 bits there 1.16x and 1.22x); else 0, off."""
+        AMX, 1.54x and 2.3-2.4x, at 4 bits there (AVX-512 VNNI) 1.11x and 1.38x); else 0, off."""
         return SPECULATE if host.rows_exact(self.net, SPECULATE) else 0
 
     def stream(self, delay_ms: int | None = None, interval_ms: float | None = None,
@@ -146,6 +146,14 @@ class Voxtral:
                                 interval_ms=interval_ms, on_text=on_text, alternatives=alternatives,
                                 pause_ms=pause_ms, on_token=on_token, on_word=on_word,
                                 on_segment=on_segment, speculate=speculate)
+
+    def prepare(self, delay_ms: int | None = None) -> None:
+        """Compute now what this model's first session at `delay_ms` would compute on its first
+        audio: the state of the tokens that hear only the left pad, the same for every recording,
+        which every later session copies (3-5 s for the 4B model on a 2-core CPU, once). Live
+        captions (`mic`, the server) call it before they listen, so that their first words are
+        not late by it."""
+        self.stream(delay_ms=delay_ms).prepare()
 
     def transcribe(self, audio: str | os.PathLike | np.ndarray | Sequence[str | os.PathLike | np.ndarray],
                    delay_ms: int | None = None, sample_rate: int = SAMPLE_RATE,
