@@ -13,10 +13,11 @@
   rows (`wide_t`: prompts, encoder chunks) at 80-100 GMAC/s, as fast as MKL's GEMM or faster.
 - `q_rows_t` (AVX-512): 4- and 8-bit weights as MLX quantizes them (affine, a float32 scale
   and bias per group), any number of rows. MLX's CPU quantized product is a scalar loop
-  (3 s per decoder step of the 4B model); this one streams the packed weights at the speed
-  of memory and widens them to float32 in registers, one multiply-add per row and value.
-  More rows than MAX_ROWS without AMX: blocks of the weight dequantized (`q_dequantize`) and
-  multiplied by `f32_rows`, the passes of `wide_rows` over float32 weights (`blocks_gemm`).
+  (3 s per decoder step of the 4B model); this one streams the packed weights and widens
+  them to float32 in registers, one multiply-add per row and value (for CPUs without AMX or
+  VNNI, and groups of 32). More rows than MAX_ROWS: blocks of the weight dequantized
+  (`q_dequantize`) and multiplied by `f32_rows`, the passes of `wide_rows` over float32
+  weights (`blocks_gemm`).
 - `q_packed_t` (AMX, else AVX-512 VNNI): the same products (groups of 64 or 128) for any
   number of rows, over weights stored once for it (`q_pack`: the same bytes in the order AMX
   reads them), as exact 8-bit integer products: x split into 8-bit parts per group (four up
@@ -25,9 +26,9 @@
   bfloat16 bits: `QPacked.halved`). AMX: up to five rows share each instruction; one row 1.3x
   `q_rows_t`'s speed at 4 bits (1.1x at 8), four rows 2.4-2.6x; the prompt about twice MKL's
   float32 GEMM of the dequantized weights. VNNI (`q_vnni`: Zen 4, Ice Lake and Cascade Lake
-  Xeons), the same numbers 64 products an instruction: on a Zen 4, one row of 4 bits 1.4-1.8x
-  `q_rows_t`'s speed (at the memory's), four rows 1.2-1.5x, many rows 1.2-1.3x `f32_rows`
-  over dequantized blocks.
+  Xeons): the same numbers, 64 products an instruction; on a Zen 4, one row at 4 bits 1.4-1.8x
+  `q_rows_t`'s speed (the memory's), four rows 1.2-1.5x, many rows 1.2-1.3x `f32_rows` over
+  dequantized blocks.
 
 All give every row the same bits whatever rows, and however many threads, are around it
 (`q_packed_t`: on either side of MAX_ROWS).

@@ -105,9 +105,10 @@ def rows_exact(new: nn.Module, rows: int) -> bool:
 
 def stacks(new: nn.Module) -> bool:
     """Whether rows of several streams, more than `cpu_kernels.MAX_ROWS` each, may be multiplied
-    as one product: `q_packed_t` gives each row the same bits whatever rows are multiplied with it
-    (for rows beyond MAX_ROWS, in three parts). Without AMX or VNNI such rows go through `f32_rows` (exact
-    too) or, for other shapes, MKL's GEMM (which may not be): kept a stream at a time."""
+    as one product: `q_packed_t` gives each row the same bits whatever rows are multiplied with
+    it (for rows beyond MAX_ROWS, in three parts). Without AMX or VNNI such rows go through
+    `f32_rows` (exact too) or, for other shapes, MKL's GEMM (which may not be): kept a stream at
+    a time."""
     return new._packed
 
 
