@@ -113,8 +113,8 @@ def components(model, delay_ms, steps: int = 48, tokens: int = 64, context: int 
     prefill_s = time.perf_counter() - start
     for c in caches.decoder if context else []:
         B, H, _, D = c.keys.shape
-        n = min(L + context, c.capacity)
-        c.keys, c.values = (mx.random.normal((B, H, n, D), c.keys.dtype) for _ in range(2))
+        filled = min(L + context, c.capacity)
+        c.keys, c.values = (mx.random.normal((B, H, filled, D), c.keys.dtype) for _ in range(2))
         c.offset = L + context
         mx.eval(c.keys, c.values)
 
