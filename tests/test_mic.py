@@ -270,7 +270,8 @@ def test_python_mic_helper_yields_the_offline_text(fakemic, tiny_dir, monkeypatc
     sd._terminate()
     sd._initialize()
     try:
-        model = load_model(tiny_dir)
+        model = voxtral_mlx.load(tiny_dir)  # not the shared model: a state of its own
+        assert model.net.snapshots.nbytes == 0
         # The left pad's state is computed before the microphone opens (`Voxtral.prepare`).
         state_at_open, enter = [], Microphone.__enter__
         monkeypatch.setattr(Microphone, "__enter__",
