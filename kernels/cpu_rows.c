@@ -894,27 +894,42 @@ static inline __attribute__((always_inline)) __m512 qa_scales(const Job *j, cons
 }
 
 // Group g's sums (part p of row m at sums[P m + p][16]) into the accumulators.
+// Group g of row `row` of x (its P part sums over the block's 16 weight rows) into acc, in the
+// order that gives q_amx and q_vnni the same bits.
+static inline __attribute__((always_inline)) __m512 qa_term(const Job *j, __m512 acc, const __m512i *parts, int P,
+                                                            __m512 s, __m512 b, long g, long row) {
+    __m512 total = _mm512_cvtepi32_ps(parts[P - 1]);
+    for (int p = P - 2; p >= 0; p--)
+        total = _mm512_fmadd_ps(total, _mm512_set1_ps(1.0f / 128), _mm512_cvtepi32_ps(parts[p]));
+    total = _mm512_mul_ps(total, _mm512_set1_ps(j->xscale[g * j->rows + row]));  // 2^E: exact
+    acc = _mm512_fmadd_ps(s, total, acc);
+    return _mm512_fmadd_ps(b, _mm512_set1_ps(j->xsum[g * j->rows + row]), acc);
+}
+
+// Group g's sums (part p of row m at sums[P m + p][16]) into the accumulators.
 static inline __attribute__((always_inline)) void qa_add(const Job *j, __m512 *acc, const int32_t *sums,
                                                          const void *sb, const void *bb, long g, long row0,
                                                          int valid) {
-    const long rows = j->rows;
-    const __m512 step = _mm512_set1_ps(1.0f / 128);
     const __m512 s = qa_scales(j, sb, g * 16), b = qa_scales(j, bb, g * 16);
 #pragma GCC unroll 5
     for (int m = 0; m < QA_ROWS; m++) {
         if (m >= valid) break;
-        const int32_t *part = sums + 16 * j->parts * m;
-        __m512 total = _mm512_cvtepi32_ps(_mm512_load_si512(part + 16 * (j->parts - 1)));
-        for (int p = j->parts - 2; p >= 0; p--)
-            total = _mm512_fmadd_ps(total, step, _mm512_cvtepi32_ps(_mm512_load_si512(part + 16 * p)));
-        total = _mm512_mul_ps(total, _mm512_set1_ps(j->xscale[g * rows + row0 + m]));  // 2^E: exact
-        acc[m] = _mm512_fmadd_ps(s, total, acc[m]);
-        acc[m] = _mm512_fmadd_ps(b, _mm512_set1_ps(j->xsum[g * rows + row0 + m]), acc[m]);
+        __m512i parts[4];
+        for (int p = 0; p < j->parts; p++) parts[p] = _mm512_load_si512(sums + 16 * (j->parts * m + p));
+        acc[m] = qa_term(j, acc[m], parts, j->parts, s, b, g, row0 + m);
     }
 }
 
+// The `valid` rows of x from row0 on, times block blk, from the accumulators into out.
+static inline __attribute__((always_inline)) void qa_store(const Job *j, const __m512 *acc, long blk, long row0,
+                                                           int valid) {
+    const long n = 16 * blk, N = j->N;
+    const __mmask16 in = N - n >= 16 ? 0xffff : (__mmask16)((1u << (N - n)) - 1);
+    for (int m = 0; m < valid; m++) _mm512_mask_storeu_ps(j->out + (row0 + m) * N + n, in, acc[m]);
+}
+
 static void qa_run(const Job *j) {
-    const long K = j->K, G = K / j->group, chunks = K / 64, per = j->group / 64, N = j->N;
+    const long K = j->K, G = K / j->group, chunks = K / 64, per = j->group / 64;
     const int R = j->bits_rows, P = j->parts;
     const long T = j->rows / R, bytes = 16 * K * j->bits / 8;
     const int8_t *xa = (const int8_t *)j->x;  // [T][chunks][R x P][64]
@@ -953,9 +968,7 @@ static void qa_run(const Job *j) {
                     }
                 }
                 qa_add(j, acc, sums[(G - 1) % 2], sb, bb, G - 1, t * R, valid);
-                const long n = 16 * blk;
-                const __mmask16 in = N - n >= 16 ? 0xffff : (__mmask16)((1u << (N - n)) - 1);
-                for (int m = 0; m < valid; m++) _mm512_mask_storeu_ps(j->out + (t * R + m) * N + n, in, acc[m]);
+                qa_store(j, acc, blk, t * R, valid);
             }
         }
     }
@@ -1016,7 +1029,7 @@ static void qa_split_run(const Job *j) {
 // them) is one vector, and VPDPBUSD adds to each weight row's int32 lane its 4 products with 4
 // values of one part of one row of x, broadcast: 64 exact products an instruction, for R rows
 // of x and P parts with each vector of weights loaded once. The sums are q_amx's (exact
-// integers) and each group is scaled by qa_add's steps in qa_add's order, so a row's bits are
+// integers) and each group is scaled by the same steps (qa_term), so a row's bits are
 // q_amx's for the same parts. (q_rows widens each weight to float32 first: a 4-bit step's
 // products ran at 60% of the memory's speed there, bound by the widening's shuffles.)
 #define QV_FAR 2048    // weights prefetched this many bytes ahead into L1
@@ -1026,13 +1039,12 @@ static void qa_split_run(const Job *j) {
 // block from memory (the others find it in L1 or L2).
 static inline __attribute__((always_inline)) void qv_tile(const Job *j, long blk, long t, int valid, int first,
                                                           const int BITS, const int R, const int P) {
-    const long K = j->K, G = K / j->group, chunks = K / 64, per = j->group / 64, rows = j->rows;
+    const long K = j->K, G = K / j->group, chunks = K / 64, per = j->group / 64;
     const uint8_t *wb = (const uint8_t *)j->w + blk * 16 * K * BITS / 8;
     const long at = blk * G * 16 * (j->half ? 2 : 4);  // bytes
     const void *sb = (const char *)j->scales + at, *bb = (const char *)j->biases + at;
     const int32_t *xa = (const int32_t *)j->x;  // 4 values of a part a dword
     const __m512i low = _mm512_set1_epi8(0x0f);
-    const __m512 step = _mm512_set1_ps(1.0f / 128);
     __m512 acc[QA_ROWS];
 #pragma GCC unroll 5
     for (int m = 0; m < R; m++) acc[m] = _mm512_setzero_ps();
@@ -1069,20 +1081,9 @@ static inline __attribute__((always_inline)) void qv_tile(const Job *j, long blk
         }
         const __m512 s = qa_scales(j, sb, g * 16), b = qa_scales(j, bb, g * 16);
 #pragma GCC unroll 5
-        for (int m = 0; m < R; m++) {  // qa_add's steps
-            __m512 total = _mm512_cvtepi32_ps(sum[m][P - 1]);
-#pragma GCC unroll 4
-            for (int p = P - 2; p >= 0; p--) total = _mm512_fmadd_ps(total, step, _mm512_cvtepi32_ps(sum[m][p]));
-            total = _mm512_mul_ps(total, _mm512_set1_ps(j->xscale[g * rows + t * R + m]));
-            acc[m] = _mm512_fmadd_ps(s, total, acc[m]);
-            acc[m] = _mm512_fmadd_ps(b, _mm512_set1_ps(j->xsum[g * rows + t * R + m]), acc[m]);
-        }
+        for (int m = 0; m < R; m++) acc[m] = qa_term(j, acc[m], sum[m], P, s, b, g, t * R + m);
     }
-    const long n = 16 * blk, N = j->N;
-    const __mmask16 in = N - n >= 16 ? 0xffff : (__mmask16)((1u << (N - n)) - 1);
-#pragma GCC unroll 5
-    for (int m = 0; m < R; m++)
-        if (m < valid) _mm512_mask_storeu_ps(j->out + (t * R + m) * N + n, in, acc[m]);
+    qa_store(j, acc, blk, t * R, valid);
 }
 
 static void qv_run(const Job *j) {
