@@ -324,3 +324,91 @@ def test_the_rope_kernel_turns_each_heads_pairs_and_puts_heads_first(B, L, heads
     assert np.array_equal(one, got)
     with pytest.raises(ValueError, match=r"D a multiple of 16\) and cos, sin \[L, D / 2\], got \(1, 1, 40\) in 2"):
         cpu_kernels.rope_heads(np.zeros((1, 1, 40), np.float32), 2, *np.zeros((2, 1, 10), np.float32))
+
+
+@pytest.mark.parametrize("rows,K", [(1, 3072), (3, 1280), (5, 37), (2, 16)])
+def test_the_norm_kernel_is_rms_norm_to_float32_rounding_with_each_rows_own_bits(rows, K):
+    rng = np.random.default_rng(K)
+    x = (rng.normal(size=(rows, K)) * rng.uniform(0.01, 100, size=(rows, 1))).astype(np.float32)
+    weight, scale = (rng.normal(size=K).astype(np.float32) for _ in range(2))
+    exact = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-5) * weight
+    for s, want in ((None, exact), (scale, exact * scale)):
+        got = cpu_kernels.rms_norm(x, weight, 1e-5, s)
+        assert got.shape == x.shape and got.dtype == np.float32
+        assert np.all(np.abs(got - want) <= 4e-7 * np.abs(want) + 1e-30)  # three or four roundings
+        assert all(np.array_equal(got[r], cpu_kernels.rms_norm(x[r : r + 1], weight, 1e-5, s)[0]) for r in range(rows))
+    with pytest.raises(ValueError, match=rf"a weight \(and scale\) of {K} values, got {K} and {K + 1}"):
+        cpu_kernels.rms_norm(x, weight, 1e-5, np.zeros(K + 1, np.float32))
+
+
+PACKED = [pytest.param(name, marks=pytest.mark.skipif(cpu_kernels.packed_kernel() is None,
+                                                      reason=f"no packed quantized kernel: {cpu_kernels.packed_reason}"))
+          for name in ("q4-64", "q8-64")]
+
+
+@pytest.mark.parametrize("name", PACKED)
+@pytest.mark.parametrize("streams,spare", [(1, 0), (3, 3)])
+def test_a_step_goes_through_each_layer_in_one_call_with_the_bits_of_the_numpy_path(models, name, streams, spare,
+                                                                                     monkeypatch):
+    # 40 positions over rings of 20 (spare slots: through a mask once they wrap).
+    model = models[name]
+    net = model.net
+    inputs, tokens = random_inputs(model, streams, 40, seed=streams)
+    calls = []
+    real = cpu_kernels.q_layer
+    monkeypatch.setattr(cpu_kernels, "q_layer", lambda *a: (calls.append((a[1].shape, a[7], a[8])), real(*a))[1])
+    got = steps(model, inputs, tokens, spare, True, monkeypatch)
+    capacity = net.make_cache(1, spare=spare).decoder[0].capacity
+    assert calls == [((streams, net.args.decoder.dim), p % capacity, min(p + 1, capacity))
+                     for p in range(5, 40) for _ in net.layers]
+    with monkeypatch.context() as m:
+        m.setattr(host, "_q_layers", lambda net: None)
+        assert np.array_equal(got, steps(model, inputs, tokens, spare, True, monkeypatch))
+    assert len(calls) == 35 * len(net.layers)
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_a_layers_call_is_made_again_when_its_weights_change(models, name, monkeypatch):
+    net = models[name].net
+    inputs, tokens = random_inputs(models[name], 1, 8, seed=5)
+    before = host._q_layers(net)
+    assert host._q_layers(net) is before and len(before) == len(net.layers)
+    norm = net.layers[1].ffn_norm
+    weight = norm.weight
+    try:
+        norm.weight = weight * 2
+        mx.eval(norm.weight)
+        after = host._q_layers(net)
+        assert after is not before and after[0].ffn_norm == before[0].ffn_norm
+        assert after[1].ffn_norm == np.asarray(norm.weight).ctypes.data != before[1].ffn_norm
+        got = steps(models[name], inputs, tokens, 0, True, monkeypatch)
+        monkeypatch.setattr(host, "_q_layers", lambda net: None)
+        assert np.array_equal(got, steps(models[name], inputs, tokens, 0, True, monkeypatch))
+    finally:
+        norm.weight = weight
+    monkeypatch.undo()
+    assert host._q_layers(net) is not None
+    norm.weight = weight.astype(mx.bfloat16)  # not float32: the numpy path
+    try:
+        assert host._q_layers(net) is None
+    finally:
+        norm.weight = weight
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_the_layer_call_refuses_what_it_does_not_take(models, name):
+    net = models[name].net
+    layer = host._q_layers(net)[0]
+    a = net.layers[0].attention
+    dim, D = net.args.decoder.dim, a.head_dim
+    x, scale = np.zeros((1, dim), np.float32), np.ones(dim, np.float32)
+    cos, sin = host.rotation(np.arange(1), D, a.rope_theta)
+    ring = np.zeros((1, a.n_kv_heads, 4, D), np.float32)
+    with pytest.raises(ValueError, match=r"q_layer needs float32 contiguous x \[B <= 32, dim\] \(writable\)"):
+        cpu_kernels.q_layer(layer, x.T, scale, cos, sin, ring, ring.copy(), 0, 1, None, 1.0)
+    with pytest.raises(ValueError, match=r"and a mask of `stored` values"):
+        cpu_kernels.q_layer(layer, x, scale, cos, sin, ring, ring.copy(), 0, 2, np.ones(3, bool), 1.0)
+    with pytest.raises(ValueError, match=r"does not take this layer's shapes, or slot 4 / 1 stored of 4"):
+        cpu_kernels.q_layer(layer, x, scale, cos, sin, ring, ring.copy(), 4, 1, None, 1.0)
+    cpu_kernels.q_layer(layer, x, scale, cos, sin, ring, values := ring.copy(), 3, 4, None, 1.0)
+    assert np.all(np.isfinite(x)) and not np.any(ring[:, :, :3]) and not np.any(values[:, :, :3])

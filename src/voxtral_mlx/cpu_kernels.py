@@ -156,9 +156,13 @@ def _load():
     lib.attend_many.argtypes = [p, p, p, p, n, n, n, n, n, ctypes.c_float, p, i, i]
     lib.silu_mul.argtypes = [p, p, p, n, i]
     lib.rope_heads.argtypes = [p, p, p, p, n, n, n, n, i]
+    lib.rms_norm.argtypes = [p, p, p, p, n, n, ctypes.c_float, i]
+    lib.q_layer.argtypes = [ctypes.POINTER(QLayer), p, n, p, p, p, p, p, n, n, n, p, ctypes.c_float, p, i, i]
+    lib.q_layer_work.argtypes = [ctypes.POINTER(QLayer), n, n]
+    lib.q_layer_work.restype = n
     for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.dot_rows, lib.f32_rows, lib.bf16_widen, lib.q_rows,
                lib.q_amx, lib.q_vnni, lib.q_pack, lib.q_dequantize, lib.attend, lib.attend_many, lib.silu_mul,
-               lib.rope_heads, lib.bf16_rows_init):
+               lib.rope_heads, lib.rms_norm, lib.q_layer, lib.bf16_rows_init):
         fn.restype = i
     return lib, None
 
@@ -616,3 +620,77 @@ def rope_heads(x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray) -> n
     library().rope_heads(x.ctypes.data, cos.ctypes.data, sin.ctypes.data, out.ctypes.data, B, L, heads, D,
                          threads_for(16 * x.size))
     return out
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, scale: np.ndarray | None = None) -> np.ndarray:
+    """RMSNorm of float32 x [..., K] by weight [K]: `(x r) weight`, r = 1 / sqrt(mean(x^2) + eps),
+    times `scale` [K] where given, each product rounded in that order (the squares summed in a
+    fixed order: the same bits for a row whatever rows are around it)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    K = x.shape[-1]
+    weight, *scale = (np.ascontiguousarray(a, dtype=np.float32).reshape(-1) for a in (weight, *([] if scale is None
+                                                                                                 else [scale])))
+    if weight.size != K or any(a.size != K for a in scale):
+        raise ValueError(f"rms_norm needs a weight (and scale) of {K} values, got {weight.size}"
+                         f"{'' if not scale else f' and {scale[0].size}'}")
+    if library() is None:
+        raise ValueError(f"the CPU kernels are not available: {reason}")
+    out = np.empty_like(x)
+    library().rms_norm(x.ctypes.data, weight.ctypes.data, scale[0].ctypes.data if scale else None, out.ctypes.data,
+                       x.size // K if K else 0, K, eps, threads_for(2 * x.size))
+    return out
+
+
+class QWeight(ctypes.Structure):
+    """A weight stored for `q_packed_t` (`QPacked`), as `q_layer` reads it."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
+                ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_int), ("group", ctypes.c_int),
+                ("half", ctypes.c_int)]
+
+
+class QLayer(ctypes.Structure):
+    """A decoder layer whose products all go through `q_packed_t`, for `q_layer`: its weights
+    (which must outlive it), its norms' float32 weights, and its heads."""
+
+    _fields_ = [*((name, QWeight) for name in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")),
+                ("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("eps", ctypes.c_float),
+                ("heads", ctypes.c_long), ("kv_heads", ctypes.c_long), ("head_dim", ctypes.c_long)]
+
+    @classmethod
+    def of(cls, products: dict[str, QPacked], attention_norm: np.ndarray, ffn_norm: np.ndarray, eps: float,
+           heads: int, kv_heads: int, head_dim: int) -> "QLayer":
+        """The layer of these weights (wq, wk, wv, wo, w1, w3, w2) and float32 contiguous norms."""
+        weights = {name: QWeight(w.weight.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data, w.n, w.k, w.bits,
+                                 w.group_size, int(w.scales.dtype == np.uint16)) for name, w in products.items()}
+        return cls(**weights, attention_norm=attention_norm.ctypes.data, ffn_norm=ffn_norm.ctypes.data, eps=eps,
+                   heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+
+
+def q_layer(layer: QLayer, x: np.ndarray, ffn_scale: np.ndarray, cos: np.ndarray, sin: np.ndarray, keys: np.ndarray,
+            values: np.ndarray, slot: int, stored: int, mask: np.ndarray | None, scale: float) -> None:
+    """One decoder position of B streams through `layer`, in place: x [B, dim] float32 +=
+    attention(rms_norm(x)), then += feed_forward(rms_norm(x) * ffn_scale), with the numbers of
+    those steps through `rms_norm`, `q_packed_t`, `rope_heads`, `attend` and `silu_mul`, in one
+    call. The position's key and value (rotated by cos, sin [D / 2]) are written into `slot` of
+    the rings keys, values [B, Hk, slots, D] float32 before its queries attend over their first
+    `stored` slots (mask: [stored] bool, False where a slot is out of view, or None)."""
+    B, dim = x.shape
+    if (x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.writeable or B > MAX_ROWS
+            or keys.shape != values.shape or keys.shape[:2] != (B, layer.kv_heads) or keys.shape[3] != layer.head_dim
+            or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (keys, values, ffn_scale, cos, sin))
+            or ffn_scale.size != dim or cos.size != layer.head_dim // 2 or sin.size != cos.size
+            or (mask is not None and mask.size != stored) or packed_kernel() is None):
+        raise ValueError("q_layer needs float32 contiguous x [B <= 32, dim] (writable), rings [B, kv heads, slots, "
+                         "head_dim], a scale of dim values, cos and sin of head_dim / 2 and a mask of `stored` values")
+    flags = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
+    work = scratch(library().q_layer_work(ctypes.byref(layer), B, stored))
+    done = library().q_layer(ctypes.byref(layer), x.ctypes.data, B, ffn_scale.ctypes.data, cos.ctypes.data,
+                             sin.ctypes.data, keys.ctypes.data, values.ctypes.data, keys.shape[2], slot, stored,
+                             None if flags is None else flags.ctypes.data, scale, work.ctypes.data, threads(),
+                             int(packed_kernel() == "AMX"))
+    if done == 0:
+        raise ValueError(f"q_layer does not take this layer's shapes, or slot {slot} / {stored} stored of "
+                         f"{keys.shape[2]}")
+    if done < 0:
+        raise MemoryError(f"the {packed_kernel()} quantized kernel could not allocate its buffers for {B} rows")

@@ -81,9 +81,14 @@ def rotated(y: np.ndarray, n: int, head_dim: int, cos: np.ndarray, sin: np.ndarr
     return np.ascontiguousarray(rope(y.reshape(B, L, n, head_dim).transpose(0, 2, 1, 3), cos, sin))
 
 
-def rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
+def rms_norm(x: np.ndarray, norm: nn.RMSNorm, scale: np.ndarray | None = None) -> np.ndarray:
+    """`norm` on float32 x [..., dim] (times `scale` [dim] where given): through
+    `cpu_kernels.rms_norm` where the library is (one pass, where numpy took five), else numpy."""
+    if cpu_kernels.library() is not None:
+        return cpu_kernels.rms_norm(x, np.asarray(norm.weight), norm.eps, scale)
     mean = np.mean(np.square(x), axis=-1, keepdims=True)
-    return x * (np.float32(1) / np.sqrt(mean + np.float32(norm.eps))) * np.asarray(norm.weight)
+    y = x * (np.float32(1) / np.sqrt(mean + np.float32(norm.eps))) * np.asarray(norm.weight)
+    return y if scale is None else y * scale
 
 
 def silu_product(g: np.ndarray, u: np.ndarray, overwrite: bool = False) -> np.ndarray:
@@ -235,8 +240,61 @@ def decode(net: nn.Module, audio: mx.array, tokens: mx.array, caches: list[RingK
     scales = [s if s.dtype == mx.float32 else s.astype(mx.float32) for s in scales]
     mx.eval(*scales)
     x, *chunk = _start(audio + tok(tokens), caches, net.layers[0].attention)
-    for block, cache, scale in zip(net.layers, caches, scales):
+    layers = _q_layers(net) if x.shape[1] == 1 and chunk[1] else None  # a step, its keys written in place
+    for i, (block, cache, scale) in enumerate(zip(net.layers, caches, scales)):
+        if layers:
+            _q_layer_step(layers[i], block.attention, x, cache, np.asarray(scale), *chunk)
+            continue
         x = x + attention(block.attention, rms_norm(x, block.attention_norm), cache, *chunk)
-        x = x + feed_forward(block.feed_forward, rms_norm(x, block.ffn_norm) * np.asarray(scale))
+        x = x + feed_forward(block.feed_forward, rms_norm(x, block.ffn_norm, np.asarray(scale)))
     logits = linear(tok, rms_norm(x if every else x[:, -1:], net.norm))
     return mx.array(logits if every else logits[:, 0])
+
+
+class _QLayers:
+    """`cpu_kernels.QLayer`s of a decoder's layers (or None), the weights they were made of, and
+    the numpy views of its norms that they point to (kept alive with them)."""
+
+    def __init__(self, key: tuple, layers: list[cpu_kernels.QLayer] | None, views: list[np.ndarray]):
+        self.key, self.layers, self.views = key, layers, views
+
+
+def _q_layers(net: nn.Module) -> list[cpu_kernels.QLayer] | None:
+    """The decoder's layers for `cpu_kernels.q_layer` (a step's layer in one call), where every
+    product of every layer goes through `q_packed_t` and the norms are float32; else None. Made
+    once, and again should a layer's weights change."""
+    def parts(block):  # (items of the modules' dicts: a step checks them all)
+        a, f = block["attention"], block["feed_forward"]
+        return [*(getattr(p, "_q", None) for p in (a["wq"], a["wk"], a["wv"], a["wo"], f["w1"], f["w2"], f["w3"])),
+                block["attention_norm"]["weight"], block["ffn_norm"]["weight"]]
+
+    key = tuple(part for block in net.layers for part in parts(block))
+    made = getattr(net, "_host_q_layers", None)
+    if made is not None and len(made.key) == len(key) and all(a is b for a, b in zip(made.key, key)):
+        return made.layers
+    layers, views = None, []
+    if cpu_kernels.packed_kernel() is not None and all(
+            isinstance(q, cpu_kernels.QPacked) for block in net.layers for q in parts(block)[:7]) and all(
+            block.attention_norm.weight.dtype == mx.float32 == block.ffn_norm.weight.dtype for block in net.layers):
+        layers = []
+        for block in net.layers:
+            a = block.attention
+            *products, attention_norm, ffn_norm = parts(block)
+            views += [np.asarray(attention_norm), np.asarray(ffn_norm)]
+            layers.append(cpu_kernels.QLayer.of(
+                dict(zip(("wq", "wk", "wv", "wo", "w1", "w2", "w3"), products)), *views[-2:],
+                block.attention_norm.eps, a.n_heads, a.n_kv_heads, a.head_dim))
+    object.__setattr__(net, "_host_q_layers", _QLayers(key, layers, views))
+    return layers
+
+
+def _q_layer_step(layer: cpu_kernels.QLayer, attention: nn.Module, x: np.ndarray, cache: RingKVCache,
+                  ffn_scale: np.ndarray, mask: np.ndarray | None, in_place: bool, cos: np.ndarray, sin: np.ndarray):
+    """A step's decoder layer (one position per stream, x [B, 1, dim]) in one call (`cpu_kernels.q_layer`), in place."""
+    B, _, dim = x.shape
+    cache._reserve(np.empty((B, attention.n_kv_heads, 1, attention.head_dim), np.float32), cache.offset + 1)
+    keys, values = cache.host_arrays()
+    slot = cache.offset % cache.capacity
+    cache.offset += 1
+    cpu_kernels.q_layer(layer, x.reshape(B, dim), ffn_scale, cos, sin, keys, values, slot, cache.stored, mask,
+                        attention.scale)
