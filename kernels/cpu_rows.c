@@ -1527,48 +1527,61 @@ int rms_norm(const float *x, const float *w, const float *s, float *out, long ro
 // A decoder step through one layer in one call: a 4-bit step of the 4B model had about 6 ms
 // (a tenth of it) of Python, numpy and ctypes between its 182 products, about 30 us per
 // operation on vectors of 3072 values. The same kernels in the same order, so the numbers
-// are those of the step in host.py (rms_norm, q_packed_t, rope_heads, attend, silu_mul).
+// are those of the step in host.py (rms_norm, the products, rope_heads, attend, silu_mul).
 
-// A weight as q_pack stores it (see q_packed).
+// A weight as its row kernel takes it: bits 4 or 8, stored by q_pack (q_packed, four parts:
+// a step's rows), or bits 16, bfloat16 bits N x K (bf16_rows with AMX, else wide_rows, or
+// dot_rows for x rounded to bfloat16 where the CPU has AVX-512 BF16) with x in `parts` parts.
 typedef struct {
     const void *w, *scales, *biases;
     long n, k;
-    int bits, group, half;
-} QWeight;
+    int bits, group, half, parts;
+} StepWeight;
 
-// A decoder layer whose products all go through q_packed.
+// A decoder layer whose products all go through the row kernels.
 typedef struct {
-    QWeight wq, wk, wv, wo, w1, w3, w2;
+    StepWeight wq, wk, wv, wo, w1, w3, w2;
     const float *attention_norm, *ffn_norm;  // [dim]
     float eps;
     long heads, kv_heads, head_dim;
-} QLayer;
+} StepLayer;
 
+#define STEP_AMX 1  // layer_step's flags: AMX for both kinds of weights
+#define STEP_DOT 2  // dot_rows for bfloat16 weights and x rounded
 #define SMALL_WORK (1L << 18)  // multiply-adds below which a call runs on one thread (cpu_kernels.SMALL)
 
-static int q_step_product(void (*run)(const Job *), const float *x, const QWeight *w, float *out, long M,
-                          int threads) {
-    const int parts = 4;  // rows of a step, up to MAX_ROWS: q_packed_t's four parts
-    return q_packed(run, x, w->w, w->scales, w->biases, out, M, w->n, w->k, w->bits, w->group, parts,
-                    M * w->n * w->k < SMALL_WORK ? 1 : threads, w->half);
+static int threads_for(long work, int threads) { return work < SMALL_WORK ? 1 : threads; }
+
+static int step_product(const float *x, const StepWeight *w, float *out, long M, int threads, int flags,
+                        void *scratch) {
+    const long N = w->n, K = w->k;
+    if (w->bits == 16) {
+        if (flags & STEP_AMX)
+            return bf16_rows(x, w->w, out, M, N, K, threads_for(w->parts * M * N * K, threads), scratch, w->parts);
+        if (w->parts == 1 && flags & STEP_DOT) return dot_rows(x, w->w, out, M, N, K, threads_for(M * N * K, threads),
+                                                               scratch);
+        return wide_rows(x, w->w, out, M, N, K, threads_for(M * N * K, threads), scratch, w->parts);
+    }
+    return q_packed(flags & STEP_AMX ? qa_run : qv_run, x, w->w, w->scales, w->biases, out, M, N, K, w->bits,
+                    w->group, 4, threads_for(M * N * K, threads), w->half);
 }
 
-// Floats of q_layer's `work` for B streams and `stored` slots of its ring.
-long q_layer_work(const QLayer *l, long B, long stored) {
-    const long dim = l->wq.k, HD = l->heads * l->head_dim, KD = l->kv_heads * l->head_dim;
-    return B * (2 * dim + 3 * HD + 3 * KD + 2 * l->w1.n + l->heads * stored);
+// Floats of layer_step's `work` for B streams and `stored` slots of its ring.
+long layer_step_work(const StepLayer *l, long B, long stored) {
+    const long dim = l->wq.k, HD = l->heads * l->head_dim, KD = l->kv_heads * l->head_dim, hidden = l->w1.n;
+    const long widest = dim > HD ? (dim > hidden ? dim : hidden) : (HD > hidden ? HD : hidden);
+    return B * (2 * dim + 3 * HD + 3 * KD + 2 * hidden + l->heads * stored + 2 * widest);
 }
 
 // One position of B streams through layer l: x [B, dim] += attention(rms_norm(x)), then
-// x += ffn(rms_norm(x) s), s = ffn_scale [dim], with the products through q_amx (amx = 1) or
-// q_vnni. The position's key and value go into slot `slot` of the rings keys and values
-// [B, Hk, slots, D] (rotated by cos, sin [D / 2]), then the queries attend over their first
-// `stored` slots (mask: `stored` bytes, 0 for a slot out of view, or NULL). work: q_layer_work
-// floats. Returns 1, 0 for what it does not take, or -1 where memory ran out.
-int q_layer(const QLayer *l, float *x, long B, const float *ffn_scale, const float *cos, const float *sin,
-            float *keys, float *values, long slots, long slot, long stored, const uint8_t *mask, float scale,
-            float *work, int threads, int amx) {
-    void (*run)(const Job *) = amx ? qa_run : qv_run;
+// x += ffn(rms_norm(x) s), s = ffn_scale [dim]. The position's key and value go into slot
+// `slot` of the rings keys and values [B, Hk, slots, D] (rotated by cos, sin [D / 2]), then
+// the queries attend over their first `stored` slots (mask: `stored` bytes, 0 for a slot out
+// of view, or NULL). work: layer_step_work floats. Returns 1, 0 for what it does not take, or
+// -1 where memory ran out.
+int layer_step(const StepLayer *l, float *x, long B, const float *ffn_scale, const float *cos, const float *sin,
+               float *keys, float *values, long slots, long slot, long stored, const uint8_t *mask, float scale,
+               float *work, int threads, int flags) {
     const long dim = l->wq.k, H = l->heads, Hk = l->kv_heads, D = l->head_dim, hidden = l->w1.n;
     if (H < 1 || Hk < 1 || H % Hk || H / Hk > 64 || D % 16 || l->wq.n != H * D || l->wk.n != Hk * D ||
         l->wv.n != Hk * D || l->wo.k != H * D || l->wo.n != dim || l->w3.n != hidden || l->w2.k != hidden ||
@@ -1576,35 +1589,35 @@ int q_layer(const QLayer *l, float *x, long B, const float *ffn_scale, const flo
         return 0;
     float *h = work, *q = h + B * dim, *qh = q + B * H * D, *k = qh + B * H * D, *kh = k + B * Hk * D,
           *v = kh + B * Hk * D, *att = v + B * Hk * D, *o = att + B * H * D, *g = o + B * dim, *u = g + B * hidden,
-          *scores = u + B * hidden;
+          *scores = u + B * hidden, *rows = scores + B * H * stored;
     int done = 1;
-#define STEP(call)                        \
-    do {                                  \
-        const int r = (call);             \
-        if (r <= 0) done = r < 0 ? -1 : 0; \
+#define STEP(x, w, out)                                                           \
+    do {                                                                          \
+        const int r = step_product(x, &l->w, out, B, threads, flags, rows); \
+        if (r <= 0) done = r < 0 ? -1 : 0;                                        \
     } while (0)
     rms_norm(x, l->attention_norm, NULL, h, B, dim, l->eps, 1);
-    STEP(q_step_product(run, h, &l->wq, q, B, threads));
-    STEP(q_step_product(run, h, &l->wk, k, B, threads));
-    STEP(q_step_product(run, h, &l->wv, v, B, threads));
+    STEP(h, wq, q);
+    STEP(h, wk, k);
+    STEP(h, wv, v);
     if (done != 1) return done;
-    rope_heads(q, cos, sin, qh, B, 1, H, D, 16 * B * H * D < SMALL_WORK ? 1 : threads);
-    rope_heads(k, cos, sin, kh, B, 1, Hk, D, 16 * B * Hk * D < SMALL_WORK ? 1 : threads);
+    rope_heads(q, cos, sin, qh, B, 1, H, D, threads_for(16 * B * H * D, threads));
+    rope_heads(k, cos, sin, kh, B, 1, Hk, D, threads_for(16 * B * Hk * D, threads));
     for (long r = 0; r < B * Hk; r++) {
         memcpy(keys + (r * slots + slot) * D, kh + r * D, D * sizeof(float));
         memcpy(values + (r * slots + slot) * D, v + r * D, D * sizeof(float));
     }
     attend(qh, keys, values, att, B * Hk, (int)(H / Hk), stored, D, slots * D, scale, mask, 1, scores,
-           2 * B * H * stored * D < SMALL_WORK ? 1 : threads);
-    STEP(q_step_product(run, att, &l->wo, o, B, threads));
+           threads_for(2 * B * H * stored * D, threads));
+    STEP(att, wo, o);
     if (done != 1) return done;
     for (long i = 0; i < B * dim; i++) x[i] += o[i];
     rms_norm(x, l->ffn_norm, ffn_scale, h, B, dim, l->eps, 1);
-    STEP(q_step_product(run, h, &l->w1, g, B, threads));
-    STEP(q_step_product(run, h, &l->w3, u, B, threads));
+    STEP(h, w1, g);
+    STEP(h, w3, u);
     if (done != 1) return done;
-    silu_mul(g, u, g, B * hidden, 64 * B * hidden < SMALL_WORK ? 1 : threads);
-    STEP(q_step_product(run, g, &l->w2, o, B, threads));
+    silu_mul(g, u, g, B * hidden, threads_for(64 * B * hidden, threads));
+    STEP(g, w2, o);
     if (done != 1) return done;
     for (long i = 0; i < B * dim; i++) x[i] += o[i];
 #undef STEP

@@ -341,12 +341,18 @@ def test_the_norm_kernel_is_rms_norm_to_float32_rounding_with_each_rows_own_bits
         cpu_kernels.rms_norm(x, weight, 1e-5, np.zeros(K + 1, np.float32))
 
 
-PACKED = [pytest.param(name, marks=pytest.mark.skipif(cpu_kernels.packed_kernel() is None,
-                                                      reason=f"no packed quantized kernel: {cpu_kernels.packed_reason}"))
-          for name in ("q4-64", "q8-64")]
+# Models whose every decoder product goes through a row kernel: packed quantized layers (groups
+# of 64), bfloat16 weights (multiples of 32) with float32 or bfloat16 products.
+STEPPED = [pytest.param(name, marks=pytest.mark.skipif(cpu_kernels.packed_kernel() is None,
+                                                       reason=f"no packed quantized kernel: {cpu_kernels.packed_reason}"))
+           for name in ("q4-64", "q8-64")] + [
+    pytest.param("bfloat16", marks=pytest.mark.skipif(not mkl_bf16.available() or cpu_kernels.row_kernel() is None,
+                                                      reason="needs MKL and a row kernel")),
+    pytest.param("float32-bf16", marks=pytest.mark.skipif(not mkl_bf16.float32_available(),
+                                                          reason="needs MKL and a row kernel"))]
 
 
-@pytest.mark.parametrize("name", PACKED)
+@pytest.mark.parametrize("name", STEPPED)
 @pytest.mark.parametrize("streams,spare", [(1, 0), (3, 3)])
 def test_a_step_goes_through_each_layer_in_one_call_with_the_bits_of_the_numpy_path(models, name, streams, spare,
                                                                                      monkeypatch):
@@ -355,60 +361,65 @@ def test_a_step_goes_through_each_layer_in_one_call_with_the_bits_of_the_numpy_p
     net = model.net
     inputs, tokens = random_inputs(model, streams, 40, seed=streams)
     calls = []
-    real = cpu_kernels.q_layer
-    monkeypatch.setattr(cpu_kernels, "q_layer", lambda *a: (calls.append((a[1].shape, a[7], a[8])), real(*a))[1])
+    real = cpu_kernels.layer_step
+    monkeypatch.setattr(cpu_kernels, "layer_step", lambda *a: (calls.append((a[1].shape, a[7], a[8])), real(*a))[1])
     got = steps(model, inputs, tokens, spare, True, monkeypatch)
     capacity = net.make_cache(1, spare=spare).decoder[0].capacity
     assert calls == [((streams, net.args.decoder.dim), p % capacity, min(p + 1, capacity))
                      for p in range(5, 40) for _ in net.layers]
     with monkeypatch.context() as m:
-        m.setattr(host, "_q_layers", lambda net: None)
+        m.setattr(host, "_step_layers", lambda net: None)
         assert np.array_equal(got, steps(model, inputs, tokens, spare, True, monkeypatch))
     assert len(calls) == 35 * len(net.layers)
 
 
-@pytest.mark.parametrize("name", PACKED)
+@pytest.mark.parametrize("name", STEPPED[:1])
 def test_a_layers_call_is_made_again_when_its_weights_change(models, name, monkeypatch):
     net = models[name].net
     inputs, tokens = random_inputs(models[name], 1, 8, seed=5)
-    before = host._q_layers(net)
-    assert host._q_layers(net) is before and len(before) == len(net.layers)
+    before = host._step_layers(net)
+    assert host._step_layers(net) is before and len(before) == len(net.layers)
     norm = net.layers[1].ffn_norm
     weight = norm.weight
     try:
         norm.weight = weight * 2
         mx.eval(norm.weight)
-        after = host._q_layers(net)
+        after = host._step_layers(net)
         assert after is not before and after[0].ffn_norm == before[0].ffn_norm
         assert after[1].ffn_norm == np.asarray(norm.weight).ctypes.data != before[1].ffn_norm
         got = steps(models[name], inputs, tokens, 0, True, monkeypatch)
-        monkeypatch.setattr(host, "_q_layers", lambda net: None)
+        monkeypatch.setattr(host, "_step_layers", lambda net: None)
         assert np.array_equal(got, steps(models[name], inputs, tokens, 0, True, monkeypatch))
     finally:
         norm.weight = weight
     monkeypatch.undo()
-    assert host._q_layers(net) is not None
+    assert host._step_layers(net) is not None
     norm.weight = weight.astype(mx.bfloat16)  # not float32: the numpy path
     try:
-        assert host._q_layers(net) is None
+        assert host._step_layers(net) is None
     finally:
         norm.weight = weight
 
 
-@pytest.mark.parametrize("name", PACKED)
+@pytest.mark.parametrize("name", STEPPED[:1])
 def test_the_layer_call_refuses_what_it_does_not_take(models, name):
     net = models[name].net
-    layer = host._q_layers(net)[0]
+    layer = host._step_layers(net)[0]
     a = net.layers[0].attention
     dim, D = net.args.decoder.dim, a.head_dim
     x, scale = np.zeros((1, dim), np.float32), np.ones(dim, np.float32)
     cos, sin = host.rotation(np.arange(1), D, a.rope_theta)
     ring = np.zeros((1, a.n_kv_heads, 4, D), np.float32)
-    with pytest.raises(ValueError, match=r"q_layer needs float32 contiguous x \[B <= 32, dim\] \(writable\)"):
-        cpu_kernels.q_layer(layer, x.T, scale, cos, sin, ring, ring.copy(), 0, 1, None, 1.0)
+    with pytest.raises(ValueError, match=r"layer_step needs float32 contiguous x \[B <= 32, dim\] \(writable\)"):
+        cpu_kernels.layer_step(layer, x.T, scale, cos, sin, ring, ring.copy(), 0, 1, None, 1.0)
     with pytest.raises(ValueError, match=r"and a mask of `stored` values"):
-        cpu_kernels.q_layer(layer, x, scale, cos, sin, ring, ring.copy(), 0, 2, np.ones(3, bool), 1.0)
+        cpu_kernels.layer_step(layer, x, scale, cos, sin, ring, ring.copy(), 0, 2, np.ones(3, bool), 1.0)
     with pytest.raises(ValueError, match=r"does not take this layer's shapes, or slot 4 / 1 stored of 4"):
-        cpu_kernels.q_layer(layer, x, scale, cos, sin, ring, ring.copy(), 4, 1, None, 1.0)
-    cpu_kernels.q_layer(layer, x, scale, cos, sin, ring, values := ring.copy(), 3, 4, None, 1.0)
+        cpu_kernels.layer_step(layer, x, scale, cos, sin, ring, ring.copy(), 4, 1, None, 1.0)
+    cpu_kernels.layer_step(layer, x, scale, cos, sin, ring, values := ring.copy(), 3, 4, None, 1.0)
     assert np.all(np.isfinite(x)) and not np.any(ring[:, :, :3]) and not np.any(values[:, :, :3])
+    with pytest.raises(ValueError, match=r"contiguous bfloat16 bits of multiples of 32 in 1 or 3 parts, got uint16 "
+                                         r"\(48, 64\) in 3"):
+        cpu_kernels.StepWeight.of(np.zeros((48, 64), np.uint16))
+    with pytest.raises(ValueError, match=r"got float32 \(64, 64\) in 1"):
+        cpu_kernels.StepWeight.of(np.zeros((64, 64), np.float32), 1)

@@ -157,12 +157,12 @@ def _load():
     lib.silu_mul.argtypes = [p, p, p, n, i]
     lib.rope_heads.argtypes = [p, p, p, p, n, n, n, n, i]
     lib.rms_norm.argtypes = [p, p, p, p, n, n, ctypes.c_float, i]
-    lib.q_layer.argtypes = [ctypes.POINTER(QLayer), p, n, p, p, p, p, p, n, n, n, p, ctypes.c_float, p, i, i]
-    lib.q_layer_work.argtypes = [ctypes.POINTER(QLayer), n, n]
-    lib.q_layer_work.restype = n
+    lib.layer_step.argtypes = [ctypes.POINTER(StepLayer), p, n, p, p, p, p, p, n, n, n, p, ctypes.c_float, p, i, i]
+    lib.layer_step_work.argtypes = [ctypes.POINTER(StepLayer), n, n]
+    lib.layer_step_work.restype = n
     for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.dot_rows, lib.f32_rows, lib.bf16_widen, lib.q_rows,
                lib.q_amx, lib.q_vnni, lib.q_pack, lib.q_dequantize, lib.attend, lib.attend_many, lib.silu_mul,
-               lib.rope_heads, lib.rms_norm, lib.q_layer, lib.bf16_rows_init):
+               lib.rope_heads, lib.rms_norm, lib.layer_step, lib.bf16_rows_init):
         fn.restype = i
     return lib, None
 
@@ -641,56 +641,71 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, scale: np.ndarray | 
     return out
 
 
-class QWeight(ctypes.Structure):
-    """A weight stored for `q_packed_t` (`QPacked`), as `q_layer` reads it."""
+class StepWeight(ctypes.Structure):
+    """A weight as `layer_step` multiplies it: stored for `q_packed_t` (4 or 8 bits), or bfloat16
+    bits [N, K] for `rows_t` (bits 16, x in `parts` parts)."""
 
     _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
                 ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_int), ("group", ctypes.c_int),
-                ("half", ctypes.c_int)]
+                ("half", ctypes.c_int), ("parts", ctypes.c_int)]
+
+    @classmethod
+    def of(cls, weight: "QPacked | np.ndarray", parts: int = 3) -> "StepWeight":
+        """A `QPacked` weight, or bfloat16 bits [N, K] (uint16, C-contiguous; multiples of 32)
+        multiplied with x in `parts` parts (1 or 3, as `rows_t`)."""
+        if isinstance(weight, QPacked):
+            return cls(weight.weight.ctypes.data, weight.scales.ctypes.data, weight.biases.ctypes.data, weight.n,
+                       weight.k, weight.bits, weight.group_size, int(weight.scales.dtype == np.uint16), 4)
+        if (weight.dtype != np.uint16 or weight.ndim != 2 or not weight.flags.c_contiguous
+                or not shapes_fit(*weight.shape) or parts not in (1, 3)):
+            raise ValueError(f"a step's weight is a QPacked one or contiguous bfloat16 bits of multiples of 32 "
+                             f"in 1 or 3 parts, got {weight.dtype} {weight.shape} in {parts}")
+        return cls(weight.ctypes.data, None, None, *weight.shape, 16, 0, 0, parts)
 
 
-class QLayer(ctypes.Structure):
-    """A decoder layer whose products all go through `q_packed_t`, for `q_layer`: its weights
-    (which must outlive it), its norms' float32 weights, and its heads."""
+class StepLayer(ctypes.Structure):
+    """A decoder layer whose products all go through the row kernels, for `layer_step`: its
+    weights (which must outlive it), its norms' float32 weights, and its heads."""
 
-    _fields_ = [*((name, QWeight) for name in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")),
+    _fields_ = [*((name, StepWeight) for name in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")),
                 ("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("eps", ctypes.c_float),
                 ("heads", ctypes.c_long), ("kv_heads", ctypes.c_long), ("head_dim", ctypes.c_long)]
 
     @classmethod
-    def of(cls, products: dict[str, QPacked], attention_norm: np.ndarray, ffn_norm: np.ndarray, eps: float,
-           heads: int, kv_heads: int, head_dim: int) -> "QLayer":
+    def of(cls, products: dict[str, StepWeight], attention_norm: np.ndarray, ffn_norm: np.ndarray, eps: float,
+           heads: int, kv_heads: int, head_dim: int) -> "StepLayer":
         """The layer of these weights (wq, wk, wv, wo, w1, w3, w2) and float32 contiguous norms."""
-        weights = {name: QWeight(w.weight.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data, w.n, w.k, w.bits,
-                                 w.group_size, int(w.scales.dtype == np.uint16)) for name, w in products.items()}
-        return cls(**weights, attention_norm=attention_norm.ctypes.data, ffn_norm=ffn_norm.ctypes.data, eps=eps,
+        return cls(**products, attention_norm=attention_norm.ctypes.data, ffn_norm=ffn_norm.ctypes.data, eps=eps,
                    heads=heads, kv_heads=kv_heads, head_dim=head_dim)
 
 
-def q_layer(layer: QLayer, x: np.ndarray, ffn_scale: np.ndarray, cos: np.ndarray, sin: np.ndarray, keys: np.ndarray,
-            values: np.ndarray, slot: int, stored: int, mask: np.ndarray | None, scale: float) -> None:
+def layer_step(layer: StepLayer, x: np.ndarray, ffn_scale: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+               keys: np.ndarray, values: np.ndarray, slot: int, stored: int, mask: np.ndarray | None,
+               scale: float) -> None:
     """One decoder position of B streams through `layer`, in place: x [B, dim] float32 +=
     attention(rms_norm(x)), then += feed_forward(rms_norm(x) * ffn_scale), with the numbers of
-    those steps through `rms_norm`, `q_packed_t`, `rope_heads`, `attend` and `silu_mul`, in one
-    call. The position's key and value (rotated by cos, sin [D / 2]) are written into `slot` of
-    the rings keys, values [B, Hk, slots, D] float32 before its queries attend over their first
-    `stored` slots (mask: [stored] bool, False where a slot is out of view, or None)."""
+    those steps through `rms_norm`, `q_packed_t` or `rows_t`, `rope_heads`, `attend` and
+    `silu_mul`, in one call. The position's key and value (rotated by cos, sin [D / 2]) are
+    written into `slot` of the rings keys, values [B, Hk, slots, D] float32 before its queries
+    attend over their first `stored` slots (mask: [stored] bool, False where a slot is out of
+    view, or None)."""
     B, dim = x.shape
     if (x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.writeable or B > MAX_ROWS
             or keys.shape != values.shape or keys.shape[:2] != (B, layer.kv_heads) or keys.shape[3] != layer.head_dim
             or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (keys, values, ffn_scale, cos, sin))
             or ffn_scale.size != dim or cos.size != layer.head_dim // 2 or sin.size != cos.size
-            or (mask is not None and mask.size != stored) or packed_kernel() is None):
-        raise ValueError("q_layer needs float32 contiguous x [B <= 32, dim] (writable), rings [B, kv heads, slots, "
-                         "head_dim], a scale of dim values, cos and sin of head_dim / 2 and a mask of `stored` values")
+            or (mask is not None and mask.size != stored) or library() is None):
+        raise ValueError("layer_step needs float32 contiguous x [B <= 32, dim] (writable), rings [B, kv heads, "
+                         "slots, head_dim], a scale of dim values, cos and sin of head_dim / 2 and a mask of "
+                         "`stored` values")
     flags = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
-    work = scratch(library().q_layer_work(ctypes.byref(layer), B, stored))
-    done = library().q_layer(ctypes.byref(layer), x.ctypes.data, B, ffn_scale.ctypes.data, cos.ctypes.data,
-                             sin.ctypes.data, keys.ctypes.data, values.ctypes.data, keys.shape[2], slot, stored,
-                             None if flags is None else flags.ctypes.data, scale, work.ctypes.data, threads(),
-                             int(packed_kernel() == "AMX"))
+    work = scratch(library().layer_step_work(ctypes.byref(layer), B, stored))
+    done = library().layer_step(ctypes.byref(layer), x.ctypes.data, B, ffn_scale.ctypes.data, cos.ctypes.data,
+                                sin.ctypes.data, keys.ctypes.data, values.ctypes.data, keys.shape[2], slot, stored,
+                                None if flags is None else flags.ctypes.data, scale, work.ctypes.data, threads(),
+                                amx() | dot_bf16() << 1)
     if done == 0:
-        raise ValueError(f"q_layer does not take this layer's shapes, or slot {slot} / {stored} stored of "
+        raise ValueError(f"layer_step does not take this layer's shapes, or slot {slot} / {stored} stored of "
                          f"{keys.shape[2]}")
     if done < 0:
-        raise MemoryError(f"the {packed_kernel()} quantized kernel could not allocate its buffers for {B} rows")
+        raise MemoryError(f"the quantized kernel could not allocate its buffers for {B} rows")

@@ -240,10 +240,10 @@ def decode(net: nn.Module, audio: mx.array, tokens: mx.array, caches: list[RingK
     scales = [s if s.dtype == mx.float32 else s.astype(mx.float32) for s in scales]
     mx.eval(*scales)
     x, *chunk = _start(audio + tok(tokens), caches, net.layers[0].attention)
-    layers = _q_layers(net) if x.shape[1] == 1 and chunk[1] else None  # a step, its keys written in place
+    layers = _step_layers(net) if x.shape[1] == 1 and chunk[1] else None  # a step, its keys written in place
     for i, (block, cache, scale) in enumerate(zip(net.layers, caches, scales)):
         if layers:
-            _q_layer_step(layers[i], block.attention, x, cache, np.asarray(scale), *chunk)
+            _layer_step(layers[i], block.attention, x, cache, np.asarray(scale), *chunk)
             continue
         x = x + attention(block.attention, rms_norm(x, block.attention_norm), cache, *chunk)
         x = x + feed_forward(block.feed_forward, rms_norm(x, block.ffn_norm, np.asarray(scale)))
@@ -251,50 +251,64 @@ def decode(net: nn.Module, audio: mx.array, tokens: mx.array, caches: list[RingK
     return mx.array(logits if every else logits[:, 0])
 
 
-class _QLayers:
-    """`cpu_kernels.QLayer`s of a decoder's layers (or None), the weights they were made of, and
+class _StepLayers:
+    """`cpu_kernels.StepLayer`s of a decoder's layers (or None), the weights they were made of, and
     the numpy views of its norms that they point to (kept alive with them)."""
 
-    def __init__(self, key: tuple, layers: list[cpu_kernels.QLayer] | None, views: list[np.ndarray]):
+    def __init__(self, key: tuple, layers: list[cpu_kernels.StepLayer] | None, views: list[np.ndarray]):
         self.key, self.layers, self.views = key, layers, views
 
 
-def _q_layers(net: nn.Module) -> list[cpu_kernels.QLayer] | None:
-    """The decoder's layers for `cpu_kernels.q_layer` (a step's layer in one call), where every
-    product of every layer goes through `q_packed_t` and the norms are float32; else None. Made
-    once, and again should a layer's weights change."""
+def _step_weight(layer: nn.Module) -> np.ndarray | cpu_kernels.QPacked | None:
+    """What `cpu_kernels.StepWeight.of` takes of a layer whose products of a step's rows go
+    through a row kernel (`q_packed_t`, or `rows_t` for bfloat16 weights of whole multiples
+    of 32), without a bias; else None."""
+    if "bias" in layer:
+        return None
+    if isinstance(getattr(layer, "_q", None), cpu_kernels.QPacked):
+        return layer._q
+    w = getattr(layer, "_w", None)
+    return w if isinstance(w, np.ndarray) and cpu_kernels.shapes_fit(*w.shape) else None
+
+
+def _step_layers(net: nn.Module) -> list[cpu_kernels.StepLayer] | None:
+    """The decoder's layers for `cpu_kernels.layer_step` (a step's layer in one call), where
+    every product of every layer goes through a row kernel and the norms are float32; else None.
+    Made once, and again should a layer or its weights change."""
     def parts(block):  # (items of the modules' dicts: a step checks them all)
         a, f = block["attention"], block["feed_forward"]
-        return [*(getattr(p, "_q", None) for p in (a["wq"], a["wk"], a["wv"], a["wo"], f["w1"], f["w2"], f["w3"])),
-                block["attention_norm"]["weight"], block["ffn_norm"]["weight"]]
+        products = (a["wq"], a["wk"], a["wv"], a["wo"], f["w1"], f["w2"], f["w3"])
+        return [*products, *(_step_weight(p) for p in products), block["attention_norm"]["weight"],
+                block["ffn_norm"]["weight"]]
 
     key = tuple(part for block in net.layers for part in parts(block))
-    made = getattr(net, "_host_q_layers", None)
+    made = getattr(net, "_host_step_layers", None)
     if made is not None and len(made.key) == len(key) and all(a is b for a, b in zip(made.key, key)):
         return made.layers
     layers, views = None, []
-    if cpu_kernels.packed_kernel() is not None and all(
-            isinstance(q, cpu_kernels.QPacked) for block in net.layers for q in parts(block)[:7]) and all(
+    if cpu_kernels.library() is not None and all(part is not None for part in key) and all(
             block.attention_norm.weight.dtype == mx.float32 == block.ffn_norm.weight.dtype for block in net.layers):
         layers = []
         for block in net.layers:
             a = block.attention
-            *products, attention_norm, ffn_norm = parts(block)
+            layer = parts(block)
+            products, weights, (attention_norm, ffn_norm) = layer[:7], layer[7:14], layer[14:]
             views += [np.asarray(attention_norm), np.asarray(ffn_norm)]
-            layers.append(cpu_kernels.QLayer.of(
-                dict(zip(("wq", "wk", "wv", "wo", "w1", "w2", "w3"), products)), *views[-2:],
-                block.attention_norm.eps, a.n_heads, a.n_kv_heads, a.head_dim))
-    object.__setattr__(net, "_host_q_layers", _QLayers(key, layers, views))
+            layers.append(cpu_kernels.StepLayer.of(
+                {name: cpu_kernels.StepWeight.of(w, getattr(p, "_parts", 3))
+                 for name, p, w in zip(("wq", "wk", "wv", "wo", "w1", "w2", "w3"), products, weights)},
+                *views[-2:], block.attention_norm.eps, a.n_heads, a.n_kv_heads, a.head_dim))
+    object.__setattr__(net, "_host_step_layers", _StepLayers(key, layers, views))
     return layers
 
 
-def _q_layer_step(layer: cpu_kernels.QLayer, attention: nn.Module, x: np.ndarray, cache: RingKVCache,
-                  ffn_scale: np.ndarray, mask: np.ndarray | None, in_place: bool, cos: np.ndarray, sin: np.ndarray):
-    """A step's decoder layer (one position per stream, x [B, 1, dim]) in one call (`cpu_kernels.q_layer`), in place."""
+def _layer_step(layer: cpu_kernels.StepLayer, attention: nn.Module, x: np.ndarray, cache: RingKVCache,
+                ffn_scale: np.ndarray, mask: np.ndarray | None, in_place: bool, cos: np.ndarray, sin: np.ndarray):
+    """A step's decoder layer (one position per stream, x [B, 1, dim]) in one call (`cpu_kernels.layer_step`), in place."""
     B, _, dim = x.shape
     cache._reserve(np.empty((B, attention.n_kv_heads, 1, attention.head_dim), np.float32), cache.offset + 1)
     keys, values = cache.host_arrays()
     slot = cache.offset % cache.capacity
     cache.offset += 1
-    cpu_kernels.q_layer(layer, x.reshape(B, dim), ffn_scale, cos, sin, keys, values, slot, cache.stored, mask,
-                        attention.scale)
+    cpu_kernels.layer_step(layer, x.reshape(B, dim), ffn_scale, cos, sin, keys, values, slot, cache.stored, mask,
+                           attention.scale)
