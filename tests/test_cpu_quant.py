@@ -209,7 +209,7 @@ def test_q_pack_and_q_packed_t_refuse_what_they_cannot_multiply():
     assert cpu_kernels.q_packed_t(x[:0], packed).shape == (0, 16)
     with pytest.raises(ValueError, match=r"^q_packed_t: rows of 64 values by a weight of 128 columns, 4 bits in"):
         cpu_kernels.q_packed_t(x[:, :64], packed)
-    with pytest.raises(ValueError, match=r"of 128 columns, 6 bits in groups of 64 \(it takes 4 or 8 bits"):
+    with pytest.raises(ValueError, match=r"of 128 columns, 6 bits in groups of 64, x in 4 parts \(it takes 4 or 8 bits"):
         cpu_kernels.q_packed_t(x, packed._replace(bits=6, weight=np.zeros((1, 1536), np.uint8)))
     product = getattr(cpu_kernels.library(), "q_amx" if cpu_kernels.packed_kernel() == "AMX" else "q_vnni")
     assert product(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data,
@@ -421,3 +421,25 @@ def test_a_layers_products_written_into_a_given_array_are_those_returned(group, 
     assert np.array_equal(out[1], np.array(layer(mx.array(x))))  # the bias added once, as MLX's path adds it
     with pytest.raises(ValueError, match=r"out must be a C-contiguous float32 array of shape \(%d, 64\)" % M):
         layer.host(x, np.empty((M, 65), np.float32))
+
+
+@needs_packed
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_encoders_products_split_x_in_three_parts_for_any_rows(quantized_dirs, bits):
+    # A streaming chunk's 4 rows get the bits of the same rows in an offline pass's chunk.
+    net = voxtral_mlx.load(quantized_dirs[bits, 64]).net
+    encoder = [m for _, m in net.encoder.transformer.named_modules() if isinstance(m, cpu_quant.Linear)]
+    decoder = [m for block in net.layers for _, m in block.named_modules() if isinstance(m, cpu_quant.Linear)]
+    assert encoder and decoder and all(m._packed for m in encoder + decoder)
+    assert {m._parts for m in encoder} == {3} and {m._parts for m in decoder} == {None}
+    layer = net.encoder.transformer.layers[0].feed_forward.w1
+    assert layer.host_rows_exact(100) and not decoder[0].host_rows_exact(33) and decoder[0].host_rows_exact(32)
+    x = np.random.default_rng(bits).normal(size=(40, layer._q.k)).astype(np.float32)
+    many = layer.host(x)
+    four = layer.host(x[:4])
+    assert np.array_equal(four, many[:4]) and np.array_equal(four, cpu_kernels.q_packed_t(x[:4], layer._q, parts=3))
+    assert not np.array_equal(four, cpu_kernels.q_packed_t(x[:4], layer._q))  # four parts, 28 bits: other bits
+    exact = x[:4].astype(np.float64) @ layer._q.rows(np.arange(layer._q.n)).astype(np.float64).T
+    assert np.abs(four - exact).max() <= 1e-5 * np.abs(exact).max()
+    with pytest.raises(ValueError, match=r"x in 5 parts \(it takes 4 or 8 bits in groups of 64 or 128, x in 3 or 4"):
+        cpu_kernels.q_packed_t(x[:4], layer._q, parts=5)

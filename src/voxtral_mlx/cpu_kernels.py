@@ -496,27 +496,28 @@ def q_pack(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gro
     return packed
 
 
-def q_packed_t(x: np.ndarray, w: QPacked, out: np.ndarray | None = None) -> np.ndarray:
+def q_packed_t(x: np.ndarray, w: QPacked, out: np.ndarray | None = None, parts: int | None = None) -> np.ndarray:
     """`x @ dequantize(w).T` in float32 through AMX or VNNI (`packed_kernel`: the same numbers)
     for x [M, K] float32, any M: x in 8-bit parts per group times the weights' integers,
-    exactly, then scaled in float32. Up to MAX_ROWS rows (decoder steps, batches, speculative
-    passes) in four parts, 28 bits below each group's largest value (float32 holds 24 below each
-    value); more (the prompt, encoder chunks) in three, 21 bits, a quarter less work. Into `out`
-    [M, N] where given (see `result`)."""
+    exactly, then scaled in float32. By default up to MAX_ROWS rows (decoder steps, batches,
+    speculative passes) in four parts, 28 bits below each group's largest value (float32 holds
+    24 below each value); more (the prompt) in three, 21 bits, a quarter less work; `parts` (3
+    or 4) for any rows. Into `out` [M, N] where given (see `result`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     (m, k), n = x.shape, w.n
     kernel = packed_kernel()
     if kernel is None:
         raise ValueError(f"the packed quantized kernel is not available: {packed_reason}")
     out = result(out, m, n)
-    parts = 4 if m <= MAX_ROWS else 3
+    parts = parts or (4 if m <= MAX_ROWS else 3)
     product = library().q_amx if kernel == "AMX" else library().q_vnni
     used = 0 if k != w.k else product(x.ctypes.data, w.weight.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data,
                                       out.ctypes.data, m, n, k, w.bits, w.group_size, parts, threads_for(m * n * k),
                                       int(w.scales.dtype == np.uint16))
     if used == 0:  # refused: nothing computed
         raise ValueError(f"q_packed_t: rows of {k} values by a weight of {w.k} columns, {w.bits} bits in groups of "
-                         f"{w.group_size} (it takes 4 or 8 bits in groups of 64 or 128)")
+                         f"{w.group_size}, x in {parts} parts (it takes 4 or 8 bits in groups of 64 or 128, x in 3 "
+                         f"or 4 parts)")
     if used < 0:
         raise MemoryError(f"the {kernel} quantized kernel could not allocate its buffers for {m} rows of {k}")
     return out
