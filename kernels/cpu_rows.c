@@ -1524,21 +1524,24 @@ int rms_norm(const float *x, const float *w, const float *s, float *out, long ro
     return dispatch(job, threads, 1);
 }
 
-// A decoder step through one layer in one call: a 4-bit step of the 4B model had about 6 ms
-// (a tenth of it) of Python, numpy and ctypes between its 182 products, about 30 us per
-// operation on vectors of 3072 values. The same kernels in the same order, so the numbers
-// are those of the step in host.py (rms_norm, the products, rope_heads, attend, silu_mul).
+// A decoder step, a speculative pass or a streaming encoder chunk through one layer in one
+// call: a 4-bit step of the 4B model had about 6 ms (a tenth of it) of Python, numpy and
+// ctypes between its 182 products, about 30 us per operation on vectors of 3072 values; a
+// streaming chunk of the encoder, 10-13 ms of 80. The same kernels in the same order, so the
+// numbers are those of host.py's (rms_norm, the products, rope_heads, attend, silu_mul).
 
-// A weight as its row kernel takes it: bits 4 or 8, stored by q_pack (q_packed, four parts:
-// a step's rows), or bits 16, bfloat16 bits N x K (bf16_rows with AMX, else wide_rows, or
-// dot_rows for x rounded to bfloat16 where the CPU has AVX-512 BF16) with x in `parts` parts.
+// A weight as its row kernel takes it: bits 4 or 8, stored by q_pack (q_packed, x in `parts`
+// parts), or bits 16, bfloat16 bits N x K (bf16_rows with AMX, else wide_rows, or dot_rows for
+// x rounded to bfloat16 where the CPU has AVX-512 BF16, x in `parts` parts); `bias`: float32
+// [N] added to the products, or NULL.
 typedef struct {
     const void *w, *scales, *biases;
+    const float *bias;
     long n, k;
     int bits, group, half, parts;
 } StepWeight;
 
-// A decoder layer whose products all go through the row kernels.
+// A transformer layer whose products all go through the row kernels.
 typedef struct {
     StepWeight wq, wk, wv, wo, w1, w3, w2;
     const float *attention_norm, *ffn_norm;  // [dim]
@@ -1555,71 +1558,84 @@ static int threads_for(long work, int threads) { return work < SMALL_WORK ? 1 : 
 static int step_product(const float *x, const StepWeight *w, float *out, long M, int threads, int flags,
                         void *scratch) {
     const long N = w->n, K = w->k;
-    if (w->bits == 16) {
-        if (flags & STEP_AMX)
-            return bf16_rows(x, w->w, out, M, N, K, threads_for(w->parts * M * N * K, threads), scratch, w->parts);
-        if (w->parts == 1 && flags & STEP_DOT) return dot_rows(x, w->w, out, M, N, K, threads_for(M * N * K, threads),
-                                                               scratch);
-        return wide_rows(x, w->w, out, M, N, K, threads_for(M * N * K, threads), scratch, w->parts);
-    }
-    return q_packed(flags & STEP_AMX ? qa_run : qv_run, x, w->w, w->scales, w->biases, out, M, N, K, w->bits,
-                    w->group, 4, threads_for(M * N * K, threads), w->half);
+    int done;
+    if (w->bits != 16)
+        done = q_packed(flags & STEP_AMX ? qa_run : qv_run, x, w->w, w->scales, w->biases, out, M, N, K, w->bits,
+                        w->group, w->parts, threads_for(M * N * K, threads), w->half);
+    else if (flags & STEP_AMX)
+        done = bf16_rows(x, w->w, out, M, N, K, threads_for(w->parts * M * N * K, threads), scratch, w->parts);
+    else if (w->parts == 1 && flags & STEP_DOT)
+        done = dot_rows(x, w->w, out, M, N, K, threads_for(M * N * K, threads), scratch);
+    else
+        done = wide_rows(x, w->w, out, M, N, K, threads_for(M * N * K, threads), scratch, w->parts);
+    if (done > 0 && w->bias)
+        for (long m = 0; m < M; m++)
+            for (long n = 0; n < N; n++) out[m * N + n] += w->bias[n];
+    return done;
 }
 
-// Floats of layer_step's `work` for B streams and `stored` slots of its ring.
-long layer_step_work(const StepLayer *l, long B, long stored) {
+// Floats of layer_step's `work` for `rows` rows (streams times positions) and `stored` slots.
+long layer_step_work(const StepLayer *l, long rows, long stored) {
     const long dim = l->wq.k, HD = l->heads * l->head_dim, KD = l->kv_heads * l->head_dim, hidden = l->w1.n;
     const long widest = dim > HD ? (dim > hidden ? dim : hidden) : (HD > hidden ? HD : hidden);
-    return B * (2 * dim + 3 * HD + 3 * KD + 2 * hidden + l->heads * stored + 2 * widest);
+    return rows * (2 * dim + 4 * HD + 3 * KD + 2 * hidden + l->heads * stored + 2 * widest);
 }
 
-// One position of B streams through layer l: x [B, dim] += attention(rms_norm(x)), then
-// x += ffn(rms_norm(x) s), s = ffn_scale [dim]. The position's key and value go into slot
-// `slot` of the rings keys and values [B, Hk, slots, D] (rotated by cos, sin [D / 2]), then
-// the queries attend over their first `stored` slots (mask: `stored` bytes, 0 for a slot out
-// of view, or NULL). work: layer_step_work floats. Returns 1, 0 for what it does not take, or
-// -1 where memory ran out.
-int layer_step(const StepLayer *l, float *x, long B, const float *ffn_scale, const float *cos, const float *sin,
-               float *keys, float *values, long slots, long slot, long stored, const uint8_t *mask, float scale,
-               float *work, int threads, int flags) {
-    const long dim = l->wq.k, H = l->heads, Hk = l->kv_heads, D = l->head_dim, hidden = l->w1.n;
-    if (H < 1 || Hk < 1 || H % Hk || H / Hk > 64 || D % 16 || l->wq.n != H * D || l->wk.n != Hk * D ||
+// L positions of B streams through layer l: x [B, L, dim] += attention(rms_norm(x)), then
+// x += ffn(rms_norm(x) s), s = ffn_scale [dim] (the decoder's) or 1 (NULL). Their keys and
+// values (rotated by cos, sin [L, D / 2]) go into slots (slot + i) % capacity of the rings keys
+// and values [B, Hk, slots, D], then the queries attend over their first `stored` slots
+// (mask: L x stored bytes, 0 for a slot out of a position's view, or NULL). work:
+// layer_step_work floats. Returns 1, 0 for what it does not take, or -1 where memory ran out.
+int layer_step(const StepLayer *l, float *x, long B, long L, const float *ffn_scale, const float *cos,
+               const float *sin, float *keys, float *values, long slots, long capacity, long slot, long stored,
+               const uint8_t *mask, float scale, float *work, int threads, int flags) {
+    const long dim = l->wq.k, H = l->heads, Hk = l->kv_heads, D = l->head_dim, hidden = l->w1.n, M = B * L;
+    if (H < 1 || Hk < 1 || H % Hk || H / Hk * L > 64 || D % 16 || l->wq.n != H * D || l->wk.n != Hk * D ||
         l->wv.n != Hk * D || l->wo.k != H * D || l->wo.n != dim || l->w3.n != hidden || l->w2.k != hidden ||
-        l->w2.n != dim || slot < 0 || slot >= slots || stored < 1 || stored > slots)
+        l->w2.n != dim || L < 1 || L > capacity || slot < 0 || slot >= capacity || stored < 1 || stored > slots ||
+        (slot + L > slots && capacity > slots))
         return 0;
-    float *h = work, *q = h + B * dim, *qh = q + B * H * D, *k = qh + B * H * D, *kh = k + B * Hk * D,
-          *v = kh + B * Hk * D, *att = v + B * Hk * D, *o = att + B * H * D, *g = o + B * dim, *u = g + B * hidden,
-          *scores = u + B * hidden, *rows = scores + B * H * stored;
+    float *h = work, *q = h + M * dim, *qh = q + M * H * D, *k = qh + M * H * D, *kh = k + M * Hk * D,
+          *v = kh + M * Hk * D, *att = v + M * Hk * D, *at = att + M * H * D, *o = at + M * H * D, *g = o + M * dim,
+          *u = g + M * hidden, *scores = u + M * hidden, *rows = scores + M * H * stored;
     int done = 1;
-#define STEP(x, w, out)                                                           \
-    do {                                                                          \
-        const int r = step_product(x, &l->w, out, B, threads, flags, rows); \
-        if (r <= 0) done = r < 0 ? -1 : 0;                                        \
+#define STEP(x, w, out)                                                     \
+    do {                                                                    \
+        const int r = step_product(x, &l->w, out, M, threads, flags, rows); \
+        if (r <= 0) done = r < 0 ? -1 : 0;                                  \
     } while (0)
-    rms_norm(x, l->attention_norm, NULL, h, B, dim, l->eps, 1);
+    rms_norm(x, l->attention_norm, NULL, h, M, dim, l->eps, 1);
     STEP(h, wq, q);
     STEP(h, wk, k);
     STEP(h, wv, v);
     if (done != 1) return done;
-    rope_heads(q, cos, sin, qh, B, 1, H, D, threads_for(16 * B * H * D, threads));
-    rope_heads(k, cos, sin, kh, B, 1, Hk, D, threads_for(16 * B * Hk * D, threads));
-    for (long r = 0; r < B * Hk; r++) {
-        memcpy(keys + (r * slots + slot) * D, kh + r * D, D * sizeof(float));
-        memcpy(values + (r * slots + slot) * D, v + r * D, D * sizeof(float));
-    }
-    attend(qh, keys, values, att, B * Hk, (int)(H / Hk), stored, D, slots * D, scale, mask, 1, scores,
-           threads_for(2 * B * H * stored * D, threads));
-    STEP(att, wo, o);
+    rope_heads(q, cos, sin, qh, B, L, H, D, threads_for(16 * M * H * D, threads));   // [B, H, L, D]
+    rope_heads(k, cos, sin, kh, B, L, Hk, D, threads_for(16 * M * Hk * D, threads));  // [B, Hk, L, D]
+    for (long b = 0; b < B; b++)
+        for (long j = 0; j < Hk; j++)
+            for (long i = 0; i < L; i++) {
+                const long at_slot = ((b * Hk + j) * slots + (slot + i) % capacity) * D;
+                memcpy(keys + at_slot, kh + ((b * Hk + j) * L + i) * D, D * sizeof(float));
+                memcpy(values + at_slot, v + ((b * L + i) * Hk + j) * D, D * sizeof(float));
+            }
+    attend(qh, keys, values, att, B * Hk, (int)(H / Hk * L), stored, D, slots * D, scale, mask, (int)L, scores,
+           threads_for(2 * M * H * stored * D, threads));
+    for (long b = 0; b < B; b++)  // [B, H, L, D] -> [B, L, H, D]
+        for (long j = 0; j < H; j++)
+            for (long i = 0; i < L; i++)
+                memcpy(at + ((b * L + i) * H + j) * D, att + ((b * H + j) * L + i) * D, D * sizeof(float));
+    STEP(at, wo, o);
     if (done != 1) return done;
-    for (long i = 0; i < B * dim; i++) x[i] += o[i];
-    rms_norm(x, l->ffn_norm, ffn_scale, h, B, dim, l->eps, 1);
+    for (long i = 0; i < M * dim; i++) x[i] += o[i];
+    rms_norm(x, l->ffn_norm, ffn_scale, h, M, dim, l->eps, 1);
     STEP(h, w1, g);
     STEP(h, w3, u);
     if (done != 1) return done;
-    silu_mul(g, u, g, B * hidden, threads_for(64 * B * hidden, threads));
+    silu_mul(g, u, g, M * hidden, threads_for(64 * M * hidden, threads));
     STEP(g, w2, o);
     if (done != 1) return done;
-    for (long i = 0; i < B * dim; i++) x[i] += o[i];
+    for (long i = 0; i < M * dim; i++) x[i] += o[i];
 #undef STEP
     return 1;
 }

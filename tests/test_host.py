@@ -140,7 +140,9 @@ CHUNKS = [2, 8, 16, 6, 60, 2, 2, 24]  # mel frames: 1 to 30 encoder frames, past
 @pytest.mark.parametrize("name", ADOPTED)
 @pytest.mark.parametrize("spare", [0, 7])
 def test_encoder_chunks_on_the_host_give_the_frames_of_mlx_graphs(models, name, spare, monkeypatch):
-    # With 7 spare slots, chunks of up to 8 frames are written first and read in place.
+    # With 7 spare slots, chunks of up to 8 frames are written first and read in place (here
+    # through numpy around the kernels; a layer in one call: below).
+    monkeypatch.setattr(host, "_step_layers", lambda *a: None)
     model = models[name]
     mel = np.random.default_rng(5).normal(size=(2, sum(CHUNKS), 128)).astype(np.float32)
     calls = []
@@ -362,13 +364,13 @@ def test_a_step_goes_through_each_layer_in_one_call_with_the_bits_of_the_numpy_p
     inputs, tokens = random_inputs(model, streams, 40, seed=streams)
     calls = []
     real = cpu_kernels.layer_step
-    monkeypatch.setattr(cpu_kernels, "layer_step", lambda *a: (calls.append((a[1].shape, a[7], a[8])), real(*a))[1])
+    monkeypatch.setattr(cpu_kernels, "layer_step", lambda *a: (calls.append((a[1].shape, a[8], a[9])), real(*a))[1])
     got = steps(model, inputs, tokens, spare, True, monkeypatch)
     capacity = net.make_cache(1, spare=spare).decoder[0].capacity
-    assert calls == [((streams, net.args.decoder.dim), p % capacity, min(p + 1, capacity))
+    assert calls == [((streams, 1, net.args.decoder.dim), p % capacity, min(p + 1, capacity))
                      for p in range(5, 40) for _ in net.layers]
     with monkeypatch.context() as m:
-        m.setattr(host, "_step_layers", lambda net: None)
+        m.setattr(host, "_step_layers", lambda *a: None)
         assert np.array_equal(got, steps(model, inputs, tokens, spare, True, monkeypatch))
     assert len(calls) == 35 * len(net.layers)
 
@@ -377,26 +379,26 @@ def test_a_step_goes_through_each_layer_in_one_call_with_the_bits_of_the_numpy_p
 def test_a_layers_call_is_made_again_when_its_weights_change(models, name, monkeypatch):
     net = models[name].net
     inputs, tokens = random_inputs(models[name], 1, 8, seed=5)
-    before = host._step_layers(net)
-    assert host._step_layers(net) is before and len(before) == len(net.layers)
+    before = host._step_layers(net, net.layers)
+    assert host._step_layers(net, net.layers) is before and len(before) == len(net.layers)
     norm = net.layers[1].ffn_norm
     weight = norm.weight
     try:
         norm.weight = weight * 2
         mx.eval(norm.weight)
-        after = host._step_layers(net)
+        after = host._step_layers(net, net.layers)
         assert after is not before and after[0].ffn_norm == before[0].ffn_norm
         assert after[1].ffn_norm == np.asarray(norm.weight).ctypes.data != before[1].ffn_norm
         got = steps(models[name], inputs, tokens, 0, True, monkeypatch)
-        monkeypatch.setattr(host, "_step_layers", lambda net: None)
+        monkeypatch.setattr(host, "_step_layers", lambda *a: None)
         assert np.array_equal(got, steps(models[name], inputs, tokens, 0, True, monkeypatch))
     finally:
         norm.weight = weight
     monkeypatch.undo()
-    assert host._step_layers(net) is not None
+    assert host._step_layers(net, net.layers) is not None
     norm.weight = weight.astype(mx.bfloat16)  # not float32: the numpy path
     try:
-        assert host._step_layers(net) is None
+        assert host._step_layers(net, net.layers) is None
     finally:
         norm.weight = weight
 
@@ -404,22 +406,78 @@ def test_a_layers_call_is_made_again_when_its_weights_change(models, name, monke
 @pytest.mark.parametrize("name", STEPPED[:1])
 def test_the_layer_call_refuses_what_it_does_not_take(models, name):
     net = models[name].net
-    layer = host._step_layers(net)[0]
+    layer = host._step_layers(net, net.layers)[0]
     a = net.layers[0].attention
     dim, D = net.args.decoder.dim, a.head_dim
-    x, scale = np.zeros((1, dim), np.float32), np.ones(dim, np.float32)
+    x, scale = np.zeros((1, 1, dim), np.float32), np.ones(dim, np.float32)
     cos, sin = host.rotation(np.arange(1), D, a.rope_theta)
     ring = np.zeros((1, a.n_kv_heads, 4, D), np.float32)
-    with pytest.raises(ValueError, match=r"layer_step needs float32 contiguous x \[B <= 32, dim\] \(writable\)"):
-        cpu_kernels.layer_step(layer, x.T, scale, cos, sin, ring, ring.copy(), 0, 1, None, 1.0)
-    with pytest.raises(ValueError, match=r"and a mask of `stored` values"):
-        cpu_kernels.layer_step(layer, x, scale, cos, sin, ring, ring.copy(), 0, 2, np.ones(3, bool), 1.0)
-    with pytest.raises(ValueError, match=r"does not take this layer's shapes, or slot 4 / 1 stored of 4"):
-        cpu_kernels.layer_step(layer, x, scale, cos, sin, ring, ring.copy(), 4, 1, None, 1.0)
-    cpu_kernels.layer_step(layer, x, scale, cos, sin, ring, values := ring.copy(), 3, 4, None, 1.0)
+    with pytest.raises(ValueError, match=r"layer_step needs float32 contiguous x \[B, L, dim\] of at most 32 rows "):
+        cpu_kernels.layer_step(layer, np.zeros((1, 33, dim), np.float32), scale, *host.rotation(np.arange(33), D, 1e4),
+                               ring, ring.copy(), 4, 0, 4, None, 1.0)
+    with pytest.raises(ValueError, match=r"and a mask of L x `stored` values"):
+        cpu_kernels.layer_step(layer, x, scale, cos, sin, ring, ring.copy(), 4, 0, 2, np.ones(3, bool), 1.0)
+    with pytest.raises(ValueError, match=r"1 positions from slot 4 of a ring of 4 \(4 allocated, 1 stored\)"):
+        cpu_kernels.layer_step(layer, x, scale, cos, sin, ring, ring.copy(), 4, 4, 1, None, 1.0)
+    with pytest.raises(ValueError, match=r"3 positions from slot 2 of a ring of 8 \(4 allocated, 4 stored\)"):
+        cpu_kernels.layer_step(layer, np.zeros((1, 3, dim), np.float32), scale, *host.rotation(np.arange(3), D, 1e4),
+                               ring, ring.copy(), 8, 2, 4, None, 1.0)
+    cpu_kernels.layer_step(layer, x, scale, cos, sin, ring, values := ring.copy(), 4, 3, 4, None, 1.0)
     assert np.all(np.isfinite(x)) and not np.any(ring[:, :, :3]) and not np.any(values[:, :, :3])
     with pytest.raises(ValueError, match=r"contiguous bfloat16 bits of multiples of 32 in 1 or 3 parts, got uint16 "
                                          r"\(48, 64\) in 3"):
-        cpu_kernels.StepWeight.of(np.zeros((48, 64), np.uint16))
+        cpu_kernels.StepWeight.of(np.zeros((48, 64), np.uint16), 3)
     with pytest.raises(ValueError, match=r"got float32 \(64, 64\) in 1"):
         cpu_kernels.StepWeight.of(np.zeros((64, 64), np.float32), 1)
+    with pytest.raises(ValueError, match=r"a packed weight takes x in 3 or 4 parts, not 1"):
+        cpu_kernels.StepWeight.of(net.layers[0].attention.wq._q, 1)
+    with pytest.raises(ValueError, match=r"one value per row of its weight, got float32 \(3,\)"):
+        cpu_kernels.StepWeight.of(net.layers[0].attention.wq._q, 4, np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("name", STEPPED)
+@pytest.mark.parametrize("streams", [1, 2])
+def test_encoder_chunks_read_in_place_go_through_each_layer_in_one_call_with_the_bits_of_the_numpy_path(
+        models, name, streams, monkeypatch):
+    # 7 spare slots: chunks of up to 8 frames in place, past the window of 24 (the ring wraps);
+    # those of 12 and 30 frames are not.
+    model = models[name]
+    mel = np.random.default_rng(streams).normal(size=(streams, sum(CHUNKS), 128)).astype(np.float32)
+    calls = []
+    real = cpu_kernels.layer_step
+    monkeypatch.setattr(cpu_kernels, "layer_step", lambda *a: (calls.append((a[1].shape[:2], a[8], a[9])), real(*a))[1])
+    got = encoder_frames(model, mel, CHUNKS, True, monkeypatch, spare=7)
+    capacity = model.net.make_cache(1, encoder_spare=7).encoder[0].capacity
+    want, offset = [], 0
+    for frames in (c // 2 for c in CHUNKS):
+        if frames <= 8 and streams * frames <= 32:
+            want += [((streams, frames), offset % capacity, min(offset + frames, capacity))] * len(
+                model.net.encoder.transformer.layers)
+        offset += frames
+    assert calls == want and len({c[0] for c in calls}) == 4  # chunks of 1, 3, 4 and 8 frames
+    with monkeypatch.context() as m:
+        m.setattr(host, "_step_layers", lambda *a: None)
+        assert np.array_equal(got, encoder_frames(model, mel, CHUNKS, True, monkeypatch, spare=7))
+    assert len(calls) == len(want)
+
+
+@pytest.mark.parametrize("name", STEPPED)
+def test_speculative_passes_go_through_each_layer_in_one_call_with_the_bits_of_the_numpy_path(models, name,
+                                                                                              monkeypatch):
+    model = models[name]
+    net = model.net
+    inputs, tokens = random_inputs(model, 1, 30, seed=13)
+    calls = []
+    real = cpu_kernels.layer_step
+    monkeypatch.setattr(cpu_kernels, "layer_step", lambda *a: (calls.append(a[1].shape[1]), real(*a))[1])
+
+    def passes():
+        caches, scales = net.make_cache(spare=7), net.ffn_scales(6)
+        return np.concatenate([np.array(net.decode(mx.array(inputs[:, a:b]), mx.array(tokens[:, a:b]), caches,
+                                                   scales, every=True))[0]
+                               for a, b in ((0, 8), (8, 16), (16, 19), (19, 27), (27, 28), (28, 30))])
+
+    got = passes()
+    assert calls == [n for n in (8, 8, 3, 8, 1, 2) for _ in net.layers]
+    monkeypatch.setattr(host, "_step_layers", lambda *a: None)
+    assert np.array_equal(got, passes()) and len(calls) == 6 * len(net.layers)

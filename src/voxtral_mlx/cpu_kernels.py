@@ -157,7 +157,8 @@ def _load():
     lib.silu_mul.argtypes = [p, p, p, n, i]
     lib.rope_heads.argtypes = [p, p, p, p, n, n, n, n, i]
     lib.rms_norm.argtypes = [p, p, p, p, n, n, ctypes.c_float, i]
-    lib.layer_step.argtypes = [ctypes.POINTER(StepLayer), p, n, p, p, p, p, p, n, n, n, p, ctypes.c_float, p, i, i]
+    lib.layer_step.argtypes = [ctypes.POINTER(StepLayer), p, n, n, p, p, p, p, p, n, n, n, n, p, ctypes.c_float, p,
+                               i, i]
     lib.layer_step_work.argtypes = [ctypes.POINTER(StepLayer), n, n]
     lib.layer_step_work.restype = n
     for fn in (lib.bf16_rows, lib.bf16_split, lib.wide_rows, lib.dot_rows, lib.f32_rows, lib.bf16_widen, lib.q_rows,
@@ -644,28 +645,36 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, scale: np.ndarray | 
 
 class StepWeight(ctypes.Structure):
     """A weight as `layer_step` multiplies it: stored for `q_packed_t` (4 or 8 bits), or bfloat16
-    bits [N, K] for `rows_t` (bits 16, x in `parts` parts)."""
+    bits [N, K] for `rows_t` (bits 16), x in `parts` parts; and a float32 bias, or none."""
 
     _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
-                ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_int), ("group", ctypes.c_int),
-                ("half", ctypes.c_int), ("parts", ctypes.c_int)]
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_int),
+                ("group", ctypes.c_int), ("half", ctypes.c_int), ("parts", ctypes.c_int)]
 
     @classmethod
-    def of(cls, weight: "QPacked | np.ndarray", parts: int = 3) -> "StepWeight":
-        """A `QPacked` weight, or bfloat16 bits [N, K] (uint16, C-contiguous; multiples of 32)
-        multiplied with x in `parts` parts (1 or 3, as `rows_t`)."""
+    def of(cls, weight: "QPacked | np.ndarray", parts: int, bias: np.ndarray | None = None) -> "StepWeight":
+        """A `QPacked` weight with x in `parts` parts (3 or 4), or bfloat16 bits [N, K] (uint16,
+        C-contiguous; multiples of 32) with x in 1 or 3 (as `rows_t`); `bias`: float32 [N]
+        (contiguous), or None."""
+        if bias is not None and (bias.dtype != np.float32 or not bias.flags.c_contiguous
+                                 or bias.shape != (weight.n if isinstance(weight, QPacked) else weight.shape[0],)):
+            raise ValueError(f"a step's bias is float32 contiguous, one value per row of its weight, got {bias.dtype} "
+                             f"{bias.shape}")
+        at = None if bias is None else bias.ctypes.data
         if isinstance(weight, QPacked):
-            return cls(weight.weight.ctypes.data, weight.scales.ctypes.data, weight.biases.ctypes.data, weight.n,
-                       weight.k, weight.bits, weight.group_size, int(weight.scales.dtype == np.uint16), 4)
+            if parts not in (3, 4):
+                raise ValueError(f"a packed weight takes x in 3 or 4 parts, not {parts}")
+            return cls(weight.weight.ctypes.data, weight.scales.ctypes.data, weight.biases.ctypes.data, at, weight.n,
+                       weight.k, weight.bits, weight.group_size, int(weight.scales.dtype == np.uint16), parts)
         if (weight.dtype != np.uint16 or weight.ndim != 2 or not weight.flags.c_contiguous
                 or not shapes_fit(*weight.shape) or parts not in (1, 3)):
             raise ValueError(f"a step's weight is a QPacked one or contiguous bfloat16 bits of multiples of 32 "
                              f"in 1 or 3 parts, got {weight.dtype} {weight.shape} in {parts}")
-        return cls(weight.ctypes.data, None, None, *weight.shape, 16, 0, 0, parts)
+        return cls(weight.ctypes.data, None, None, at, *weight.shape, 16, 0, 0, parts)
 
 
 class StepLayer(ctypes.Structure):
-    """A decoder layer whose products all go through the row kernels, for `layer_step`: its
+    """A transformer layer whose products all go through the row kernels, for `layer_step`: its
     weights (which must outlive it), its norms' float32 weights, and its heads."""
 
     _fields_ = [*((name, StepWeight) for name in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")),
@@ -680,33 +689,35 @@ class StepLayer(ctypes.Structure):
                    heads=heads, kv_heads=kv_heads, head_dim=head_dim)
 
 
-def layer_step(layer: StepLayer, x: np.ndarray, ffn_scale: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-               keys: np.ndarray, values: np.ndarray, slot: int, stored: int, mask: np.ndarray | None,
+def layer_step(layer: StepLayer, x: np.ndarray, ffn_scale: np.ndarray | None, cos: np.ndarray, sin: np.ndarray,
+               keys: np.ndarray, values: np.ndarray, capacity: int, slot: int, stored: int, mask: np.ndarray | None,
                scale: float) -> None:
-    """One decoder position of B streams through `layer`, in place: x [B, dim] float32 +=
-    attention(rms_norm(x)), then += feed_forward(rms_norm(x) * ffn_scale), with the numbers of
-    those steps through `rms_norm`, `q_packed_t` or `rows_t`, `rope_heads`, `attend` and
-    `silu_mul`, in one call. The position's key and value (rotated by cos, sin [D / 2]) are
-    written into `slot` of the rings keys, values [B, Hk, slots, D] float32 before its queries
-    attend over their first `stored` slots (mask: [stored] bool, False where a slot is out of
-    view, or None)."""
-    B, dim = x.shape
-    if (x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.writeable or B > MAX_ROWS
+    """L positions of B streams through `layer` (at most MAX_ROWS rows), in place: x [B, L, dim]
+    float32 += attention(rms_norm(x)), then += feed_forward(rms_norm(x) * ffn_scale) (the
+    decoder's; None: the encoder's, unscaled), with the numbers of those steps through
+    `rms_norm`, the products' row kernels (`q_packed_t`, `rows_t`), `rope_heads`, `attend` and
+    `silu_mul`, in one call. The positions' keys and values (rotated by cos, sin [L, D / 2])
+    are written into slots (slot + i) % capacity of the rings keys, values [B, Hk, slots, D]
+    float32 before their queries attend over the first `stored` slots (mask: [L, stored]
+    bool, False where a slot is out of a position's view, or None)."""
+    B, L, dim = x.shape
+    scaled = [] if ffn_scale is None else [ffn_scale]
+    if (x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.writeable or B * L > MAX_ROWS
             or keys.shape != values.shape or keys.shape[:2] != (B, layer.kv_heads) or keys.shape[3] != layer.head_dim
-            or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (keys, values, ffn_scale, cos, sin))
-            or ffn_scale.size != dim or cos.size != layer.head_dim // 2 or sin.size != cos.size
-            or (mask is not None and mask.size != stored) or library() is None):
-        raise ValueError("layer_step needs float32 contiguous x [B <= 32, dim] (writable), rings [B, kv heads, "
-                         "slots, head_dim], a scale of dim values, cos and sin of head_dim / 2 and a mask of "
-                         "`stored` values")
+            or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (keys, values, cos, sin, *scaled))
+            or any(a.size != dim for a in scaled) or cos.shape != (L, layer.head_dim // 2) or sin.shape != cos.shape
+            or (mask is not None and mask.size != L * stored) or library() is None):
+        raise ValueError(f"layer_step needs float32 contiguous x [B, L, dim] of at most {MAX_ROWS} rows (writable), "
+                         f"rings [B, kv heads, slots, head_dim], a scale of dim values or none, cos and sin "
+                         f"[L, head_dim / 2] and a mask of L x `stored` values")
     flags = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
-    work = scratch(library().layer_step_work(ctypes.byref(layer), B, stored))
-    done = library().layer_step(ctypes.byref(layer), x.ctypes.data, B, ffn_scale.ctypes.data, cos.ctypes.data,
-                                sin.ctypes.data, keys.ctypes.data, values.ctypes.data, keys.shape[2], slot, stored,
-                                None if flags is None else flags.ctypes.data, scale, work.ctypes.data, threads(),
-                                amx() | dot_bf16() << 1)
+    work = scratch(library().layer_step_work(ctypes.byref(layer), B * L, stored))
+    done = library().layer_step(ctypes.byref(layer), x.ctypes.data, B, L, scaled[0].ctypes.data if scaled else None,
+                                cos.ctypes.data, sin.ctypes.data, keys.ctypes.data, values.ctypes.data, keys.shape[2],
+                                capacity, slot, stored, None if flags is None else flags.ctypes.data, scale,
+                                work.ctypes.data, threads(), amx() | dot_bf16() << 1)
     if done == 0:
-        raise ValueError(f"layer_step does not take this layer's shapes, or slot {slot} / {stored} stored of "
-                         f"{keys.shape[2]}")
+        raise ValueError(f"layer_step does not take this layer's shapes, or {L} positions from slot {slot} of a ring "
+                         f"of {capacity} ({keys.shape[2]} allocated, {stored} stored)")
     if done < 0:
-        raise MemoryError(f"the quantized kernel could not allocate its buffers for {B} rows")
+        raise MemoryError(f"the quantized kernel could not allocate its buffers for {B * L} rows")

@@ -226,7 +226,11 @@ def _start(x: mx.array, caches: list[RingKVCache], layer: nn.Module):
 def encode(transformer: nn.Module, x: mx.array, caches: list[RingKVCache]) -> mx.array:
     """`encoder.EncoderTransformer` (`fits`): frames [B, L, dim] -> [B, L, dim]."""
     x, *chunk = _start(x, caches, transformer.layers[0].attention)
-    for block, cache in zip(transformer.layers, caches):
+    layers = _layer_steps(transformer, transformer.layers, x, chunk)
+    for i, (block, cache) in enumerate(zip(transformer.layers, caches)):
+        if layers:
+            _layer_step(layers[i], block.attention, x, cache, None, *chunk)
+            continue
         x = x + attention(block.attention, rms_norm(x, block.attention_norm), cache, *chunk)
         x = x + feed_forward(block.feed_forward, rms_norm(x, block.ffn_norm))
     return mx.array(rms_norm(x, transformer.norm))
@@ -240,7 +244,7 @@ def decode(net: nn.Module, audio: mx.array, tokens: mx.array, caches: list[RingK
     scales = [s if s.dtype == mx.float32 else s.astype(mx.float32) for s in scales]
     mx.eval(*scales)
     x, *chunk = _start(audio + tok(tokens), caches, net.layers[0].attention)
-    layers = _step_layers(net) if x.shape[1] == 1 and chunk[1] else None  # a step, its keys written in place
+    layers = _layer_steps(net, net.layers, x, chunk)
     for i, (block, cache, scale) in enumerate(zip(net.layers, caches, scales)):
         if layers:
             _layer_step(layers[i], block.attention, x, cache, np.asarray(scale), *chunk)
@@ -252,63 +256,82 @@ def decode(net: nn.Module, audio: mx.array, tokens: mx.array, caches: list[RingK
 
 
 class _StepLayers:
-    """`cpu_kernels.StepLayer`s of a decoder's layers (or None), the weights they were made of, and
-    the numpy views of its norms that they point to (kept alive with them)."""
+    """`cpu_kernels.StepLayer`s of a transformer's layers (or None), the weights they were made
+    of, and the numpy views of its norms and biases that they point to (kept alive with them)."""
 
     def __init__(self, key: tuple, layers: list[cpu_kernels.StepLayer] | None, views: list[np.ndarray]):
         self.key, self.layers, self.views = key, layers, views
 
 
-def _step_weight(layer: nn.Module) -> np.ndarray | cpu_kernels.QPacked | None:
-    """What `cpu_kernels.StepWeight.of` takes of a layer whose products of a step's rows go
-    through a row kernel (`q_packed_t`, or `rows_t` for bfloat16 weights of whole multiples
-    of 32), without a bias; else None."""
-    if "bias" in layer:
+_STEP_PRODUCTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def _step_weight(layer: nn.Module) -> tuple | None:
+    """What `cpu_kernels.StepWeight.of` takes of a layer whose products of up to MAX_ROWS rows go
+    through a row kernel (`q_packed_t`, or `rows_t` for bfloat16 weights of whole multiples of
+    32): (weight, parts, float32 bias or None); else None."""
+    bias = layer.get("bias")
+    if bias is not None and bias.dtype != mx.float32:
         return None
     if isinstance(getattr(layer, "_q", None), cpu_kernels.QPacked):
-        return layer._q
+        return layer._q, layer._parts or 4, bias  # 4 parts: q_packed_t's for up to MAX_ROWS rows
     w = getattr(layer, "_w", None)
-    return w if isinstance(w, np.ndarray) and cpu_kernels.shapes_fit(*w.shape) else None
+    if isinstance(w, np.ndarray) and cpu_kernels.shapes_fit(*w.shape):
+        return w, layer._parts, bias
+    return None
 
 
-def _step_layers(net: nn.Module) -> list[cpu_kernels.StepLayer] | None:
-    """The decoder's layers for `cpu_kernels.layer_step` (a step's layer in one call), where
-    every product of every layer goes through a row kernel and the norms are float32; else None.
-    Made once, and again should a layer or its weights change."""
+def _step_layers(owner: nn.Module, blocks: list[nn.Module]) -> list[cpu_kernels.StepLayer] | None:
+    """The layers `blocks` of `owner` (a decoder, an encoder's transformer) for
+    `cpu_kernels.layer_step` (a layer's positions in one call), where every product goes through
+    a row kernel and the norms and biases are float32; else None. Made once (kept on `owner`),
+    and again should a layer or its weights change."""
     def parts(block):  # (items of the modules' dicts: a step checks them all)
         a, f = block["attention"], block["feed_forward"]
-        products = (a["wq"], a["wk"], a["wv"], a["wo"], f["w1"], f["w2"], f["w3"])
-        return [*products, *(_step_weight(p) for p in products), block["attention_norm"]["weight"],
-                block["ffn_norm"]["weight"]]
+        products = [a["wq"], a["wk"], a["wv"], a["wo"], f["w1"], f["w2"], f["w3"]]
+        return [*products, *(p.get("bias") for p in products), *(_step_weight(p) is not None for p in products),
+                block["attention_norm"]["weight"], block["ffn_norm"]["weight"]]
 
-    key = tuple(part for block in net.layers for part in parts(block))
-    made = getattr(net, "_host_step_layers", None)
+    key = tuple(part for block in blocks for part in parts(block))
+    made = getattr(owner, "_host_step_layers", None)
     if made is not None and len(made.key) == len(key) and all(a is b for a, b in zip(made.key, key)):
         return made.layers
     layers, views = None, []
-    if cpu_kernels.library() is not None and all(part is not None for part in key) and all(
-            block.attention_norm.weight.dtype == mx.float32 == block.ffn_norm.weight.dtype for block in net.layers):
+    if cpu_kernels.library() is not None and all(
+            all(parts(block)[14:21]) and block.attention_norm.weight.dtype == mx.float32 == block.ffn_norm.weight.dtype
+            for block in blocks):
         layers = []
-        for block in net.layers:
-            a = block.attention
-            layer = parts(block)
-            products, weights, (attention_norm, ffn_norm) = layer[:7], layer[7:14], layer[14:]
-            views += [np.asarray(attention_norm), np.asarray(ffn_norm)]
-            layers.append(cpu_kernels.StepLayer.of(
-                {name: cpu_kernels.StepWeight.of(w, getattr(p, "_parts", 3))
-                 for name, p, w in zip(("wq", "wk", "wv", "wo", "w1", "w2", "w3"), products, weights)},
-                *views[-2:], block.attention_norm.eps, a.n_heads, a.n_kv_heads, a.head_dim))
-    object.__setattr__(net, "_host_step_layers", _StepLayers(key, layers, views))
+        for block in blocks:
+            a, products = block.attention, parts(block)[:7]
+            weights = {}
+            for name, product in zip(_STEP_PRODUCTS, products):
+                w, n, bias = _step_weight(product)
+                if bias is not None:
+                    views.append(np.asarray(bias))
+                weights[name] = cpu_kernels.StepWeight.of(w, n, None if bias is None else views[-1])
+            views += [np.asarray(block.attention_norm.weight), np.asarray(block.ffn_norm.weight)]
+            layers.append(cpu_kernels.StepLayer.of(weights, *views[-2:], block.attention_norm.eps, a.n_heads,
+                                                   a.n_kv_heads, a.head_dim))
+    object.__setattr__(owner, "_host_step_layers", _StepLayers(key, layers, views))
     return layers
 
 
+def _layer_steps(owner: nn.Module, blocks: list[nn.Module], x: np.ndarray, chunk: tuple) -> list | None:
+    """`_step_layers` where this chunk (x [B, L, dim], `_start`'s chunk) can take them: its keys
+    written in place and at most MAX_ROWS rows; else None."""
+    B, L, _ = x.shape
+    return _step_layers(owner, blocks) if chunk[1] and B * L <= cpu_kernels.MAX_ROWS else None
+
+
 def _layer_step(layer: cpu_kernels.StepLayer, attention: nn.Module, x: np.ndarray, cache: RingKVCache,
-                ffn_scale: np.ndarray, mask: np.ndarray | None, in_place: bool, cos: np.ndarray, sin: np.ndarray):
-    """A step's decoder layer (one position per stream, x [B, 1, dim]) in one call (`cpu_kernels.layer_step`), in place."""
-    B, _, dim = x.shape
-    cache._reserve(np.empty((B, attention.n_kv_heads, 1, attention.head_dim), np.float32), cache.offset + 1)
+                ffn_scale: np.ndarray | None, mask: np.ndarray | None, in_place: bool, cos: np.ndarray,
+                sin: np.ndarray):
+    """A layer's positions x [B, L, dim] in one call (`cpu_kernels.layer_step`), in place, their
+    keys written into the ring first."""
+    B, L, _ = x.shape
+    cache._reserve(np.empty((B, attention.n_kv_heads, 1, attention.head_dim), np.float32), cache.offset + L)
     keys, values = cache.host_arrays()
     slot = cache.offset % cache.capacity
-    cache.offset += 1
-    cpu_kernels.layer_step(layer, x.reshape(B, dim), ffn_scale, cos, sin, keys, values, slot, cache.stored, mask,
+    cache.offset += L
+    cpu_kernels.layer_step(layer, x, ffn_scale, cos, sin, keys, values, cache.capacity, slot, cache.stored, mask,
                            attention.scale)
