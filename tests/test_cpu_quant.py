@@ -46,13 +46,14 @@ def call(kernel: str, x: np.ndarray, w, bits: int, group: int, threads: int, par
     return out
 
 
-def through(kernel: str):
-    """`cpu_kernels.q_packed_t` through `kernel` ("q_amx" or "q_vnni"), whichever this CPU would take."""
+def through(kernel: str, parts: int = 3):
+    """`cpu_kernels.q_packed_t` through `kernel` ("q_amx" or "q_vnni"), whichever this CPU would
+    take, x in `parts` parts."""
 
     def product(x, q, s, b, bits, group):
         with pytest.MonkeyPatch.context() as m:
             m.setattr(cpu_kernels, "packed_kernel", lambda: "AMX" if kernel == "q_amx" else "VNNI")
-            return cpu_kernels.q_packed_t(x, cpu_kernels.q_pack(q, s, b, bits, group))
+            return cpu_kernels.q_packed_t(x, cpu_kernels.q_pack(q, s, b, bits, group), parts=parts)
 
     return product
 
@@ -66,9 +67,9 @@ PRODUCT = {"q_rows": lambda *a: cpu_kernels.q_rows_t(*a), "q_amx": through("q_am
 @pytest.mark.parametrize("kernel,M,N,K,group", [
     *(pytest.param("q_rows", *shape, marks=needs_kernel)
       for shape in ((1, 32, 32, 32), (3, 70, 96, 32), (4, 64, 256, 64), (5, 33, 384, 128), (33, 96, 3072, 64))),
-    # q_amx, q_vnni: up to 32 rows in tiles of up to 4 (x in four parts), more in tiles of up
-    # to 5 (three parts), the last padded; 16 weight rows at a time (the last part-empty); odd
-    # and even numbers of groups (q_amx: two sets of tiles alternate)
+    # q_amx, q_vnni: rows in tiles of up to 5 (x in three parts), or of up to 4 (four parts),
+    # the last padded; 16 weight rows at a time (the last part-empty); odd and even numbers of
+    # groups (q_amx: two sets of tiles alternate)
     *(pytest.param(kernel, *shape, marks=MARKS[kernel]) for kernel in ("q_amx", "q_vnni")
       for shape in ((1, 32, 64, 64), (3, 70, 192, 64), (7, 48, 512, 64), (17, 50, 128, 128), (33, 96, 3072, 64),
                     (40, 40, 1280, 128), (20, 24, 1280, 64), (32, 16, 640, 128), (46, 8, 192, 64)))])
@@ -76,11 +77,12 @@ def test_products_are_float32_sums_with_the_dequantized_weight(kernel, bits, M, 
     rng = np.random.default_rng(M * N + K + bits + group)
     w, exact = quantized(rng, N, K, bits, group)
     x = rng.normal(size=(M, K)).astype(np.float32)
-    got = PRODUCT[kernel](x, *w, bits, group)
-    assert got.shape == (M, N) and got.dtype == np.float32
     want = x.astype(np.float64) @ exact.T
     bound = 1e-6 * np.sqrt(K) * (np.abs(x) @ np.abs(exact).T)
-    assert np.all(np.abs(got - want) <= 8 * bound)
+    for product in [PRODUCT[kernel]] + ([through(kernel, 4)] if kernel != "q_rows" else []):
+        got = product(x, *w, bits, group)
+        assert got.shape == (M, N) and got.dtype == np.float32
+        assert np.all(np.abs(got - want) <= 8 * bound)
 
 
 @pytest.mark.parametrize("kernel,bits,group", [
@@ -95,30 +97,31 @@ def test_every_value_is_dequantized_in_place_as_mlx_does(kernel, bits, group):
     w, exact = quantized(rng, N, K, bits, group)
     got = PRODUCT[kernel](np.eye(K, dtype=np.float32), *w, bits, group)
     assert np.array_equal(got, exact.T.astype(np.float32))
-    for k in range(0, K, 32):  # q_amx, q_vnni: up to 32 rows in four parts
-        assert np.array_equal(PRODUCT[kernel](np.eye(K, dtype=np.float32)[k : k + 32], *w, bits, group),
-                              exact.T[k : k + 32].astype(np.float32))
+    for k in range(0, K, 32):  # and in tiles of four parts (q_amx, q_vnni)
+        for product in [PRODUCT[kernel]] + ([through(kernel, 4)] if kernel != "q_rows" else []):
+            assert np.array_equal(product(np.eye(K, dtype=np.float32)[k : k + 32], *w, bits, group),
+                                  exact.T[k : k + 32].astype(np.float32))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_gets_the_same_bits_whatever_rows_and_threads_surround_it(kernel, bits):
     # q_amx, q_vnni: the integer sums are exact and the rest is per row, wherever it sits in a
-    # tile, for either number of parts; q_packed_t splits x in four parts up to MAX_ROWS rows.
+    # tile, for either number of parts; q_packed_t splits x in three parts for any rows, q_rows_t
+    # takes up to MAX_ROWS.
     rng = np.random.default_rng(bits)
     K, N = 1024, 200
     w, _ = quantized(rng, N, K, bits, 64)
     x = rng.normal(size=(40, K)).astype(np.float32)
-    for parts in (4, 3) if kernel != "q_rows" else (4,):
+    for parts in (3, 4) if kernel != "q_rows" else (4,):
         alone = np.concatenate([call(kernel, x[i : i + 1], w, bits, 64, 1, parts) for i in range(40)])
         for m in (2, 3, 4, 5, 6, 9, 16, 17, 40):
             for threads in (1, 2, 3):
                 assert np.array_equal(call(kernel, x[:m], w, bits, 64, threads, parts), alone[:m]), (m, threads, parts)
-        if parts == 4:
+        if parts == (4 if kernel == "q_rows" else 3):  # the parts of PRODUCT
             assert np.array_equal(PRODUCT[kernel](x[5:12], *w, bits, 64)[3], alone[8])
-            assert np.array_equal(PRODUCT[kernel](x[:32], *w, bits, 64), alone[:32])
-    if kernel != "q_rows":
-        assert np.array_equal(PRODUCT[kernel](x, *w, bits, 64), alone)  # 40 rows: three parts
+            rows = 32 if kernel == "q_rows" else 40
+            assert np.array_equal(PRODUCT[kernel](x[:rows], *w, bits, 64), alone[:rows])
 
 
 @needs_kernel
@@ -156,7 +159,7 @@ def test_vnni_gives_the_bits_of_amx(bits, group):
     halves = [np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32)) for a in (s, b)]
     for scales in ((s, b), halves):
         packed = cpu_kernels.q_pack(q, *scales, bits, group).halved()
-        for rows in (1, 4, 5, 32, 33, 40):  # four parts and three
+        for rows in (1, 4, 5, 32, 33, 40):  # tiles of 1 to 4 rows in four parts, 1 to 5 in three
             x = rng.normal(size=(rows, 384)).astype(np.float32)
             assert np.array_equal(call("q_vnni", x, (q, *scales), bits, group, 2, 4 if rows <= 32 else 3),
                                   call("q_amx", x, (q, *scales), bits, group, 2, 4 if rows <= 32 else 3)), rows
@@ -164,12 +167,12 @@ def test_vnni_gives_the_bits_of_amx(bits, group):
 
 
 @needs_packed
-@pytest.mark.parametrize("rows,bits_kept", [(5, 28), (40, 21)])
+@pytest.mark.parametrize("rows,bits_kept", [(5, 28), (40, 21), (5, 21)])
 def test_packed_rows_of_any_scale_hold_21_or_28_bits_below_each_groups_largest_value(rows, bits_kept):
-    # Each group of a row is split below its own largest value, in four parts (28 bits) up to
-    # MAX_ROWS rows, else three (21): a value 2^15 times the others costs them 15 of those
-    # bits (the sums stay within 2^(1 - bits) of the largest times the weights); values of
-    # 1e-30 or 1e30 lose nothing; a row of zeros gives exact zeros.
+    # Each group of a row is split below its own largest value, in three parts (21 bits), or
+    # four (28) on request: a value 2^15 times the others costs them 15 of those bits (the sums
+    # stay within 2^(1 - bits) of the largest times the weights); values of 1e-30 or 1e30 lose
+    # nothing; a row of zeros gives exact zeros.
     rng = np.random.default_rng(3)
     K, N, group = 256, 48, 64
     w, exact = quantized(rng, N, K, 4, group)
@@ -179,7 +182,7 @@ def test_packed_rows_of_any_scale_hold_21_or_28_bits_below_each_groups_largest_v
     x[2] *= np.float32(1e30)
     x[3] = 0
     x[4, 64:192] = 0
-    got = cpu_kernels.q_packed_t(x, cpu_kernels.q_pack(*w, 4, group))
+    got = cpu_kernels.q_packed_t(x, cpu_kernels.q_pack(*w, 4, group), parts=bits_kept // 7)
     want = x.astype(np.float64) @ exact.T
     largest = np.abs(x).astype(np.float64).reshape(rows, K // group, group).max(axis=2)  # [rows, groups]
     by_group = np.abs(exact).reshape(N, K // group, group).sum(axis=2)                # [N, groups]
@@ -187,9 +190,8 @@ def test_packed_rows_of_any_scale_hold_21_or_28_bits_below_each_groups_largest_v
     assert np.all(np.abs(got - want) <= rounding + 2.0 ** (1 - bits_kept) * largest @ by_group.T)
     assert np.all(np.abs(got - want)[1:] <= rounding[1:])
     assert np.all(got[3] == 0)
-    if rows == 5:  # the value 3e4 sits 15 bits above the others: 13 of their 28 kept, not 6 of 21
-        forty = np.concatenate([x, np.zeros((35, K), np.float32)])
-        three = cpu_kernels.q_packed_t(forty, cpu_kernels.q_pack(*w, 4, group))
+    if bits_kept == 28:  # the value 3e4 sits 15 bits above the others: 13 of their 28 kept, not 6 of 21
+        three = cpu_kernels.q_packed_t(x, cpu_kernels.q_pack(*w, 4, group))
         assert np.abs(got[0] - want[0]).max() < np.abs(three[0] - want[0]).max() / 16
 
 
@@ -209,7 +211,7 @@ def test_q_pack_and_q_packed_t_refuse_what_they_cannot_multiply():
     assert cpu_kernels.q_packed_t(x[:0], packed).shape == (0, 16)
     with pytest.raises(ValueError, match=r"^q_packed_t: rows of 64 values by a weight of 128 columns, 4 bits in"):
         cpu_kernels.q_packed_t(x[:, :64], packed)
-    with pytest.raises(ValueError, match=r"of 128 columns, 6 bits in groups of 64, x in 4 parts \(it takes 4 or 8 bits"):
+    with pytest.raises(ValueError, match=r"of 128 columns, 6 bits in groups of 64, x in 3 parts \(it takes 4 or 8 bits"):
         cpu_kernels.q_packed_t(x, packed._replace(bits=6, weight=np.zeros((1, 1536), np.uint8)))
     product = getattr(cpu_kernels.library(), "q_amx" if cpu_kernels.packed_kernel() == "AMX" else "q_vnni")
     assert product(x.ctypes.data, packed.weight.ctypes.data, packed.scales.ctypes.data, packed.biases.ctypes.data,
@@ -230,9 +232,10 @@ def test_bfloat16_scales_are_stored_as_their_bits_with_the_same_products(bits, g
     halved = packed.halved()
     assert halved.scales.dtype == halved.biases.dtype == np.uint16 and halved.scales.shape == packed.scales.shape
     assert halved.halved() is halved and np.array_equal(halved.rows(np.arange(70)), packed.rows(np.arange(70)))
-    for rows in (1, 4, 33):  # four parts and three
+    for rows, parts in ((1, 4), (4, 3), (33, 3)):
         x = rng.normal(size=(rows, 384)).astype(np.float32)
-        assert np.array_equal(cpu_kernels.q_packed_t(x, halved), cpu_kernels.q_packed_t(x, packed)), rows
+        assert np.array_equal(cpu_kernels.q_packed_t(x, halved, parts=parts),
+                              cpu_kernels.q_packed_t(x, packed, parts=parts)), rows
     # Scales that bfloat16 does not hold stay float32.
     full = cpu_kernels.q_pack(q, s, b, bits, group)
     assert full.halved() is full and full.scales.dtype == np.float32
@@ -425,21 +428,19 @@ def test_a_layers_products_written_into_a_given_array_are_those_returned(group, 
 
 @needs_packed
 @pytest.mark.parametrize("bits", [4, 8])
-def test_the_encoders_products_split_x_in_three_parts_for_any_rows(quantized_dirs, bits):
-    # A streaming chunk's 4 rows get the bits of the same rows in an offline pass's chunk.
+def test_packed_layers_split_x_in_three_parts_for_any_rows(quantized_dirs, bits):
+    # A step's row, a streaming chunk's 4 rows or a speculative pass's 8 get the bits of the
+    # same rows in a prompt or an offline chunk.
     net = voxtral_mlx.load(quantized_dirs[bits, 64]).net
-    encoder = [m for _, m in net.encoder.transformer.named_modules() if isinstance(m, cpu_quant.Linear)]
-    decoder = [m for block in net.layers for _, m in block.named_modules() if isinstance(m, cpu_quant.Linear)]
-    assert encoder and decoder and all(m._packed for m in encoder + decoder)
-    assert {m._parts for m in encoder} == {3} and {m._parts for m in decoder} == {None}
-    layer = net.encoder.transformer.layers[0].feed_forward.w1
-    assert layer.host_rows_exact(100) and not decoder[0].host_rows_exact(33) and decoder[0].host_rows_exact(32)
-    x = np.random.default_rng(bits).normal(size=(40, layer._q.k)).astype(np.float32)
-    many = layer.host(x)
-    four = layer.host(x[:4])
-    assert np.array_equal(four, many[:4]) and np.array_equal(four, cpu_kernels.q_packed_t(x[:4], layer._q, parts=3))
-    assert not np.array_equal(four, cpu_kernels.q_packed_t(x[:4], layer._q))  # four parts, 28 bits: other bits
-    exact = x[:4].astype(np.float64) @ layer._q.rows(np.arange(layer._q.n)).astype(np.float64).T
-    assert np.abs(four - exact).max() <= 1e-5 * np.abs(exact).max()
+    layers = [m for _, m in net.named_modules() if isinstance(m, (cpu_quant.Linear, cpu_quant.Embedding))]
+    assert layers and all(m._packed and m.host_rows_exact(1000) for m in layers)
+    for layer in (net.encoder.transformer.layers[0].feed_forward.w1, net.layers[0].attention.wq):
+        x = np.random.default_rng(bits).normal(size=(40, layer._q.k)).astype(np.float32)
+        many = layer.host(x)
+        four = layer.host(x[:4])
+        assert np.array_equal(four, many[:4]) and np.array_equal(four, cpu_kernels.q_packed_t(x[:4], layer._q, parts=3))
+        assert not np.array_equal(four, cpu_kernels.q_packed_t(x[:4], layer._q, parts=4))  # 28 bits: other bits
+        exact = x[:4].astype(np.float64) @ layer._q.rows(np.arange(layer._q.n)).astype(np.float64).T
+        assert np.abs(four - exact).max() <= 1e-5 * np.abs(exact).max()
     with pytest.raises(ValueError, match=r"x in 5 parts \(it takes 4 or 8 bits in groups of 64 or 128, x in 3 or 4"):
         cpu_kernels.q_packed_t(x[:4], layer._q, parts=5)

@@ -215,8 +215,10 @@ def test_transcribe_speculates_by_default_where_passes_run_on_the_row_kernels(pa
     line = "speculative pad decoding: up to 8 positions per decoder pass"
     assert line in runs[0].stderr and "speculative" not in runs[1].stderr
     # Off where a pass's products may sum otherwise than a step's: more rows than the row
-    # kernels take, MLX's graphs, a head that MKL multiplies (this model's 1314 rows).
+    # kernels take (q_rows_t's, groups of 32; q_packed_t gives a row its bits for any rows),
+    # MLX's graphs, a head that MKL multiplies (this model's 1314 rows).
     monkeypatch.setattr(cpu_kernels, "MAX_ROWS", 4)
-    assert model.default_speculate == 0
+    assert model.default_speculate == (8 if cpu_kernels.packed_kernel() else 0)
+    assert voxtral_mlx.load(convert(pads_dir, tmp_path / "q4-32", q_bits=4, q_group_size=32).path).default_speculate == 0
     monkeypatch.undo()
     assert load_mlx(pads_dir).default_speculate == 0 == load_model(pads_dir).default_speculate

@@ -20,18 +20,17 @@
   weights (`blocks_gemm`).
 - `q_packed_t` (AMX, else AVX-512 VNNI): the same products (groups of 64 or 128) for any
   number of rows, over weights stored once for it (`q_pack`: the same bytes in the order AMX
-  reads them), as exact 8-bit integer products: x split into 8-bit parts per group (four up
-  to MAX_ROWS rows, 28 bits below the group's largest value; three beyond, 21 bits), q times
-  each summed exactly in int32, then scaled in float32 (scales and biases float32, or
-  bfloat16 bits: `QPacked.halved`). AMX: up to five rows share each instruction; one row 1.3x
-  `q_rows_t`'s speed at 4 bits (1.1x at 8), four rows 2.4-2.6x; the prompt about twice MKL's
-  float32 GEMM of the dequantized weights. VNNI (`q_vnni`: Zen 4, Ice Lake and Cascade Lake
-  Xeons): the same numbers, 64 products an instruction; on a Zen 4, one row at 4 bits 1.4-1.8x
-  `q_rows_t`'s speed (the memory's), four rows 1.2-1.5x, many rows 1.2-1.3x `f32_rows` over
-  dequantized blocks.
+  reads them), as exact 8-bit integer products: x split into three 8-bit parts per group (21
+  bits below the group's largest value: its error is below that of float32's sums; four, 28
+  bits, on request), q times each summed exactly in int32, then scaled in float32 (scales and
+  biases float32, or bfloat16 bits: `QPacked.halved`). AMX: up to five rows share each
+  instruction; one row 1.3x `q_rows_t`'s speed at 4 bits (1.1x at 8), four rows 2.4-2.6x; the
+  prompt about twice MKL's float32 GEMM of the dequantized weights. VNNI (`q_vnni`: Zen 4, Ice
+  Lake and Cascade Lake Xeons): the same numbers, 64 products an instruction; on a Zen 4, one
+  row at 4 bits 1.6-2x `q_rows_t`'s speed (the memory's), four rows 1.5-1.9x, many rows
+  1.2-1.3x `f32_rows` over dequantized blocks.
 
-All give every row the same bits whatever rows, and however many threads, are around it
-(`q_packed_t`: on either side of MAX_ROWS).
+All give every row the same bits whatever rows, and however many threads, are around it.
 The source is compiled on first use with the system C compiler (`CC`, else cc, gcc or clang)
 into the user cache (`$XDG_CACHE_HOME/voxtral-mlx`, else ~/.cache/voxtral-mlx), one library
 per source and compiler. The library needs AVX-512 (Skylake-SP and later Xeons, Zen 4 and
@@ -61,9 +60,9 @@ from .kernels import kernel_source
 
 ENV = "VOXTRAL_MLX_CPU_KERNELS"
 SOURCE = "cpu_rows.c"
-# Rows the row kernels take (and q_amx in four parts); more (prompts, encoder chunks) go to
-# MKL or q_amx in three, which `host` gives a stream at a time, and a batch holds at most
-# this many files.
+# Rows the row kernels take; more (prompts, encoder chunks) go to other kernels or MKL, which
+# `host` gives a stream at a time unless a row's bits do not depend on them (`q_packed_t`), and
+# a batch holds at most this many files.
 MAX_ROWS = 32
 CPU_FLAGS = ("avx512f",)  # the library, and the quantized kernel
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512bw")  # bf16_rows and q_amx
@@ -497,20 +496,22 @@ def q_pack(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gro
     return packed
 
 
-def q_packed_t(x: np.ndarray, w: QPacked, out: np.ndarray | None = None, parts: int | None = None) -> np.ndarray:
+def q_packed_t(x: np.ndarray, w: QPacked, out: np.ndarray | None = None, parts: int = 3) -> np.ndarray:
     """`x @ dequantize(w).T` in float32 through AMX or VNNI (`packed_kernel`: the same numbers)
     for x [M, K] float32, any M: x in 8-bit parts per group times the weights' integers,
-    exactly, then scaled in float32. By default up to MAX_ROWS rows (decoder steps, batches,
-    speculative passes) in four parts, 28 bits below each group's largest value (float32 holds
-    24 below each value); more (the prompt) in three, 21 bits, a quarter less work; `parts` (3
-    or 4) for any rows. Into `out` [M, N] where given (see `result`)."""
+    exactly, then scaled in float32. Three parts keep 21 bits below each group's largest
+    value: a product's error from them, at most 2^-21 of that value times the weights' sum, is
+    below float32's own in summing K products (about sqrt(K) 2^-24 of their size). `parts` 4
+    keeps 28 bits (more than float32's 24 below each value) for a third more work, which on
+    VNNI bounds products of a few rows by the cores, not the memory (a 4-bit step of one row
+    took 61 ms against 52 in three parts on a Zen 4, a pass of 8 positions 351 against 284).
+    Into `out` [M, N] where given (see `result`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     (m, k), n = x.shape, w.n
     kernel = packed_kernel()
     if kernel is None:
         raise ValueError(f"the packed quantized kernel is not available: {packed_reason}")
     out = result(out, m, n)
-    parts = parts or (4 if m <= MAX_ROWS else 3)
     product = library().q_amx if kernel == "AMX" else library().q_vnni
     used = 0 if k != w.k else product(x.ctypes.data, w.weight.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data,
                                       out.ctypes.data, m, n, k, w.bits, w.group_size, parts, threads_for(m * n * k),

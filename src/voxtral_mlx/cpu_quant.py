@@ -17,10 +17,9 @@ they were a fifth of a step's bytes as float32. Elsewhere (other CPUs with AVX-5
 32) the packed weights stay as MLX stores them: products of up to 32 rows go through
 `q_rows_t` (the weights widened to float32 in registers), more through blocks of the weights
 dequantized and multiplied in float32 (`f32_rows`, or MKL's GEMM for other shapes). Each
-kernel gives a row the same bits whatever rows are around it, and the 32-row boundary (where
-`q_packed_t` splits x in three parts rather than four) lies above any decoder step's rows, so
-batches and speculative passes keep single-stream tokens; the audio encoder's layers split x
-in three parts for any number of rows (`adopt`).
+kernel gives a row the same bits whatever rows are around it (`q_packed_t` for any number of
+rows; the others up to 32, which lies above any decoder step's rows), so batches and
+speculative passes keep single-stream tokens.
 Layers of other bit widths (6) keep MLX's product.
 """
 
@@ -52,7 +51,6 @@ def _take(new: nn.Module, layer: nn.Module) -> None:
     them), and numpy views of them."""
     nn.Module.__init__(new)
     new.group_size, new.bits, new.mode = layer.group_size, layer.bits, getattr(layer, "mode", "affine")
-    new._parts = None  # x's parts in `q_packed_t` (by default, by the number of rows; see `adopt`)
     new.weight = layer.weight
     new.scales, new.biases = layer.scales.astype(mx.float32), layer.biases.astype(mx.float32)
     mx.eval(new.weight, new.scales, new.biases)
@@ -83,7 +81,7 @@ def product(new: nn.Module, a: np.ndarray, out: np.ndarray | None = None) -> np.
     """`a @ dequantize(W).T` [M, N] float32 for float32 rows `a` [M, K] (C-contiguous), into
     `out` where given (`cpu_kernels.result`)."""
     if new._packed:
-        return cpu_kernels.q_packed_t(a, new._q, out, new._parts)
+        return cpu_kernels.q_packed_t(a, new._q, out)
     w, s, b = new._q
     kernel = cpu_kernels.shapes_fit(w.shape[0], a.shape[1])
     if a.shape[0] <= cpu_kernels.MAX_ROWS or not (kernel or mkl_bf16.available()):
@@ -99,17 +97,16 @@ def features(new: nn.Module) -> int:
 
 
 def rows_exact(new: nn.Module, rows: int) -> bool:
-    """Whether a product of up to `rows` rows gives each row the bits it gets alone: up to
-    MAX_ROWS, `q_packed_t` (in four parts) and `q_rows_t` do; beyond, products take another path
-    (`q_packed_t` in three parts, `f32_rows` over dequantized blocks, or MKL's GEMM), with other
-    bits, unless the layer's parts are set (`q_packed_t` in three for any rows)."""
-    return rows <= cpu_kernels.MAX_ROWS or (new._packed and new._parts is not None)
+    """Whether a product of up to `rows` rows gives each row the bits it gets alone:
+    `q_packed_t` does for any rows, `q_rows_t` up to MAX_ROWS; beyond, products take another
+    path (`f32_rows` over dequantized blocks, or MKL's GEMM), with other bits."""
+    return new._packed or rows <= cpu_kernels.MAX_ROWS
 
 
 def stacks(new: nn.Module) -> bool:
     """Whether rows of several streams, more than `cpu_kernels.MAX_ROWS` each, may be multiplied
     as one product: `q_packed_t` gives each row the same bits whatever rows are multiplied with
-    it (for rows beyond MAX_ROWS, in three parts). Without AMX or VNNI such rows go through
+    it. Without AMX or VNNI such rows go through
     `f32_rows` (exact too) or, for other shapes, MKL's GEMM (which may not be): kept a stream at
     a time."""
     return new._packed
@@ -197,13 +194,5 @@ def adopt(net: nn.Module) -> nn.Module:
         return Linear(m) if isinstance(m, nn.QuantizedLinear) else Embedding(m)
 
     replace_layers(net, replace)
-    # The audio encoder's products take x in three parts (21 bits below each group's largest
-    # value) for any number of rows: a streaming chunk's 4 rows per stream cost a quarter less
-    # than in four (on a Zen 4, its products 57 -> 43 ms of the 80 ms chunk at 4 bits), and get
-    # the bits an offline pass gives the same rows.
-    transformer = getattr(getattr(net, "encoder", None), "transformer", None)
-    for _, m in [] if transformer is None else transformer.named_modules():
-        if isinstance(m, Linear) and m._packed:
-            m._parts = 3
     _quiet_blas_threads()
     return net

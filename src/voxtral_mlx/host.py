@@ -171,7 +171,7 @@ def linear(layer: nn.Module, x: np.ndarray) -> np.ndarray:
     `cpu_kernels.MAX_ROWS`) or where the layer's product gives each row the same bits whatever
     rows are around it (`host_stacks`), else each stream's rows apart, as in the stream's own
     run: the products of many rows may sum in an order that depends on how many there are
-    (MKL), or split x in fewer parts (`q_packed_t`)."""
+    (MKL)."""
     B, L, K = x.shape
     rows = cpu_kernels.MAX_ROWS
     if B == 1 or B * L <= rows or (L > rows and getattr(layer, "host_stacks", False)):
@@ -274,7 +274,7 @@ def _step_weight(layer: nn.Module) -> tuple | None:
     if bias is not None and bias.dtype != mx.float32:
         return None
     if isinstance(getattr(layer, "_q", None), cpu_kernels.QPacked):
-        return layer._q, layer._parts or 4, bias  # 4 parts: q_packed_t's for up to MAX_ROWS rows
+        return layer._q, 3, bias  # q_packed_t's parts
     w = getattr(layer, "_w", None)
     if isinstance(w, np.ndarray) and cpu_kernels.shapes_fit(*w.shape):
         return w, layer._parts, bias
