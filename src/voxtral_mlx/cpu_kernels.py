@@ -27,7 +27,7 @@
   instruction; one row 1.3x `q_rows_t`'s speed at 4 bits (1.1x at 8), four rows 2.4-2.6x; the
   prompt about twice MKL's float32 GEMM of the dequantized weights. VNNI (`q_vnni`: Zen 4, Ice
   Lake and Cascade Lake Xeons): the same numbers, 64 products an instruction; on a Zen 4, one
-  row at 4 bits 1.6-2x `q_rows_t`'s speed (the memory's), four rows 1.5-1.9x, many rows
+  row at 4 bits 1.4-1.8x `q_rows_t`'s speed (the memory's), four rows 1.7x, many rows
   1.2-1.3x `f32_rows` over dequantized blocks.
 
 All give every row the same bits whatever rows, and however many threads, are around it.
@@ -503,8 +503,9 @@ def q_packed_t(x: np.ndarray, w: QPacked, out: np.ndarray | None = None, parts: 
     value: a product's error from them, at most 2^-21 of that value times the weights' sum, is
     below float32's own in summing K products (about sqrt(K) 2^-24 of their size). `parts` 4
     keeps 28 bits (more than float32's 24 below each value) for a third more work, which on
-    VNNI bounds products of a few rows by the cores, not the memory (a 4-bit step of one row
-    took 61 ms against 52 in three parts on a Zen 4, a pass of 8 positions 351 against 284).
+    VNNI bounds products of a few rows by the cores, not the memory (on a Zen 4, a 4-bit
+    decoder step of four rows took 170 ms against 131 in three parts, a pass of 8 positions
+    316 against 241; one row, which the memory bounds, 63 and 62).
     Into `out` [M, N] where given (see `result`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     (m, k), n = x.shape, w.n

@@ -121,7 +121,8 @@ class Voxtral:
         on the CPU's row kernels, which give each position the bits of its own step at about
         a step's cost (the 4B model's products on x86-64 with AMX, or quantized with AVX-512:
         speech 1.47x and silence 2.1x faster there; over bfloat16 weights on a Zen 4 without
-        AMX, 1.54x and 2.3-2.4x, at 4 bits there (AVX-512 VNNI) 1.11x and 1.38x); else 0, off."""
+        AMX, 1.54x and 2.3-2.4x, at 8 and 4 bits there (AVX-512 VNNI) 1.41x and 1.94x, 1.18x and
+        1.47x); else 0, off."""
         return SPECULATE if host.rows_exact(self.net, SPECULATE) else 0
 
     def stream(self, delay_ms: int | None = None, interval_ms: float | None = None,
