@@ -5,11 +5,15 @@ did around them cost as much as the products of a few rows: some 15 small graphs
 (10-80 us per op on vectors of 3072 values) and a host round trip per product. That was 35-40
 ms of a 4-bit decoder step of the 4B model on two cores (160 ms), and 90 ms of the encoder's
 pass over an 80 ms streaming chunk (210 ms). Here the decoder (steps, prompts, speculative
-passes) and the encoder's transformer run on numpy arrays: norms and the residual stream in
-float32 numpy, SwiGLU and RoPE through `cpu_kernels`, the products through the layers'
-`host`, the attention through `cpu_kernels.attend` over the ring, written first (a step, or a
-chunk that the ring's spare slots hold), else over the ring and the chunk (in numpy where the
-kernel does not take the heads, large ones with their key heads shared among threads). Every
+passes) and the encoder's transformer run on numpy arrays: the residual stream in float32
+numpy, norms, SwiGLU and RoPE through `cpu_kernels`, the products through the layers' `host`,
+the attention through `cpu_kernels.attend` over the ring, written first (a step, or a chunk
+that the ring's spare slots hold), else over the ring and the chunk (in numpy where the kernel
+does not take the heads, large ones with their key heads shared among threads). Where a
+chunk is written first and has at most MAX_ROWS rows (steps, speculative passes, streaming
+encoder chunks) and every product is a row kernel, each layer is one call
+(`cpu_kernels.layer_step`): the same kernels in the same order, the same bits, without the
+30 us per operation that numpy and ctypes took between them (a 4-bit step 5 ms faster). Every
 operation works row by row, and products of more rows than the row kernels take run stream by
 stream (unless the kernel gives each row the same bits whatever rows surround it), so a
 stream's numbers do not depend on the streams beside it.
