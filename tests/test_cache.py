@@ -63,3 +63,17 @@ def test_a_ring_expecting_its_positions_is_allocated_once():
         # At most its capacity (60 + 4); past what was expected it grows `step` slots at a time.
         assert grown == sizes, (expected, writes)
         grown.clear()
+
+
+def test_host_slots_give_the_ring_to_write_in_place_and_count_the_positions():
+    ring = RingKVCache(window=6, step=4, spare=2)  # 8 slots, allocated 4 at a time
+    slots = []
+    for n in (3, 2, 1, 3, 2):
+        keys, values, slot = ring.host_slots(2, 3, 16, n)
+        assert keys.shape == values.shape and keys.shape[:2] == (2, 3) and keys.shape[3] == 16
+        assert keys.dtype == np.float32 and keys.flags.c_contiguous and keys.flags.writeable
+        assert all((slot + i) % ring.capacity < keys.shape[2] for i in range(n))  # room for all of them
+        keys[:, :, [(slot + i) % ring.capacity for i in range(n)]] = 1.0
+        slots.append(slot)
+    assert slots == [0, 3, 5, 6, 1] and ring.offset == 11 and ring.stored == 8
+    assert np.array_equal(np.array(ring.keys), keys) and np.all(keys == 1)  # written in the ring's own memory

@@ -153,6 +153,16 @@ class RingKVCache:
         self.offset += n
         return keys, values
 
+    def host_slots(self, batch: int, heads: int, head_dim: int, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Room for n positions of float32 keys [batch, heads, n, head_dim] that the caller
+        writes itself into slots (slot + i) % capacity of the returned numpy views of the ring
+        (`host_arrays`): (keys, values, slot). The positions count as written."""
+        self._reserve(np.empty((batch, heads, 1, head_dim), np.float32), self.offset + n)
+        keys, values = self.host_arrays()
+        slot = self.offset % self.capacity
+        self.offset += n
+        return keys, values, slot
+
     def rollback(self, n: int):
         """Take back the last n positions written (at most `spare`)."""
         if not 0 <= n <= min(self.spare, self.offset):

@@ -293,8 +293,8 @@ def _step_layers(owner: nn.Module, blocks: list[nn.Module]) -> list[cpu_kernels.
     def parts(block):  # (items of the modules' dicts: a step checks them all)
         a, f = block["attention"], block["feed_forward"]
         products = [a["wq"], a["wk"], a["wv"], a["wo"], f["w1"], f["w2"], f["w3"]]
-        return [*products, *(p.get("bias") for p in products), *(_step_weight(p) is not None for p in products),
-                block["attention_norm"]["weight"], block["ffn_norm"]["weight"]]
+        return [*products, *(p.get("bias") for p in products), block["attention_norm"]["weight"],
+                block["ffn_norm"]["weight"]]
 
     key = tuple(part for block in blocks for part in parts(block))
     made = getattr(owner, "_host_step_layers", None)
@@ -302,8 +302,8 @@ def _step_layers(owner: nn.Module, blocks: list[nn.Module]) -> list[cpu_kernels.
         return made.layers
     layers, views = None, []
     if cpu_kernels.library() is not None and all(
-            all(parts(block)[14:21]) and block.attention_norm.weight.dtype == mx.float32 == block.ffn_norm.weight.dtype
-            for block in blocks):
+            all(_step_weight(p) is not None for p in parts(block)[:7])
+            and block.attention_norm.weight.dtype == mx.float32 == block.ffn_norm.weight.dtype for block in blocks):
         layers = []
         for block in blocks:
             a, products = block.attention, parts(block)[:7]
@@ -332,10 +332,6 @@ def _layer_step(layer: cpu_kernels.StepLayer, attention: nn.Module, x: np.ndarra
                 sin: np.ndarray):
     """A layer's positions x [B, L, dim] in one call (`cpu_kernels.layer_step`), in place, their
     keys written into the ring first."""
-    B, L, _ = x.shape
-    cache._reserve(np.empty((B, attention.n_kv_heads, 1, attention.head_dim), np.float32), cache.offset + L)
-    keys, values = cache.host_arrays()
-    slot = cache.offset % cache.capacity
-    cache.offset += L
+    keys, values, slot = cache.host_slots(x.shape[0], attention.n_kv_heads, attention.head_dim, x.shape[1])
     cpu_kernels.layer_step(layer, x, ffn_scale, cos, sin, keys, values, cache.capacity, slot, cache.stored, mask,
                            attention.scale)
