@@ -1525,9 +1525,9 @@ int rms_norm(const float *x, const float *w, const float *s, float *out, long ro
 }
 
 // A decoder step, a speculative pass or a streaming encoder chunk through one layer in one
-// call: a 4-bit step of the 4B model had about 6 ms (a tenth of it) of Python, numpy and
+// call: a 4-bit step of the 4B model had about 5 ms (a thirteenth of it) of Python, numpy and
 // ctypes between its 182 products, about 30 us per operation on vectors of 3072 values; a
-// streaming chunk of the encoder, 10-13 ms of 80. The same kernels in the same order, so the
+// streaming chunk of the encoder, about 9 ms of 75. The same kernels in the same order, so the
 // numbers are those of host.py's (rms_norm, the products, rope_heads, attend, silu_mul).
 
 // A weight as its row kernel takes it: bits 4 or 8, stored by q_pack (q_packed, x in `parts`
