@@ -18,6 +18,9 @@
 // q_dequantize:        the float32 s * q + b themselves, for products of many rows
 // attend (AVX-512F):   softmax(q k^T scale) v for one position, per key head (at the end);
 //                      attend_many for many (a prompt, an encoder chunk)
+// rms_norm, layer_step: RMSNorm of rows; a transformer layer's positions (a decoder step, a
+//                      speculative pass, a streaming encoder chunk) through the kernels above
+//                      and SwiGLU and RoPE's in one call (at the end)
 //
 // For the decoder: one row per stream when files decode as a batch, or the positions of a
 // speculative pass. MKL's bfloat16 GEMM halves its speed from two rows on, so four streams
