@@ -194,8 +194,8 @@ def test_cli_option(pads_dir):
 
 @pytest.mark.skipif(cpu_kernels.library() is None, reason=f"the CPU kernels are not available: {cpu_kernels.reason}")
 def test_transcribe_speculates_by_default_where_passes_run_on_the_row_kernels(pads_dir, tmp_path, monkeypatch):
-    # A 4-bit model's products are row kernels (AMX, or q_rows_t) for up to 32 rows: a pass of
-    # 8 positions gives each the bits of its own step.
+    # A 4-bit model's products are row kernels (q_packed_t for any rows, or q_rows_t for up to
+    # 32): a pass of 8 positions gives each the bits of its own step.
     path = convert(pads_dir, tmp_path / "q4", q_bits=4).path
     model = voxtral_mlx.load(path)
     assert model.default_speculate == 8
