@@ -215,9 +215,9 @@ def test_the_left_pads_state_gives_a_session_its_tokens(models, name, monkeypatc
 @pytest.mark.parametrize("name", ADOPTED)
 @pytest.mark.parametrize("rows", [10, 20, 40])
 def test_a_batchs_products_are_each_streams_own(models, name, rows, monkeypatch):
-    # 3 x 10 rows: one product (the row kernels take 32); 3 x 20: each stream's apart, written
-    # into one array; 3 x 40: one product where the layer gives a row the same bits whatever
-    # rows surround it (q_packed_t), else apart (MKL's GEMM).
+    # 3 x 10 rows: one product (the row kernels take 32); 3 x 20 and 3 x 40: one product where
+    # the layer gives a row the same bits whatever rows surround it (q_packed_t), else each
+    # stream's apart, written into one array (the row kernel, MKL's GEMM).
     if rows == 10 and name == "bfloat16" and cpu_kernels.row_kernel() is None:
         pytest.skip("without a row kernel, MKL multiplies 30 rows")
     layer = models[name].net.encoder.transformer.layers[0].attention.wq
@@ -229,7 +229,7 @@ def test_a_batchs_products_are_each_streams_own(models, name, rows, monkeypatch)
     got = host.linear(layer, x)
     assert got.shape == (3, rows, layer.host_features) and got.dtype == np.float32
     assert all(np.array_equal(got[b], alone[b]) for b in range(3))
-    stacked = rows == 10 or (rows == 40 and name in ("q4-64", "q8-64") and cpu_kernels.packed_kernel() is not None)
+    stacked = rows == 10 or (name in ("q4-64", "q8-64") and cpu_kernels.packed_kernel() is not None)
     assert calls == ([3 * rows] if stacked else [rows] * 3)
 
 

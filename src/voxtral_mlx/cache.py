@@ -141,16 +141,14 @@ class RingKVCache:
         """`update_and_fetch`'s write, through numpy views of the ring, in place: float32 `k, v`
         [B, H, n, D]; returns the views (`host_arrays`). Everything MLX computes from the ring
         must have been evaluated."""
-        n = k.shape[2]
-        self._reserve(k, self.offset + n)
-        keys, values = self.host_arrays()
+        B, H, n, D = k.shape
+        keys, values, slot = self.host_slots(B, H, D, n)
         keep = min(n, self.capacity)
-        start = (self.offset + n - keep) % self.capacity
+        start = (slot + n - keep) % self.capacity
         head = min(keep, self.capacity - start)
         for ring, new in ((keys, k), (values, v)):
             ring[:, :, start : start + head] = new[:, :, n - keep : n - keep + head]
             ring[:, :, : keep - head] = new[:, :, n - keep + head :]
-        self.offset += n
         return keys, values
 
     def host_slots(self, batch: int, heads: int, head_dim: int, n: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -10,7 +10,7 @@ AVX-512 VNNI and groups of 64 or 128, each layer is stored once, in its own memo
 product goes through it, exact 8-bit integer products of the weights and x in parts. AMX:
 1.3x `q_rows_t`'s speed for a 4-bit decoder step, 2.4-2.6x for a batch of four files, twice
 MKL's on the prompt; VNNI (on a Zen 4): 1.4-1.8x for one row at 4 bits (the memory's
-speed), 1.2-1.5x for four rows, 1.2-1.3x the float32 products of dequantized blocks for many.
+speed), 1.7x for four rows, 1.2-1.3x the float32 products of dequantized blocks for many.
 Scales and biases that are bfloat16 values (a bfloat16 checkpoint's, the default of
 `convert`) are kept as their bfloat16 bits, the same numbers in half the bytes: at 4 bits
 they were a fifth of a step's bytes as float32. Elsewhere (other CPUs with AVX-512, groups of
@@ -104,11 +104,10 @@ def rows_exact(new: nn.Module, rows: int) -> bool:
 
 
 def stacks(new: nn.Module) -> bool:
-    """Whether rows of several streams, more than `cpu_kernels.MAX_ROWS` each, may be multiplied
-    as one product: `q_packed_t` gives each row the same bits whatever rows are multiplied with
-    it. Without AMX or VNNI such rows go through
-    `f32_rows` (exact too) or, for other shapes, MKL's GEMM (which may not be): kept a stream at
-    a time."""
+    """Whether rows of several streams, more than `cpu_kernels.MAX_ROWS` in all, may be
+    multiplied as one product: `q_packed_t` gives each row the same bits whatever rows are
+    multiplied with it. Without AMX or VNNI such rows go through `f32_rows` (exact too) or, for
+    other shapes, MKL's GEMM (which may not be): kept a stream at a time."""
     return new._packed
 
 

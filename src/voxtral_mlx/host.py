@@ -174,11 +174,10 @@ def linear(layer: nn.Module, x: np.ndarray) -> np.ndarray:
     """`layer` on float32 x [B, L, K]: every row at once where the row kernels take them (up to
     `cpu_kernels.MAX_ROWS`) or where the layer's product gives each row the same bits whatever
     rows are around it (`host_stacks`), else each stream's rows apart, as in the stream's own
-    run: the products of many rows may sum in an order that depends on how many there are
-    (MKL)."""
+    run: the products of more rows go to other kernels, or sum in an order that depends on
+    how many there are (MKL)."""
     B, L, K = x.shape
-    rows = cpu_kernels.MAX_ROWS
-    if B == 1 or B * L <= rows or (L > rows and getattr(layer, "host_stacks", False)):
+    if B == 1 or B * L <= cpu_kernels.MAX_ROWS or getattr(layer, "host_stacks", False):
         return layer.host(np.ascontiguousarray(x).reshape(B * L, K)).reshape(B, L, -1)
     out = np.empty((B, L, layer.host_features), np.float32)
     for b in range(B):
