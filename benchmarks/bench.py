@@ -57,7 +57,23 @@ def machine() -> dict:
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem_gb, 1),
             "mlx": mx.__version__, "device": "gpu" if mx.default_device() == mx.gpu else "cpu",
-            "blas": blas_backend()}
+            "blas": blas_backend(), "pages": pages()}
+
+
+def pages() -> str:
+    """How the process's large buffers are paged: with THP in "madvise" mode (Debian's and
+    Ubuntu's default), MLX's buffers get 2 MB pages only where glibc's hugetlb tunable is set."""
+    if sys.platform != "linux":
+        return "the system's"
+    try:
+        mode = next(w[1:-1] for w in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split()
+                    if w.startswith("["))
+    except (OSError, StopIteration):
+        return "unknown"
+    tunables = dict(item.partition("=")[::2] for item in os.environ.get("GLIBC_TUNABLES", "").split(":") if item)
+    if mode == "madvise" and tunables.get("glibc.malloc.hugetlb", "0") != "0":
+        return "THP madvise, glibc.malloc.hugetlb=" + tunables["glibc.malloc.hugetlb"]
+    return f"THP {mode}"
 
 
 def peak_rss_mb() -> float:
@@ -339,12 +355,13 @@ def main(argv=None):
     load_s = time.perf_counter() - start
     # A model's first session computes the state of the tokens that hear only the left pad, which
     # later sessions copy: once per model and delay, timed here (with one token of audio) apart.
+    # A later process reads it from disk (`states`; VOXTRAL_MLX_STATES=off times the computation).
     start = time.perf_counter()
     model.stream(delay_ms=args.delay_ms).feed(np.zeros(model.audio.samples_per_token, np.float32))
     left_pad_s = time.perf_counter() - start
     dtype = mkl_bf16.describe(model.net) or cpu_quant.describe(model.net) or str(model.dtype).rsplit(".", 1)[-1]
-    common = {"model": str(args.model), "dtype": dtype,
-              "quantization": quantization(model), "load_s": load_s, "left_pad_s": left_pad_s, "machine": info}
+    common = {"model": str(args.model), "dtype": dtype, "quantization": quantization(model), "load_s": load_s,
+              "left_pad_s": left_pad_s, "left_pad_read": model.net.snapshots.read > 0, "machine": info}
     records = []
     modes = args.modes.split(",")
     if "parts" in modes:
@@ -397,12 +414,13 @@ def main(argv=None):
 
 def print_table(records, info, load_s):
     print(f"\n{info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB, mlx {info['mlx']} on the "
-          f"{info['device'].upper()}, BLAS: {info['blas']}")
+          f"{info['device'].upper()}, BLAS: {info['blas']}, pages: {info.get('pages', 'unknown')}")
     for r in records:
         if r["mode"] == "parts":
             after = f" after {r['step_context']} positions" if r.get("step_context") else ""
+            how = " (read from disk)" if r.get("left_pad_read") else ""
             print(f"\n{r['dtype']}, quantization {r['quantization']}, load {load_s:.1f} s, first session's "
-                  f"left pad {r['left_pad_s']:.1f} s: encoder {r['encoder_ms_per_audio_s']:.0f} ms per audio second, "
+                  f"left pad {r['left_pad_s']:.1f} s{how}: encoder {r['encoder_ms_per_audio_s']:.0f} ms per audio second, "
                   f"prefill of {r['left_pad_positions']} + {r['prefill_positions']} positions "
                   f"{r['left_pad_prefill_ms']:.0f} + {r['prefill_ms']:.0f} ms, decoder step{after} {r['step_ms_mean']:.0f} / "
                   f"{r['step_ms_p50']:.0f} / {r['step_ms_p95']:.0f} ms (mean / p50 / p95), "

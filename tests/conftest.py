@@ -1,3 +1,4 @@
+import os
 import sys
 import wave
 from functools import lru_cache
@@ -8,6 +9,9 @@ import pytest
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
+# Models load without a store of states on disk (`states`; test_states gives each test its own):
+# tests change kernels and settings under one model directory, and no test writes to the user's cache.
+os.environ.setdefault("VOXTRAL_MLX_STATES", "off")
 
 from reference import Reference  # noqa: E402
 from tiny_checkpoint import write_checkpoint  # noqa: E402

@@ -91,20 +91,33 @@ class CachesSnapshot:
 
 class Snapshots:
     """Caches' states a model keeps for new sessions, by key (`streaming`: the state after the
-    left pad, per delay and compute path); the `LIMIT` most recently used."""
+    left pad, per delay and compute path); the `LIMIT` most recently used, and on disk where a
+    store is given (`states`)."""
 
     LIMIT = 4
 
     def __init__(self):
         self._items: dict[tuple, CachesSnapshot] = {}
+        self.store = None  # `states.Store`: the states on disk, for later processes (`load` sets it)
+        self.read = 0  # states read from the store
 
     def get(self, key: tuple) -> CachesSnapshot | None:
+        """The state kept for `key`, in memory or else in the store, or None."""
         item = self._items.pop(key, None)
+        if item is None and self.store is not None:
+            item = self.store.read(key)
+            self.read += item is not None
         if item is not None:
-            self._items[key] = item
+            self._keep(key, item)
         return item
 
     def put(self, key: tuple, item: CachesSnapshot):
+        """Keep `item` for `key`, in memory and in the store."""
+        self._keep(key, item)
+        if self.store is not None:
+            self.store.write(key, item)
+
+    def _keep(self, key: tuple, item: CachesSnapshot):
         self._items.pop(key, None)
         self._items[key] = item
         while len(self._items) > self.LIMIT:

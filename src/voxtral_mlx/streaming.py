@@ -181,13 +181,14 @@ class StreamingSession:
     def prepare(self) -> None:
         """Compute now, where the model has not yet, what this session's first audio would wait
         for: the state of the tokens that hear only the left pad, which the model keeps for every
-        later session at this delay and on this compute path (`Voxtral.prepare`; 3-5 s for the 4B
-        model on a 2-core CPU, once)."""
+        later session at this delay and on this compute path, and on disk for later processes
+        (`Voxtral.prepare`; 3-5 s for the 4B model on a 2-core CPU, once; `states`)."""
         self._left_pad_state()
 
     def _left_pad_state(self) -> CachesSnapshot | None:
         """The model's state after the tokens that hear only the left pad (zeros; 31 of the 32),
-        computed on first use per delay and compute path; None where there are none."""
+        computed on first use per delay and compute path (or read from the model's store of
+        states on disk); None where there are none."""
         spt, half, n = self.audio.samples_per_token, self.audio.window_size // 2, self.audio.pad_only_tokens
         if n < 1:
             return None

@@ -151,9 +151,9 @@ class Voxtral:
     def prepare(self, delay_ms: int | None = None) -> None:
         """Compute now what this model's first session at `delay_ms` would compute on its first
         audio: the state of the tokens that hear only the left pad, the same for every recording,
-        which every later session copies (3-5 s for the 4B model on a 2-core CPU, once). Live
-        captions (`mic`, the server) call it before they listen, so that their first words are
-        not late by it."""
+        which every later session copies (3-5 s for the 4B model on a 2-core CPU, once; later
+        processes read it from disk, see `states`). Live captions (`mic`, the server) call it
+        before they listen, so that their first words are not late by it."""
         self.stream(delay_ms=delay_ms).prepare()
 
     def transcribe(self, audio: str | os.PathLike | np.ndarray | Sequence[str | os.PathLike | np.ndarray],

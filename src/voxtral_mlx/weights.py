@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import _blas, cpu_quant, mkl_bf16
+from . import _blas, cpu_quant, mkl_bf16, states
 from .config import AudioArgs, ConfigError, ModelArgs
 from .model import VoxtralRealtime
 from .tokenizer import Tekken
@@ -408,4 +408,5 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
         mkl_bf16.adopt(net)  # MLX's CPU bfloat16 matmul is a loop; MKL's runs at memory speed
     elif quantized and cpu_quant.available():
         cpu_quant.adopt(net)  # so is its CPU quantized matmul; the kernel's runs at memory speed
+    net.snapshots.store = states.store_for(ckpt.path, ckpt.weight_files)  # the left pad's state, kept for later processes
     return Voxtral(net, tokenizer, audio, path)

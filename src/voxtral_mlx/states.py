@@ -1,0 +1,148 @@
+"""The state after the left pad, kept on disk for later processes.
+
+Every session starts with tokens that hear only the left pad's silence (31 of the 32); their
+state (the encoder's and decoder's keys and values, the conv stem's tails) is the same for
+every recording at a delay, so a model computes it once, on its first session, and copies it
+into the others (`streaming`, `model.Snapshots`). For the 4B model that first computation took
+2.5-4.3 s of every process on a 2-core CPU: each `voxtral-mlx transcribe`, and the first words
+of `mic`. `Store` keeps the state in a file (72 MB for the 4B model) named by a digest of what
+its numbers depend on: the model's files (names, sizes, modification times), this package's
+code and kernels, MLX's and numpy's versions, the BLAS, the CPU, the environment variables
+that choose kernels, BLAS and threads, and the state's key (delay, device, dtype, compute path).
+A state read back is the one computed, bit for bit. The `LIMIT` most recently used files stay
+in `$XDG_CACHE_HOME/voxtral-mlx/states` (else ~/.cache/voxtral-mlx/states);
+`VOXTRAL_MLX_STATES=off` keeps states in memory only, and a directory there keeps them there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .cpu_kernels import cache_dir, cpu_flags
+from .kernels import kernel_dir
+from .model import CachesSnapshot
+
+ENV = "VOXTRAL_MLX_STATES"
+FORMAT = 1  # of the files: a change of layout makes earlier files unread
+# Environment variables that change which kernels, BLAS or threads compute a state.
+ENV_PREFIXES = ("VOXTRAL_MLX_", "MKL_", "OMP_", "OPENBLAS_")
+UNRELATED = (ENV, "VOXTRAL_MLX_API_KEY")
+
+
+def _code_digest() -> str:
+    """A digest of this package's Python files and kernel sources."""
+    digest = hashlib.sha256()
+    package = Path(__file__).parent
+    for path in sorted([*package.glob("*.py"), *kernel_dir().iterdir()]):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _machine() -> dict:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    from .weights import blas_backend  # (weights imports this module)
+
+    return {"cpu": model, "flags": sorted(cpu_flags()), "machine": platform.machine(), "cores": os.cpu_count(),
+            "system": platform.system(), "python": platform.python_version(), "mlx": mx.__version__,
+            "numpy": np.__version__, "blas": blas_backend()}
+
+
+def fingerprint(model_dir: Path, weight_files: list[Path] = ()) -> str:
+    """A digest of what a model's states depend on besides their key: the model directory's
+    files (and `weight_files`), the code, the libraries, the machine and the environment."""
+    files = []
+    for path in sorted({*Path(model_dir).iterdir(), *map(Path, weight_files)}):
+        try:
+            stat = path.stat()  # through symbolic links (the Hugging Face cache's)
+        except OSError:
+            continue
+        if path.is_file() and not path.name.startswith("."):
+            files.append([str(path), stat.st_size, stat.st_mtime_ns])
+    environment = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) and k not in UNRELATED}
+    record = {"format": FORMAT, "model": str(Path(model_dir).resolve()), "files": files, "code": _code_digest(),
+              "machine": _machine(), "environment": environment}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+class Store:
+    """States of one model on disk (see the module): `read` and `write` by key."""
+
+    LIMIT = 4
+    SUFFIX = ".safetensors"
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.directory, self.fingerprint = Path(directory), fingerprint
+
+    def path(self, key: tuple) -> Path:
+        name = hashlib.sha256(f"{self.fingerprint}\0{key!r}".encode()).hexdigest()[:40]
+        return self.directory / (name + self.SUFFIX)
+
+    def read(self, key: tuple) -> CachesSnapshot | None:
+        """The state kept for `key`, or None (none kept, or a file that cannot be read)."""
+        path = self.path(key)
+        try:
+            arrays, metadata = mx.load(str(path), return_metadata=True)
+            layout = json.loads(metadata["layout"])
+            if layout["key"] != repr(key) or layout["format"] != FORMAT:
+                return None
+            parts = {part: [(offset, arrays[f"{part}.{i}.keys"], arrays[f"{part}.{i}.values"])
+                            for i, offset in enumerate(layout[part])] for part in ("encoder", "decoder")}
+            snapshot = CachesSnapshot([arrays[f"tails.{i}"] for i in range(layout["tails"])], **parts)
+            mx.eval(snapshot.tails, [a for _, k, v in snapshot.encoder + snapshot.decoder for a in (k, v)])
+            os.utime(path)  # recently used
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+            return None
+        return snapshot
+
+    def write(self, key: tuple, snapshot: CachesSnapshot) -> None:
+        """Keep `snapshot` for `key` (at most `LIMIT` files in the directory); a directory that
+        cannot be written leaves the state in memory only."""
+        arrays = {f"tails.{i}": a for i, a in enumerate(snapshot.tails)}
+        for part in ("encoder", "decoder"):
+            for i, (_, keys, values) in enumerate(getattr(snapshot, part)):
+                arrays[f"{part}.{i}.keys"], arrays[f"{part}.{i}.values"] = keys, values
+        layout = {"format": FORMAT, "key": repr(key), "tails": len(snapshot.tails),
+                  "encoder": [offset for offset, _, _ in snapshot.encoder],
+                  "decoder": [offset for offset, _, _ in snapshot.decoder]}
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(prefix=".writing-", suffix=self.SUFFIX, dir=self.directory)
+            os.close(fd)
+            try:
+                mx.save_safetensors(temporary, arrays, metadata={"layout": json.dumps(layout)})
+                os.replace(temporary, self.path(key))
+            finally:
+                if os.path.exists(temporary):
+                    os.unlink(temporary)
+            self._prune()
+        except (OSError, RuntimeError, ValueError):
+            return
+
+    def _prune(self):
+        kept = sorted((p for p in self.directory.glob("*" + self.SUFFIX) if not p.name.startswith(".")),
+                      key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for path in kept[self.LIMIT:]:
+            path.unlink(missing_ok=True)
+
+
+def store_for(model_dir: Path, weight_files: list[Path] = ()) -> Store | None:
+    """The store for the states of the model in `model_dir` (`VOXTRAL_MLX_STATES`: off, or a
+    directory), or None."""
+    choice = os.environ.get(ENV, "").strip()
+    if choice.lower() in ("off", "0", "no", "false"):
+        return None
+    return Store(Path(choice) if choice else cache_dir() / "states", fingerprint(model_dir, weight_files))
