@@ -112,7 +112,7 @@ def test_a_damaged_file_is_computed_and_written_again(tiny_dir, tmp_path, monkey
     assert third.net.snapshots.read == 1
 
 
-def test_a_file_of_another_key_is_not_read(tiny_dir, tmp_path, monkeypatch):
+def test_a_file_of_another_key_or_model_is_not_read(tiny_dir, tmp_path, monkeypatch):
     model = load(tiny_dir, tmp_path, monkeypatch)
     model.prepare()
     store = model.net.snapshots.store
@@ -120,7 +120,10 @@ def test_a_file_of_another_key_is_not_read(tiny_dir, tmp_path, monkeypatch):
     other = (*key[:-1], "another path")
     os.replace(store.path(key), store.path(other))
     assert store.read(other) is None
-    os.replace(store.path(other), store.path(key))
+    another_model = states.Store(tmp_path, "another model")
+    os.replace(store.path(other), another_model.path(key))
+    assert another_model.read(key) is None
+    os.replace(another_model.path(key), store.path(key))
     assert_same_state(kept(model), ([np.array(t) for t in store.read(key).tails],
                                     [(o, np.array(k), np.array(v)) for o, k, v in
                                      store.read(key).encoder + store.read(key).decoder]))
@@ -133,6 +136,17 @@ def test_a_directory_that_cannot_be_written_keeps_the_state_in_memory(tiny_dir, 
     model.prepare()
     assert model.net.snapshots.read == 0 and model.net.snapshots.nbytes > 0
     assert not (blocker / "states").exists()
+
+
+def test_an_install_without_kernel_sources_keeps_states(tiny_dir, tmp_path, monkeypatch):
+    def missing():
+        raise FileNotFoundError("Kernel sources not found")
+
+    base = states.fingerprint(tiny_dir)
+    monkeypatch.setattr(states, "kernel_dir", missing)
+    assert states.fingerprint(tiny_dir) != base
+    monkeypatch.setenv(states.ENV, str(tmp_path))
+    assert states.store_for(tiny_dir).directory == tmp_path
 
 
 def test_off_keeps_states_in_memory_only(tiny_dir, tmp_path, monkeypatch):
@@ -165,12 +179,19 @@ def test_the_most_recently_used_files_are_kept(tiny_dir, tmp_path, monkeypatch):
 def test_the_command_line_reads_the_state_that_its_first_run_kept(tiny_dir, tmp_path):
     script = Path(sys.executable).parent / "voxtral-mlx"
     env = dict(os.environ, HF_HUB_OFFLINE="1", **{states.ENV: str(tmp_path)})
-    runs = [subprocess.run([str(script), "transcribe", str(AUDIO / "jfk.wav"), "--model", str(tiny_dir)],
-                           stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=120) for _ in range(2)]
-    for run in runs:
-        assert run.returncode == 0, run.stderr.decode()
-    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
+    def run():
+        done = subprocess.run([str(script), "transcribe", str(AUDIO / "jfk.wav"), "--model", str(tiny_dir)],
+                              stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()
+        return done.stdout
+
+    first = run()
     (path,) = files(tmp_path)
+    written = path.stat()
+    os.utime(path, ns=(written.st_atime_ns, written.st_mtime_ns - 10**9))
+    assert run() == first and first.strip()
+    read = path.stat()  # read in place (a state computed again is a new file)
+    assert read.st_ino == written.st_ino and read.st_mtime_ns > written.st_mtime_ns - 10**9
     arrays = mx.load(str(path))
     assert any(name.startswith("encoder.") for name in arrays) and any(name.startswith("decoder.") for name in arrays)
 

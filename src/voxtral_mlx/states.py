@@ -40,8 +40,11 @@ UNRELATED = (ENV, "VOXTRAL_MLX_API_KEY")
 def _code_digest() -> str:
     """A digest of this package's Python files and kernel sources."""
     digest = hashlib.sha256()
-    package = Path(__file__).parent
-    for path in sorted([*package.glob("*.py"), *kernel_dir().iterdir()]):
+    try:
+        kernels = list(kernel_dir().iterdir())
+    except OSError:  # (an install without them: the CPU paths that need them say so when used)
+        kernels = []
+    for path in sorted([*Path(__file__).parent.glob("*.py"), *kernels]):
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
@@ -97,7 +100,7 @@ class Store:
         try:
             arrays, metadata = mx.load(str(path), return_metadata=True)
             layout = json.loads(metadata["layout"])
-            if layout["key"] != repr(key) or layout["format"] != FORMAT:
+            if layout["key"] != repr(key) or layout["model"] != self.fingerprint or layout["format"] != FORMAT:
                 return None
             parts = {part: [(offset, arrays[f"{part}.{i}.keys"], arrays[f"{part}.{i}.values"])
                             for i, offset in enumerate(layout[part])] for part in ("encoder", "decoder")}
@@ -115,7 +118,7 @@ class Store:
         for part in ("encoder", "decoder"):
             for i, (_, keys, values) in enumerate(getattr(snapshot, part)):
                 arrays[f"{part}.{i}.keys"], arrays[f"{part}.{i}.values"] = keys, values
-        layout = {"format": FORMAT, "key": repr(key), "tails": len(snapshot.tails),
+        layout = {"format": FORMAT, "model": self.fingerprint, "key": repr(key), "tails": len(snapshot.tails),
                   "encoder": [offset for offset, _, _ in snapshot.encoder],
                   "decoder": [offset for offset, _, _ in snapshot.decoder]}
         try:
