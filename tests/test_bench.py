@@ -1,0 +1,56 @@
+"""`benchmarks/bench.py` on a tiny checkpoint: every mode runs and records what it says it does."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import AUDIO
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+CLIPS = [AUDIO / "jfk.wav", AUDIO / "night1968_5s.wav"]
+
+
+def bench(*args):
+    env = dict(os.environ, VOXTRAL_MLX_STATES="off")
+    return subprocess.run([sys.executable, str(BENCH), *map(str, args)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_every_mode_runs_and_records_its_numbers(tiny_dir, tmp_path):
+    out = tmp_path / "records.json"
+    done = bench("--model", tiny_dir, "--audio", *CLIPS, "--modes", "parts,offline,stream,batch,speculate",
+                 "--steps", 6, "--encoder-tokens", 4, "--speculate", "4,8", "--json", out)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    by_mode = {}
+    for r in records:
+        by_mode.setdefault(r["mode"], []).append(r)
+    assert set(by_mode) == {"parts", "offline", "stream", "sequential", "batch", "speculate"}
+    (parts,) = by_mode["parts"]
+    assert 0 < parts["step_ms_p50"] <= parts["step_ms_p95"] and parts["encoder_ms_per_audio_s"] > 0
+    assert parts["left_pad_positions"] == 31 and parts["prefill_positions"] == 8
+    assert parts["left_pad_read"] is False  # no store of states: the left pad was computed
+    assert {"cpu", "cores", "blas", "pages", "mlx"} <= set(parts["machine"])
+    offline = {r["audio"]: r for r in by_mode["offline"]}
+    stream = {r["audio"]: r for r in by_mode["stream"]}
+    assert set(offline) == set(stream) == {c.name for c in CLIPS}
+    for name in offline:  # one token per 80 ms either way
+        assert offline[name]["tokens"] == stream[name]["tokens"] > 0
+        assert stream[name]["latency_ms_p50"] <= stream[name]["latency_ms_p95"]
+    (sequential,), (batch,) = by_mode["sequential"], by_mode["batch"]
+    assert batch["same_tokens"] is True and batch["batch_size"] == 2
+    assert batch["tokens"] == sequential["tokens"] == sum(r["tokens"] for r in offline.values())
+    speculative = [r for r in by_mode["speculate"] if r["speculate"]]
+    assert len(speculative) == 2 * 2 * len(CLIPS)  # K = 4 and 8, speech and silence, each clip
+    assert all(r["same_tokens"] is True for r in speculative)
+    assert all(r["pad_rate"] == 1.0 for r in by_mode["speculate"] if r["audio"].startswith("silence"))
+    assert "| jfk.wav | voxtral-mlx offline |" in done.stdout
+    assert "| jfk.wav + night1968_5s.wav | voxtral-mlx batch of 2 |" in done.stdout
+
+
+def test_too_few_steps_are_refused(tiny_dir):
+    done = bench("--model", tiny_dir, "--modes", "parts", "--steps", 4)
+    assert done.returncode == 2
+    assert "--steps takes more than 4 (the first 4 are not timed)" in done.stderr
