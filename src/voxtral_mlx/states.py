@@ -4,11 +4,12 @@ Every session starts with tokens that hear only the left pad's silence (31 of th
 state (the encoder's and decoder's keys and values, the conv stem's tails) is the same for
 every recording at a delay, so a model computes it once, on its first session, and copies it
 into the others (`streaming`, `model.Snapshots`). For the 4B model that first computation took
-2.5-4.3 s of every process on a 2-core CPU: each `voxtral-mlx transcribe`, and the first words
-of `mic`. `Store` keeps the state in a file (72 MB for the 4B model) named by a digest of what
-its numbers depend on: the model's files (names, sizes, modification times), this package's
-code and kernels, MLX's and numpy's versions, the BLAS, the CPU, the environment variables
-that choose kernels, BLAS and threads, and the state's key (delay, device, dtype, compute path).
+2.4-4.3 s of every process on a 2-core CPU: of each `voxtral-mlx transcribe`, and before `mic`
+or the server listens. `Store` keeps the state in a file (72 MB for the 4B model, read in 10-20
+ms) named by a digest of what its numbers depend on: the model's files (names, sizes,
+modification times), this package's code and kernels, MLX's and numpy's versions, the BLAS,
+the CPU, the environment variables that choose kernels, BLAS and threads, and the state's key
+(delay, device, dtype, compute path).
 A state read back is the one computed, bit for bit. The `LIMIT` most recently used files stay
 in `$XDG_CACHE_HOME/voxtral-mlx/states` (else ~/.cache/voxtral-mlx/states);
 `VOXTRAL_MLX_STATES=off` keeps states in memory only, and a directory there keeps them there.

@@ -408,5 +408,5 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
         mkl_bf16.adopt(net)  # MLX's CPU bfloat16 matmul is a loop; MKL's runs at memory speed
     elif quantized and cpu_quant.available():
         cpu_quant.adopt(net)  # so is its CPU quantized matmul; the kernel's runs at memory speed
-    net.snapshots.store = states.store_for(ckpt.path, ckpt.weight_files)  # the left pad's state, kept for later processes
+    net.snapshots.store = states.store_for(ckpt.path, ckpt.weight_files)  # the left pad's state, on disk
     return Voxtral(net, tokenizer, audio, path)
