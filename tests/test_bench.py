@@ -1,4 +1,5 @@
-"""`benchmarks/bench.py` on a tiny checkpoint: every mode runs and records what it says it does."""
+"""The benchmark scripts: `bench.py` on a tiny checkpoint in every mode, and `compile.py`, each
+recording what it says it does."""
 
 import json
 import os
@@ -54,3 +55,15 @@ def test_too_few_steps_are_refused(tiny_dir):
     done = bench("--model", tiny_dir, "--modes", "parts", "--steps", 4)
     assert done.returncode == 2
     assert "--steps takes more than 4 (the first 4 are not timed)" in done.stderr
+
+
+def test_the_compile_benchmark_finds_compiled_graphs_equal_to_eager():
+    script = BENCH.parent / "compile.py"
+    done = subprocess.run([sys.executable, str(script), "--calls", "1", "--repeat", "1"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 10  # five cases, float32 and bfloat16
+    assert all(r["equal"] is True and r["eager_ms"] > 0 and r["compiled_ms"] > 0 for r in records)
+    on_cpu = records[0]["device"] == "CPU"  # where the model's own path is timed beside them
+    assert all((r["host_ms"] is not None) == (on_cpu and "SwiGLU" in r["case"]) for r in records)
