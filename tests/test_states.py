@@ -15,19 +15,22 @@ import voxtral_mlx
 from voxtral_mlx import states
 
 
-def load(path, directory, monkeypatch, **env):
+def load(path, directory, monkeypatch):
     """A fresh load, as a new process makes, with its states in `directory`."""
     monkeypatch.setenv(states.ENV, str(directory))
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
     return voxtral_mlx.load(path)
 
 
-def kept(model):
-    """The model's one state in memory, as numpy arrays: tails, then (offset, keys, values) per ring."""
-    (snapshot,) = model.net.snapshots._items.values()
+def as_numpy(snapshot):
+    """A state as numpy arrays: tails, then (offset, keys, values) per ring."""
     rings = [(o, np.array(k), np.array(v)) for o, k, v in snapshot.encoder + snapshot.decoder]
     return [np.array(t) for t in snapshot.tails], rings
+
+
+def kept(model):
+    """The model's one state in memory (`as_numpy`)."""
+    (snapshot,) = model.net.snapshots._items.values()
+    return as_numpy(snapshot)
 
 
 def assert_same_state(a, b):
@@ -124,9 +127,7 @@ def test_a_file_of_another_key_or_model_is_not_read(tiny_dir, tmp_path, monkeypa
     os.replace(store.path(other), another_model.path(key))
     assert another_model.read(key) is None
     os.replace(another_model.path(key), store.path(key))
-    assert_same_state(kept(model), ([np.array(t) for t in store.read(key).tails],
-                                    [(o, np.array(k), np.array(v)) for o, k, v in
-                                     store.read(key).encoder + store.read(key).decoder]))
+    assert_same_state(kept(model), as_numpy(store.read(key)))
 
 
 def test_a_directory_that_cannot_be_written_keeps_the_state_in_memory(tiny_dir, tmp_path, monkeypatch):
@@ -179,6 +180,7 @@ def test_the_most_recently_used_files_are_kept(tiny_dir, tmp_path, monkeypatch):
 def test_the_command_line_reads_the_state_that_its_first_run_kept(tiny_dir, tmp_path):
     script = Path(sys.executable).parent / "voxtral-mlx"
     env = dict(os.environ, HF_HUB_OFFLINE="1", **{states.ENV: str(tmp_path)})
+
     def run():
         done = subprocess.run([str(script), "transcribe", str(AUDIO / "jfk.wav"), "--model", str(tiny_dir)],
                               stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=120)
