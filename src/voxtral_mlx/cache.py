@@ -68,15 +68,17 @@ class RingKVCache:
         growing it 256 slots at a time copies what it holds each time."""
         self.expected = min(self.capacity, positions)
 
-    def _reserve(self, like: mx.array | np.ndarray, size: int):
-        """Room for `size` slots of keys shaped like `like` [B, H, n, D]."""
+    def _reserve(self, like: mx.array | tuple, size: int):
+        """Room for `size` slots of keys shaped like `like` [B, H, n, D] (an array, or the
+        (B, H, D) of float32 keys)."""
         size = min(self.capacity, size)
         have = 0 if self.keys is None else self.keys.shape[2]
         if size <= have:
             return
-        B, H, _, D = like.shape
+        (B, H, D), dtype = ((like.shape[0], like.shape[1], like.shape[3]), like.dtype) if isinstance(like, mx.array) \
+            else (like, mx.float32)
         new = min(self.capacity, self.expected if size <= self.expected else max(size, have + self.step))
-        pad = mx.zeros((B, H, new - have, D), like.dtype if isinstance(like, mx.array) else mx.float32)
+        pad = mx.zeros((B, H, new - have, D), dtype)
         if self.keys is None:
             self.keys, self.values = pad, mx.zeros_like(pad)
         else:
@@ -155,7 +157,7 @@ class RingKVCache:
         """Room for n positions of float32 keys [batch, heads, n, head_dim] that the caller
         writes itself into slots (slot + i) % capacity of the returned numpy views of the ring
         (`host_arrays`): (keys, values, slot). The positions count as written."""
-        self._reserve(np.empty((batch, heads, 1, head_dim), np.float32), self.offset + n)
+        self._reserve((batch, heads, head_dim), self.offset + n)
         keys, values = self.host_arrays()
         slot = self.offset % self.capacity
         self.offset += n

@@ -554,6 +554,16 @@ def attends(heads: int, kv_heads: int, head_dim: int) -> bool:
     return head_dim % 16 == 0 and heads % kv_heads == 0 and library() is not None
 
 
+def _mask_bytes(mask: np.ndarray | None) -> np.ndarray | None:
+    """A mask as the kernels read it, one byte per slot (nonzero: visible): a contiguous bool
+    mask as it is (a step's layers all read the same one), else converted."""
+    if mask is None:
+        return None
+    if mask.dtype == np.bool_ and mask.flags.c_contiguous:
+        return mask.view(np.uint8)
+    return np.ascontiguousarray(mask, dtype=np.uint8)
+
+
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, stored: int, mask: np.ndarray | None,
            scale: float) -> np.ndarray:
     """softmax(q k^T scale) v for L positions: q [B, H, L, D] float32 over the first `stored`
@@ -578,7 +588,7 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, stored: int, mas
                          f"({H} / {Hk} heads of {D})" if library() is not None else
                          f"the attention kernel is not available: {reason}")
     out = np.empty_like(q)
-    flags = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
+    flags = _mask_bytes(mask)
     # The query heads of a key head and their positions are its G = H / Hk * L queries, in
     # the order of q's memory: query g is at position g % L.
     where = (q.ctypes.data, keys.ctypes.data, values.ctypes.data, out.ctypes.data, B * Hk, H // Hk * L, stored, D,
@@ -712,7 +722,7 @@ def layer_step(layer: StepLayer, x: np.ndarray, ffn_scale: np.ndarray | None, co
         raise ValueError(f"layer_step needs float32 contiguous x [B, L, dim] of at most {MAX_ROWS} rows (writable), "
                          f"rings [B, kv heads, slots, head_dim], a scale of dim values or none, cos and sin "
                          f"[L, head_dim / 2] and a mask of L x `stored` values")
-    flags = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
+    flags = _mask_bytes(mask)
     work = scratch(library().layer_step_work(ctypes.byref(layer), B * L, stored))
     done = library().layer_step(ctypes.byref(layer), x.ctypes.data, B, L, scaled[0].ctypes.data if scaled else None,
                                 cos.ctypes.data, sin.ctypes.data, keys.ctypes.data, values.ctypes.data, keys.shape[2],
