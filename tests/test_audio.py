@@ -172,6 +172,13 @@ def test_directory(tmp_path):
     assert error_for(tmp_path) == f"{tmp_path}: is a directory, not an audio file"
 
 
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.wav"
+    path.write_bytes(b"")
+    with pytest.raises(AudioError, match=f"^{re.escape(str(path))}: is empty \\(0 bytes\\)$"):
+        load_audio(path)
+
+
 def test_wav_without_frames(tmp_path):
     sf.write(tmp_path / "empty.wav", np.zeros(0, np.int16), SR, subtype="PCM_16")
     assert sf.info(str(tmp_path / "empty.wav")).frames == 0
@@ -181,7 +188,6 @@ def test_wav_without_frames(tmp_path):
 NOT_AUDIO = {
     "text": b"hello, I am not a sound file\n",
     "random": np.random.default_rng(5).bytes(5000),
-    "empty": b"",
     "riff-header-only": b"RIFF\x24\x00\x00\x00WAVEfmt ",
 }
 
@@ -222,10 +228,16 @@ def test_not_one_or_two_dimensional(shape):
         prepare_audio(np.zeros(shape, np.float32))
 
 
-@pytest.mark.parametrize("rate", [0, -16000, None, 16000.5, "16000"])
+@pytest.mark.parametrize("rate", [0, -16000, None, 16000.5, "16000", True])
 def test_bad_sample_rate(rate):
-    with pytest.raises(AudioError, match=re.escape(f"audio: invalid sample rate {rate!r}")):
+    with pytest.raises(AudioError, match=re.escape(f"audio: invalid sample rate {rate!r}: a whole number of samples "
+                                                   "per second is needed")):
         prepare_audio(np.zeros(100, np.float32), rate)
+
+
+def test_a_whole_float_sample_rate_is_taken():
+    x = np.sin(np.arange(4410) / 10).astype(np.float32)
+    np.testing.assert_array_equal(prepare_audio(x, 44100.0), prepare_audio(x, 44100))
 
 
 @pytest.mark.parametrize("dtype", [bool, np.complex64, object, "U3"])

@@ -188,3 +188,62 @@ def test_usage_errors_exit_2(model_dir):
     assert "--delay-ms" in proc.err and "Traceback" not in proc.err
     assert run("transcribe").returncode == 2
     assert run("no-such-command").returncode == 2
+
+
+@pytest.mark.parametrize("args,option", [
+    (["-", "--interval-ms", "inf"], "--interval-ms"), (["-", "--interval-ms", "nan"], "--interval-ms"),
+    (["-", "--interval-ms", "-5"], "--interval-ms"), ([str(JFK), "--pause-ms", "nan"], "--pause-ms"),
+    ([str(JFK), "--speculate", "-1"], "--speculate"), ([str(JFK), "--speculate", "33"], "--speculate"),
+])
+def test_numbers_out_of_range_are_usage_errors(model_dir, args, option):
+    proc = run("transcribe", *args, "--model", model_dir)
+    assert (proc.returncode, proc.out) == (2, "")
+    assert f"Invalid value for '{option}'" in proc.err and "Traceback" not in proc.err
+
+
+def test_interval_is_refused_with_files(model_dir):
+    proc = run("transcribe", JFK, "--model", model_dir, "--interval-ms", "400")
+    assert (proc.returncode, proc.out) == (2, "")
+    assert proc.err == (f"{ERROR}--interval-ms applies to a stream on stdin (-), not to files, which are decoded "
+                        "as fast as they can be\n")
+
+
+def test_ctrl_c_ends_a_file_transcription_with_its_line_and_a_message(tmp_path, model_dir):
+    import signal
+    import time
+
+    import numpy as np
+    import soundfile as sf
+
+    long = tmp_path / "long.wav"  # 20 minutes of noise: far from done when Ctrl+C comes
+    sf.write(long, np.random.default_rng(0).standard_normal(20 * 60 * 16000).astype(np.float32) * 0.1, 16000)
+    proc = subprocess.Popen([str(SCRIPT), "transcribe", str(long), "--model", str(model_dir)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.set_blocking(proc.stdout.fileno(), False)
+    out, deadline = b"", time.time() + 60
+    while not out and time.time() < deadline:  # decoding has begun: text is on stdout
+        out += proc.stdout.read() or b""
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    os.set_blocking(proc.stdout.fileno(), True)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and out
+    assert (out + rest).endswith(b"\n") and (out + rest).count(b"\n") == 1
+    assert err.decode() == "voxtral-mlx: interrupted\n"
+
+
+def test_python_m_runs_the_command():
+    for module in ("voxtral_mlx", "voxtral_mlx.cli"):
+        proc = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"voxtral-mlx {voxtral_mlx.__version__}\n", "")
+    proc = subprocess.run([sys.executable, "-m", "voxtral_mlx", "--help"], capture_output=True, text=True,
+                          env=dict(os.environ, COLUMNS="100"))
+    assert proc.returncode == 0 and "Usage: voxtral-mlx [OPTIONS] COMMAND" in proc.stdout
+
+
+def test_verbose_names_stdin(model_dir):
+    with open(JFK, "rb") as f:
+        proc = subprocess.run([str(SCRIPT), "transcribe", "-", "--model", str(model_dir), "-v"], stdin=f,
+                              capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0
+    assert any(line.startswith("stdin: 11.00 s of audio, ") for line in proc.stderr.splitlines()), proc.stderr

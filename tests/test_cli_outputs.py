@@ -141,6 +141,28 @@ def test_inputs_with_the_same_name_are_refused(tmp_path, timed_dir):
     assert not (tmp_path / "out").exists()
     # Without output files the names do not matter.
     assert run("transcribe", JFK, copy, "-m", timed_dir).returncode == 0
+    # Nor does case, on the case-insensitive disks of macOS and Windows; the same file twice is refused too.
+    upper = tmp_path / "JFK.wav"
+    upper.write_bytes(JFK.read_bytes())
+    for second in (upper, JFK):
+        proc = run("transcribe", JFK, second, "-m", timed_dir, "-f", "txt")
+        assert (proc.returncode, proc.out) == (2, "")
+        assert proc.err == (f"{ERROR}{JFK} and {second} would write the same files {second.stem}.*; "
+                            "rename one or transcribe them separately\n")
+
+
+def test_repeated_formats_write_each(tmp_path, timed_dir):
+    proc = run("transcribe", JFK, "-m", timed_dir, "-f", "vtt", "-f", "SRT", "-f", "vtt", "-o", tmp_path)
+    assert (proc.returncode, proc.err) == (0, "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jfk.srt", "jfk.vtt"]
+    same_file(tmp_path / "jfk.srt", library(timed_dir, JFK))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a directory no one can write")
+def test_output_dir_that_cannot_be_written_is_found_before_decoding(timed_dir):
+    proc = run("transcribe", JFK, NIGHT, "-m", timed_dir, "-o", "/proc")
+    assert (proc.returncode, proc.out) == (1, "")
+    assert proc.err.startswith(f"{ERROR}--output-dir /proc: cannot write there (") and proc.err.count("\n") == 1
 
 
 def test_output_dir_that_cannot_be_made(tmp_path, timed_dir):

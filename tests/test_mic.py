@@ -62,7 +62,7 @@ def test_mic_transcript_equals_offline(fakemic, tiny_dir, tmp_path):
     expected = load_model(tiny_dir).transcribe(audio).text
     assert rc == 0, err
     assert expected.strip() and out == expected.strip() + "\n"
-    assert out_file.read_text() == expected
+    assert out_file.read_text() == expected.strip() + "\n"  # as on stdout
     assert "Traceback" not in err
 
 
@@ -221,6 +221,50 @@ def test_unknown_device_and_listing(fakemic, tiny_dir):
     assert "--list-devices" in err
     rc, out, err = run_mic(env, "--list-devices")
     assert rc == 0 and "fakemic" in out and "silence" in out
+
+
+@needs_portaudio
+def test_the_device_is_looked_up_before_the_model_and_the_output_is_kept(fakemic, tmp_path):
+    env = fakemic(np.zeros(16000, np.float32))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("yesterday's notes\n")
+    # No model is there to load: the device's error comes first, and the file is as it was.
+    rc, out, err = run_mic(env, "--device", "no-such-mic", "--model", tmp_path / "no-model", "-o", notes)
+    assert (rc, out) == (1, "")
+    assert err.startswith("voxtral-mlx: error: no input device 'no-such-mic'") and err.count("\n") == 1
+    assert notes.read_text() == "yesterday's notes\n"
+    rc, out, err = run_mic(env, "--device", "fakemic", "--model", tmp_path / "no-model", "-o", tmp_path / "new.txt")
+    assert rc == 1 and "no-model" in err and not (tmp_path / "new.txt").exists()
+
+
+def test_listing_no_devices_says_so(monkeypatch):
+    from typer.testing import CliRunner
+
+    from voxtral_mlx.cli import app
+
+    monkeypatch.setattr(sys.modules["voxtral_mlx.mic"], "list_input_devices", lambda: [])
+    result = CliRunner().invoke(app, ["mic", "--list-devices"])
+    assert result.exit_code == 1
+    assert result.output == ("voxtral-mlx: error: no input devices found: is a microphone connected, and can "
+                             "PortAudio see it (on Linux: arecord -l)?\n")
+
+
+@pytest.mark.parametrize("args,option", [(["--duration", "inf"], "--duration"), (["--duration", "0"], "--duration"),
+                                         (["--interval", "nan"], "--interval"), (["--interval", "-1"], "--interval")])
+def test_mic_numbers_out_of_range_are_usage_errors(args, option):
+    proc = subprocess.run([str(CLI), "mic", *args], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          env=dict(os.environ, COLUMNS="100"))
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert f"Invalid value for '{option}'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("kw,message", [({"duration": float("inf")}, "duration must be a number of seconds above 0"),
+                                        ({"interval": -1.0}, "interval must be a number of seconds from 0")])
+def test_python_mic_checks_its_numbers_before_loading(kw, message):
+    import voxtral_mlx
+
+    with pytest.raises(ValueError, match=message):
+        next(voxtral_mlx.mic("/no/such/model", **kw))
 
 
 @needs_portaudio

@@ -193,6 +193,33 @@ def test_engine_serves_jobs_round_robin_in_bounded_turns(model, jfk):
     engine.close(a)
 
 
+def test_end_all_drops_queued_work_and_tells_each_job(model):
+    engine = Engine(model)
+    events = {"a": [], "b": []}
+    a, b = engine.open(events["a"].append), engine.open(events["b"].append)
+    # Queued, not yet run (the worker is not started): `end_all` empties them while they wait their turn.
+    engine.submit(a, ("start", 480), ("audio", speech("jfk")), ("finish",))
+    engine.submit(b, ("start", 480), ("audio", speech("jfk")))
+    assert engine.end_all() == 2 and engine.backlog_samples(a) == 0
+    shutting = {"type": "error", "error": "the server is shutting down", "code": "server_shutting_down"}
+    assert events == {"a": [shutting], "b": [shutting]}
+    engine.submit(b, ("audio", speech("jfk")), ("finish",))  # nothing more is taken
+    assert engine.backlog_samples(b) == 0
+    with pytest.raises(voxtral_mlx.server.ServerBusy, match="the server is shutting down"):
+        engine.open(events["a"].append)
+    engine.start()
+    try:
+        engine.close(a)
+        engine.close(b)
+        deadline = time.monotonic() + 10
+        while engine.sessions:  # the worker skips the emptied jobs, then frees them
+            assert time.monotonic() < deadline and engine._thread.is_alive()
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert events == {"a": [shutting], "b": [shutting]}
+
+
 def test_the_left_pads_state_is_computed_before_the_first_request(ckpt_root):
     fresh = voxtral_mlx.load(checkpoint(ckpt_root, embed_std=0.5))  # not the shared model: a state of its own
     with running(fresh, delay_ms=80):
@@ -322,6 +349,15 @@ def test_stream_in_odd_chunks_equals_offline(server, jfk, model):
         deltas, done = stream(ws, audio)
         assert deltas == done["text"] == model.transcribe(audio, delay_ms=960).text
         assert done["text"] != model.transcribe(audio).text
+        # Base64 broken into lines, as MIME encoders write it (base64.encodebytes), is the same audio.
+        ws.send(json.dumps({"type": "session.update", "delay_ms": 480}))
+        assert json.loads(ws.recv())["delay_ms"] == 480
+        for i in range(0, 2 * 16000 * 3, 6400):
+            chunk = pcm16(audio)[i : i + 6400]
+            ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.encodebytes(chunk).decode()}))
+        ws.send(commit(True))
+        events = events_until(ws, "transcription.done")
+        assert events[-1]["text"] == model.transcribe(audio).text
 
 
 def test_commit_not_final_flushes_like_session_flush(server, model):
@@ -444,6 +480,83 @@ def test_allowed_origins_and_any_host(model):
         assert httpx.get(server.url + "/health", headers={"Host": "voxtral.lan"}).status_code == 200
         r = httpx.get(server.url + "/health", headers={"Origin": "https://other.example"})
         assert r.status_code == 403 and "--allow-origin https://other.example" in r.json()["error"]["message"]
+
+
+def test_pages_of_origins_let_in_may_read_the_responses(model, jfk):
+    app = "https://app.example"
+    with running(model, api_key="k", allow_origins=(app,)) as server:
+        # The preflight a browser sends before a request with a key: answered without the key.
+        r = httpx.options(server.url + TRANSCRIPTIONS, headers={
+            "Origin": app, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert r.status_code == 204 and r.content == b""
+        assert r.headers["access-control-allow-origin"] == app and r.headers["vary"] == "Origin"
+        assert r.headers["access-control-allow-methods"] == "GET, POST"
+        assert r.headers["access-control-allow-headers"] == "authorization, content-type"
+        key = {"Authorization": "Bearer k"}
+        for origin in (app, f"http://localhost:{server.port}"):
+            r = post(server, headers={**key, "Origin": origin})
+            assert r.status_code == 200 and r.json()["text"] == jfk.text.strip()
+            assert r.headers["access-control-allow-origin"] == origin
+        r = httpx.get(server.url + "/health", headers={"Origin": app})  # errors are readable too
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == app
+        # Other sites get neither an answer to their preflight nor the header; requests without an
+        # Origin (not from a browser) get no header.
+        for method in ("OPTIONS", "GET"):
+            r = httpx.request(method, server.url + "/health", headers={
+                **key, "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+            assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        r = httpx.get(server.url + "/health", headers=key)
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        assert httpx.options(server.url + "/health", headers=key).status_code == 405  # not a preflight
+
+
+def test_refused_websockets_log_no_error(model):
+    import logging
+
+    with running(model, api_key="k") as server:
+        with pytest.raises(InvalidStatus):
+            connect(server.ws_url)
+        noise = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1,
+                                  "ASGI callable returned without completing handshake.", None, None)
+        other = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application", None,
+                                  None)
+        assert not logging.getLogger("uvicorn.error").filter(noise)
+        assert logging.getLogger("uvicorn.error").filter(other)
+
+
+def test_ctrl_c_answers_the_requests_in_flight_at_once(model, tmp_path):
+    import soundfile as sf
+
+    long = tmp_path / "long.wav"
+    sf.write(long, np.tile(speech("jfk"), 16), 16000, subtype="PCM_16")  # 3 minutes: far from done
+    server = Running(model, limits=ServerLimits(turn_ms=80, solo_turn_ms=80))
+    engine, answer = server.server.config.app.state.engine, {}
+    upload = threading.Thread(target=lambda: answer.setdefault("r", post(server, long)))
+    upload.start()
+    deadline = time.monotonic() + 20
+    while engine.sessions == 0 or engine.backlog_samples(next(iter(engine._jobs))) == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with connect(server.ws_url) as ws:
+        assert json.loads(ws.recv())["type"] == "session.created"
+        ws.send(append(pcm16(speech("jfk")[:16000])))
+        stopped = time.monotonic()
+        server.server.handle_exit(signal.SIGINT, None)
+        upload.join(10)
+        assert not upload.is_alive() and time.monotonic() - stopped < 5
+        r = answer["r"]
+        assert r.status_code == 503 and r.json()["error"] == {
+            "message": "the server is shutting down", "type": "server_error", "param": None,
+            "code": "server_shutting_down"}
+        events = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                events.append(json.loads(ws.recv(timeout=10)))
+        assert {"type": "error", "error": "the server is shutting down", "code": "server_shutting_down"} in events
+        assert closed.value.rcvd.code == 1012
+    server.thread.join(10)
+    assert not server.thread.is_alive() and engine.sessions == 0
 
 
 def test_upload_and_duration_limits(model):
@@ -615,6 +728,9 @@ def test_serve_command(model, jfk, ckpt_root):
             r = httpx.post(url + TRANSCRIPTIONS, files={"file": ("jfk.wav", f.read())},
                            headers={"Authorization": "Bearer k"}, timeout=60)
         assert r.json()["text"] == jfk.text.strip()
+        # A local model is named by its directory, not its path on the server.
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
+        assert [m["id"] for m in models["data"]] == [path.name]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
         assert proc.stdout.read() == b"" and b"Traceback" not in proc.stderr.read()

@@ -140,3 +140,43 @@ def test_ctrl_c_flushes_and_prints_the_rest(tiny_dir):
     assert proc.returncode == 0, err
     assert (got + rest).decode() == offline.text.strip() + "\n"
     assert "Traceback" not in err.decode()
+
+
+@pytest.mark.parametrize("subtype", ["ULAW", "ALAW"])
+def test_g711_wav_streams_decode_as_libsndfile_does(subtype):
+    import soundfile as sf
+
+    audio = synthetic(0.5, seed=3)
+    audio = 0.9 * audio / np.abs(audio).max()
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format="WAV", subtype=subtype)
+    expected, _ = sf.read(io.BytesIO(buf.getvalue()), dtype="float32")
+    assert np.abs(expected - audio).max() < 0.02  # the codec's own loss: the comparison below can fail
+    out = np.concatenate(list(read_pcm_stream(io.BytesIO(buf.getvalue()), block_bytes=333)))
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_rf64_wav_stream():
+    import soundfile as sf
+
+    audio = quantized(synthetic(0.5, seed=4))
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format="RF64", subtype="PCM_16")
+    assert buf.getvalue()[:4] == b"RF64"
+    out = np.concatenate(list(read_pcm_stream(io.BytesIO(buf.getvalue()))))
+    np.testing.assert_array_equal(out, audio)
+
+
+@pytest.mark.parametrize("head,name", [(b"ID3\x04\x00", "MP3"), (b"fLaC\x00\x00", "FLAC"), (b"OggS\x00\x02", "Ogg"),
+                                       (b"\x00\x00\x00\x20ftypM4A ", "MP4/M4A")])
+def test_compressed_streams_are_refused_with_the_way_to_pipe_them(head, name):
+    with pytest.raises(AudioError) as e:
+        list(read_pcm_stream(io.BytesIO(head + bytes(100))))
+    assert str(e.value) == (f"stdin: {name} data (compressed audio); stdin takes raw 16-bit PCM or WAV: pipe it "
+                            "through `ffmpeg -loglevel error -i - -f wav -`, or give the file's path")
+
+
+def test_compressed_stdin_is_one_error_line(tiny_dir):
+    rc, out, err = pipe(tiny_dir, b"ID3\x04\x00" + bytes(5000))
+    assert (rc, out) == (1, "")
+    assert err.startswith("voxtral-mlx: error: stdin: MP3 data (compressed audio)") and err.count("\n") == 1

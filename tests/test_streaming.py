@@ -1,5 +1,7 @@
 """Streaming: any chunking gives exactly the offline tokens (MODEL.md section 8)."""
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -110,6 +112,29 @@ def test_session_lifecycle(tiny_dir):
     assert empty.finish() == "" and empty.tokens == []
     with pytest.raises(voxtral_mlx.AudioError, match="1-D"):
         model.stream().feed(np.zeros((2, 2, 2), np.float32))
+
+
+def test_finish_after_the_with_block_returns_its_text(tiny_dir):
+    model = load_model(tiny_dir)
+    audio = speech("jfk")[: 3 * 16000]
+    offline = model.transcribe(audio)
+    with model.stream() as session:
+        fed = session.feed(audio)
+    assert session.finished and session.tokens == offline.tokens
+    rest = session.finish()  # the text that leaving the block decoded, as the README's example prints it
+    assert rest and fed + rest == offline.text
+    assert session.finish() == ""  # given once
+    with model.stream() as again:
+        again.feed(audio)
+        assert again.finish() == rest  # inside the block, as before
+    assert again.finish() == ""
+
+
+@pytest.mark.parametrize("interval", [-1, float("inf"), float("nan"), "80"])
+def test_bad_interval_is_refused(tiny_dir, interval):
+    with pytest.raises(ValueError, match=re.escape(f"interval_ms must be a number of milliseconds from 0, "
+                                                   f"not {interval!r}")):
+        load_model(tiny_dir).stream(interval_ms=interval)
 
 
 def test_interval_batches_work_without_changing_tokens(small_windows_dir):

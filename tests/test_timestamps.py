@@ -3,6 +3,7 @@ with the reference probabilities and with streaming (MODEL.md section 7)."""
 
 import dataclasses
 import math
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -120,9 +121,17 @@ def test_empty_and_silent_streams(tok):
         assert t.words == [] and t.segments == [] and t.text == "" and len(t.records) == len(tokens)
 
 
-def test_pause_must_not_be_negative(tok):
-    with pytest.raises(ValueError, match="pause_ms"):
-        Timeline(tok, 80.0, pause_ms=-1)
+@pytest.mark.parametrize("pause", [-1, float("nan"), "600", True])
+def test_pause_must_be_a_number_not_negative(tok, pause):
+    with pytest.raises(ValueError, match=re.escape(f"pause_ms must be 0 or more, not {pause!r}")):
+        Timeline(tok, 80.0, pause_ms=pause)
+
+
+@pytest.mark.parametrize("delay", ["480", 500, float("nan"), [480]])
+def test_a_delay_of_another_type_is_a_clear_error(tiny_dir, delay):
+    with pytest.raises(ValueError, match=re.escape(f"a delay of {delay!r} ms is not one the model was trained for; "
+                                                   "use 80..1200 in steps of 80, or 2400")):
+        load_model(tiny_dir).stream(delay_ms=delay)
 
 
 def check_timeline(result, token_s=0.08):

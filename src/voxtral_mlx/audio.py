@@ -38,6 +38,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
         raise AudioError(f"{path}: is a directory, not an audio file")
     if not os.access(path, os.R_OK):
         raise AudioError(f"{path}: permission denied")
+    if path.is_file() and path.stat().st_size == 0:
+        raise AudioError(f"{path}: is empty (0 bytes)")
     try:
         samples, rate = _read_soundfile(path)
     except _NotSoundfile as e:
@@ -119,8 +121,10 @@ def prepare_audio(samples, rate: int = SAMPLE_RATE, sample_rate: int = SAMPLE_RA
         raise AudioError(f"{name}: expected a 1-D array of mono samples, got shape {samples.shape}")
     if not np.isfinite(samples).all():
         raise AudioError(f"{name}: samples contain NaN or infinity")
-    if not isinstance(rate, (int, np.integer)) or rate <= 0:
-        raise AudioError(f"{name}: invalid sample rate {rate!r}")
+    if isinstance(rate, (float, np.floating)) and float(rate).is_integer():
+        rate = int(rate)  # 44100.0, as some libraries give it
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise AudioError(f"{name}: invalid sample rate {rate!r}: a whole number of samples per second is needed")
     samples = samples.astype(np.float32, copy=False)
     if rate != sample_rate and samples.size:
         import soxr
@@ -129,22 +133,32 @@ def prepare_audio(samples, rate: int = SAMPLE_RATE, sample_rate: int = SAMPLE_RA
     return np.ascontiguousarray(samples)
 
 
-_WAV_PCM, _WAV_FLOAT, _WAV_EXTENSIBLE = 1, 3, 0xFFFE
+_WAV_PCM, _WAV_FLOAT, _WAV_ALAW, _WAV_MULAW, _WAV_EXTENSIBLE = 1, 3, 6, 7, 0xFFFE
 _UNKNOWN_SIZES = (0, 0xFFFFFFFF)
+_WAV_MAGIC = (b"RIFF", b"RF64", b"BW64")  # RF64 and BW64: WAV past 4 GB, data size in a ds64 chunk
+# Streams stdin does not decode, by their first bytes: (offset, signature, name).
+_COMPRESSED = ((0, b"ID3", "MP3"), (0, b"fLaC", "FLAC"), (0, b"OggS", "Ogg"), (4, b"ftyp", "MP4/M4A"),
+               (0, b"\x1aE\xdf\xa3", "Matroska/WebM"), (0, b"FORM", "AIFF"), (0, b"#!AMR", "AMR"))
 
 
 def read_pcm_stream(stream: BinaryIO, sample_rate: int = SAMPLE_RATE,
                     block_bytes: int = 4096) -> Iterator[np.ndarray]:
     """Float32 mono chunks at `sample_rate` from a pipe, as soon as bytes arrive.
 
-    A stream that starts with a RIFF/WAVE header is read per its format (PCM 8/16/24/32-bit
-    or float, any rate and channel count; a data size of 0 or 0xFFFFFFFF, as written by
-    ffmpeg into a pipe, means "until the end"); anything else is raw s16le 16 kHz mono.
+    A stream that starts with a WAV header (RIFF, RF64 or BW64) is read per its format (PCM
+    8/16/24/32-bit, float, A-law or mu-law, any rate and channel count; a data size of 0 or
+    0xFFFFFFFF, as written by ffmpeg into a pipe, means "until the end"); a compressed stream
+    (MP3, FLAC, Ogg, ...) is refused with the command that turns it into WAV; anything else is
+    raw s16le 16 kHz mono.
     """
     head = _read_exactly(stream, 12)
-    if len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+    if len(head) == 12 and head[:4] in _WAV_MAGIC and head[8:12] == b"WAVE":
         kind, width, channels, rate, remaining = _wav_header(stream)
         pending = b""
+    elif compressed := next((name for at, magic, name in _COMPRESSED if head[at : at + len(magic)] == magic), None):
+        raise AudioError(f"stdin: {compressed} data (compressed audio); stdin takes "
+                         "raw 16-bit PCM or WAV: pipe it through `ffmpeg -loglevel error -i - -f wav -`, "
+                         "or give the file's path")
     else:
         kind, width, channels, rate, remaining = _WAV_PCM, 2, 1, sample_rate, None
         pending = head
@@ -211,14 +225,31 @@ def _wav_header(stream: BinaryIO) -> tuple[int, int, int, int, int | None]:
     if fmt is None:
         raise AudioError("stdin: WAV stream has no fmt chunk before its data")
     tag, bits, channels, rate = fmt
-    if (tag, bits) not in ((_WAV_PCM, 8), (_WAV_PCM, 16), (_WAV_PCM, 24), (_WAV_PCM, 32),
-                           (_WAV_FLOAT, 32), (_WAV_FLOAT, 64)) or channels < 1 or rate < 1:
+    if (tag, bits) not in ((_WAV_PCM, 8), (_WAV_PCM, 16), (_WAV_PCM, 24), (_WAV_PCM, 32), (_WAV_FLOAT, 32),
+                           (_WAV_FLOAT, 64), (_WAV_ALAW, 8), (_WAV_MULAW, 8)) or channels < 1 or rate < 1:
         raise AudioError(f"stdin: unsupported WAV format (tag {tag}, {bits} bits, {channels} channels, {rate} Hz)")
     return tag, bits // 8, channels, rate, None if size in _UNKNOWN_SIZES else size
 
 
+def _g711(kind: int) -> np.ndarray:
+    """The 256 values of G.711 A-law or mu-law bytes, as float32 in [-1, 1)."""
+    b = np.arange(256, dtype=np.int32)
+    if kind == _WAV_MULAW:
+        b = ~b & 0xFF
+        exponent, mantissa = (b >> 4) & 7, b & 15
+        magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+    else:
+        b = b ^ 0x55
+        exponent, mantissa = (b >> 4) & 7, b & 15
+        magnitude = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+    sign = (b & 0x80) != 0
+    return (np.where(sign == (kind == _WAV_MULAW), -magnitude, magnitude) / 32768).astype(np.float32)
+
+
 def _decode_pcm(data: bytes, kind: int, width: int, channels: int) -> np.ndarray:
-    if kind == _WAV_FLOAT:
+    if kind in (_WAV_ALAW, _WAV_MULAW):
+        x = _g711(kind)[np.frombuffer(data, np.uint8)]
+    elif kind == _WAV_FLOAT:
         x = np.frombuffer(data, "<f4" if width == 4 else "<f8").astype(np.float32)
     elif width == 1:
         x = (np.frombuffer(data, np.uint8).astype(np.float32) - 128) / 128

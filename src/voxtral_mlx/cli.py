@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from enum import Enum
@@ -23,7 +26,7 @@ from .transcribe import FORMATS, Transcription, write_outputs
 from .weights import (DEFAULT_MODEL, ModelNotFoundError, WeightsError, blas_backend, load, load_config,
                       resolve_model)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
                   help="Voxtral Realtime speech-to-text with MLX.")
 
 BLAS_HINT = ("; MKL makes them over 10x faster: pip install 'voxtral-mlx[mkl]' (x86-64), or OpenBLAS "
@@ -53,12 +56,16 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 class _Printer:
-    """Writes text to stdout as it arrives, without the transcript's leading space; with `hold`,
-    keeps it until `end` and hands it over whole (progress bars share the terminal)."""
+    """Writes text to stdout (or `stream`) as it arrives, without the transcript's leading
+    space; with `hold`, keeps it until `end` and hands it over whole (progress bars share the
+    terminal). `open_lines` holds the printers whose line is started and not yet ended."""
 
-    def __init__(self, hold=None):
-        self.started = False
+    open_lines: set = set()
+
+    def __init__(self, hold=None, stream=None):
+        self.started = self.ended = False
         self.hold = hold
+        self.stream = stream
         self.parts: list[str] = []
 
     def __call__(self, text: str):
@@ -70,18 +77,40 @@ class _Printer:
         if self.hold is not None:
             self.parts.append(text)
         else:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            stream = self.stream or sys.stdout
+            stream.write(text)
+            stream.flush()
+            _Printer.open_lines.add(self)
 
     def end(self) -> bool:
-        """End the transcript's line; whether it had any text."""
-        if self.started:
+        """End the transcript's line (once); whether it had any text."""
+        if self.started and not self.ended:
+            self.ended = True
+            _Printer.open_lines.discard(self)
             if self.hold is not None:
                 self.hold("".join(self.parts))
             else:
-                sys.stdout.write("\n")
-                sys.stdout.flush()
+                stream = self.stream or sys.stdout
+                stream.write("\n")
+                stream.flush()
         return self.started
+
+
+def _interruptible(command):
+    """A command that Ctrl+C ends with its line of text ended, a message and exit code 130
+    (typer would exit silently); commands that flush on Ctrl+C catch the first one themselves."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            for printer in list(_Printer.open_lines):
+                printer.end()
+            typer.echo("voxtral-mlx: interrupted", err=True)
+            raise typer.Exit(130)
+
+    return run
 
 
 def _check_model(model: str, delay_ms: int | None) -> Path:
@@ -95,6 +124,41 @@ def _check_model(model: str, delay_ms: int | None) -> Path:
     return path
 
 
+def _check_writable(path: Path) -> None:
+    """OSError unless the file `path` can be written, found before any work; an existing file keeps
+    its contents (it is replaced only once there is something to write), a new one is not left."""
+    existed = path.exists()
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise OSError(f"--output {path}: cannot write it ({e.strerror or e})") from None
+    if not existed:
+        path.unlink()
+
+
+def _check_output_dir(path: Path) -> None:
+    """Create the directory `path` if needed; OSError unless files can be written there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OSError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None
+
+
+def _finite(unit: str, zero: bool = False):
+    """An option's check: a finite number above 0 (from 0 with `zero`), or none given
+    (typer's ranges let nan and inf through)."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+            raise typer.BadParameter(f"must be a number of {unit} {'from 0' if zero else 'above 0'}, not {value}")
+        return value
+
+    return check
+
+
 class OutputFormat(str, Enum):
     txt = "txt"
     json = "json"
@@ -105,6 +169,7 @@ class OutputFormat(str, Enum):
 
 
 @app.command()
+@_interruptible
 def transcribe(
     files: List[str] = typer.Argument(..., help="Audio files (WAV, FLAC, OGG, MP3; others need ffmpeg), "
                                                   "or - to stream raw s16le 16 kHz mono or WAV from stdin."),
@@ -116,22 +181,23 @@ def transcribe(
     dtype: Optional[str] = typer.Option(None, "--dtype",
                                         help="Compute dtype: float32, bfloat16 or float16 "
                                              "(default: float32 on CPU, bfloat16 on GPU; on an x86-64 CPU "
-                                             "with MKL, bfloat16 is about twice as fast)."),
-    interval_ms: Optional[float] = typer.Option(None, "--interval-ms",
+                                             "with MKL, bfloat16 is faster, see the README)."),
+    interval_ms: Optional[float] = typer.Option(None, "--interval-ms", callback=_finite("milliseconds", zero=True),
                                                 help="With -: run the model once this much audio has "
                                                      "arrived (higher = more throughput, more latency) "
                                                      "(default: every 80 ms token)."),
-    output_format: Optional[OutputFormat] = typer.Option(
+    output_format: Optional[List[OutputFormat]] = typer.Option(
         None, "--output-format", "-f", case_sensitive=False,
-        help="Also write each transcript in this format (all: every one) to --output-dir, named after "
-             "its input: talk.mp3 -> talk.srt; stdin -> stdin.srt (default: all, with --output-dir)."),
+        help="Also write each transcript in this format (all: every one; repeatable: -f srt -f vtt) to "
+             "--output-dir, named after its input: talk.mp3 -> talk.srt; stdin -> stdin.srt "
+             "(default: all, with --output-dir)."),
     output_dir: Optional[Path] = typer.Option(
         None, "--output-dir", "-o", file_okay=False,
         help="Directory for the --output-format files, created if needed (default: the current directory)."),
     alt: int = typer.Option(0, "--alt", min=0, metavar="K",
                             help="Record the K most probable tokens and their probabilities at every "
                                  "step (in the json output)."),
-    pause_ms: float = typer.Option(DEFAULT_PAUSE_MS, "--pause-ms", min=0,
+    pause_ms: float = typer.Option(DEFAULT_PAUSE_MS, "--pause-ms", callback=_finite("milliseconds", zero=True),
                                    help="A segment (subtitle) ends at the end of a sentence or after a "
                                         "pause longer than this."),
     batch_size: int = typer.Option(4, "--batch-size", min=1,
@@ -139,8 +205,8 @@ def transcribe(
                                         "of them (faster; a decoder cache per file)."),
     speculate: Optional[int] = typer.Option(
         None, "--speculate", min=0, max=MAX_SPECULATE, metavar="K",
-        help="Check K positions per decoder pass, guessing pads where the audio is already in (same tokens; "
-             "0: off; default 8 where the CPU's row kernels multiply, else off). Not within batches of several files."),
+        help="Check K positions (2 to 32) per decoder pass, guessing pads where the audio is already in (same tokens; "
+             "0 or 1: off; default 8 where the CPU's row kernels multiply, else off). Not within batches of several files."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and timings on stderr."),
 ):
     """Transcribe audio files or a live stream; text is printed as it is decoded.
@@ -167,21 +233,21 @@ def transcribe(
         raise typer.Exit(2)
     if formats:
         by_name = {}
-        for name in inputs:
-            other = by_name.setdefault(_output_name(name), name)
-            if other != name:
-                _fail(f"{other} and {name} would write the same files {_output_name(name)}.*; "
+        for i, name in enumerate(inputs):  # case-insensitively: macOS's and Windows's disks are
+            other = by_name.setdefault(_output_name(name).casefold(), i)
+            if other != i:
+                _fail(f"{inputs[other]} and {name} would write the same files {_output_name(name)}.*; "
                       "rename one or transcribe them separately")
                 raise typer.Exit(2)
         output_dir = output_dir or Path(".")
+    if interval_ms is not None and "-" not in inputs:
+        _fail("--interval-ms applies to a stream on stdin (-), not to files, which are decoded as fast as they can be")
+        raise typer.Exit(2)
     if not inputs:
         raise typer.Exit(1)
     try:
         if formats:
-            try:
-                output_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise OSError(f"--output-dir {output_dir}: {e.strerror or e}") from None
+            _check_output_dir(output_dir)
         start = time.perf_counter()
         path = _check_model(model, delay_ms)
         voxtral = load(path, dtype=dtype)
@@ -276,16 +342,16 @@ def _file_batch(voxtral, names, display, formats, output_dir, options) -> int:
 
 def _finish_file(display, name, result, formats, output_dir, wall, batch=1) -> int:
     """Write the output files and report; returns the number of failures (0 or 1)."""
-    failed = 0
+    failed, label = 0, "stdin" if name == "-" else name
     if formats:
         try:
             paths = write_outputs(result, output_dir, _output_name(name), formats)
-            display.status(f"{name}: wrote {', '.join(str(p) for p in paths)}")
+            display.status(f"{label}: wrote {', '.join(str(p) for p in paths)}")
         except OSError as e:
-            display.fail(f"{name}: cannot write the transcript: {e}")
+            display.fail(f"{label}: cannot write the transcript: {e}")
             failed = 1
     shared = f", in a batch of {batch}" if batch > 1 else ""
-    display.status(f"{name}: {result.duration:.2f} s of audio, {len(result.tokens)} tokens in {wall:.2f} s "
+    display.status(f"{label}: {result.duration:.2f} s of audio, {len(result.tokens)} tokens in {wall:.2f} s "
                    f"({result.duration / wall:.2f}x real time{shared})")
     return failed
 
@@ -317,10 +383,12 @@ class _InOrder:
                 self.held[self.turn] = []
 
 
-def _output_formats(output_format: OutputFormat | None, output_dir: Path | None) -> list[str]:
-    if output_format is None:
+def _output_formats(output_format: list[OutputFormat] | None, output_dir: Path | None) -> list[str]:
+    if not output_format:
         return list(FORMATS) if output_dir is not None else []
-    return list(FORMATS) if output_format == OutputFormat.all else [output_format.value]
+    if OutputFormat.all in output_format:
+        return list(FORMATS)
+    return [f for f in FORMATS if f in {o.value for o in output_format}]
 
 
 def _output_name(name: str) -> str:
@@ -436,6 +504,7 @@ def _transcribe_stdin(voxtral, interval_ms, printer, **options) -> Transcription
 
 
 @app.command()
+@_interruptible
 def mic(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
     device: Optional[str] = typer.Option(None, "--device", help="Input device: index or (part of) its name "
@@ -444,32 +513,38 @@ def mic(
     delay_ms: Optional[int] = typer.Option(None, "--delay-ms", "-d",
                                            help="Transcription delay: 80..1200 in steps of 80, or 2400 "
                                                 "(default: from the model, 480)."),
-    interval: Optional[float] = typer.Option(None, "--interval",
+    interval: Optional[float] = typer.Option(None, "--interval", callback=_finite("seconds", zero=True),
                                              help="Seconds of new audio between model runs "
                                                   "(default: every 80 ms token)."),
     vad: bool = typer.Option(True, "--vad/--no-vad", help="Skip long silences (after flushing the utterance)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the transcript to this file."),
-    duration: Optional[float] = typer.Option(None, "--duration", help="Stop after this many seconds."),
+    duration: Optional[float] = typer.Option(None, "--duration", callback=_finite("seconds"),
+                                             help="Stop after this many seconds."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float32, bfloat16 or float16."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and timings on stderr."),
 ):
     """Live captions from a microphone; Ctrl+C stops and prints what was still being decoded."""
-    from .mic import MicError, Microphone, list_input_devices, transcribe_live
+    from .mic import MicError, Microphone, input_device, list_input_devices, transcribe_live
 
+    device_id = int(device) if device is not None and device.isdigit() else device
+    out = None
     try:
         if list_devices:
-            for d in list_input_devices():
+            devices = list_input_devices()
+            if not devices:
+                raise MicError("no input devices found: is a microphone connected, and can PortAudio see it "
+                               "(on Linux: arecord -l)?")
+            for d in devices:
                 typer.echo(f"{'*' if d['default'] else ' '} {d['index']:3d}  {d['name']}  "
                            f"({d['channels']} ch, {d['default_samplerate']:.0f} Hz)")
             return
+        input_device(device_id)  # before the model loads (or downloads) on a machine without one
         path = _check_model(model, delay_ms)
-        if duration is not None and duration <= 0:
-            raise ValueError("--duration must be positive")
-        out = open(output, "w", encoding="utf-8") if output is not None else None
+        if output is not None:
+            _check_writable(output)
     except (MicError, *USER_ERRORS) as e:
         _fail(str(e))
         raise typer.Exit(1)
-    device_id = int(device) if device is not None and device.isdigit() else device
     stop = threading.Event()
 
     def on_sigint(signum, frame):
@@ -478,11 +553,15 @@ def mic(
         stop.set()
 
     printer, stats, failed = _Printer(), {}, False
+    written = None
     try:
         voxtral = load(path, dtype=dtype)
         voxtral.prepare(delay_ms)  # before the microphone opens: the first words are not late by it
         with Microphone(device_id, duration=duration) as source:
             _status(verbose, f"listening on {source.name!r} at {source.rate} Hz; Ctrl+C to stop")
+            if output is not None:  # replaced only now that there is something to write
+                out = open(output, "w", encoding="utf-8")
+                written = _Printer(stream=out)
             previous = signal.signal(signal.SIGINT, on_sigint)
             try:
                 for text in transcribe_live(voxtral, source, delay_ms=delay_ms,
@@ -490,9 +569,8 @@ def mic(
                                             vad=vad, stop=stop, stats=stats,
                                             on_status=lambda m: typer.echo(f"voxtral-mlx: {m}", err=True)):
                     printer(text)
-                    if out is not None:
-                        out.write(text)
-                        out.flush()
+                    if written is not None:
+                        written(text)
             finally:
                 signal.signal(signal.SIGINT, previous)
     except (MicError, *USER_ERRORS) as e:
@@ -501,6 +579,7 @@ def mic(
         _fail(str(e))
     finally:
         if out is not None:
+            written.end()
             out.close()
     if not failed:
         printer.end()
@@ -513,6 +592,7 @@ def mic(
 
 
 @app.command()
+@_interruptible
 def convert(
     src: str = typer.Argument(..., help="Model directory (any supported layout) or Hugging Face repo id."),
     out: Path = typer.Argument(..., help="Directory to write the converted model to."),
@@ -550,6 +630,7 @@ def convert(
 
 
 @app.command()
+@_interruptible
 def serve(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
     host: str = typer.Option("127.0.0.1", "--host",
@@ -602,7 +683,9 @@ def serve(
         typer.echo(f"voxtral-mlx: warning: listening on {host} without --api-key: anyone who can reach this "
                    "port can use the server", err=True)
     try:
-        run_server(voxtral, host=host, port=port, api_key=api_key, limits=limits, model_id=model,
+        # A local model is listed by its directory's name, not its path on this machine.
+        model_id = path.name if Path(model).expanduser().is_dir() else model
+        run_server(voxtral, host=host, port=port, api_key=api_key, limits=limits, model_id=model_id,
                    delay_ms=delay_ms, log_level="info" if verbose else "warning", allow_origins=tuple(allow_origin),
                    on_listening=lambda url: typer.echo(f"voxtral-mlx: serving {model} on {url} "
                                                        "(Ctrl+C to stop)", err=True))
@@ -615,8 +698,8 @@ def serve(
 
 
 def main():
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write("\nvoxtral-mlx: interrupted\n")
-        sys.exit(130)
+    app(prog_name="voxtral-mlx")  # the same name under `python -m voxtral_mlx`
+
+
+if __name__ == "__main__":
+    main()

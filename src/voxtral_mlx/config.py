@@ -272,7 +272,7 @@ class AudioArgs:
         """Validated transcription delay in tokens (`None` means the tokenizer's default)."""
         if delay_ms is None:
             delay_ms = self.transcription_delay_ms
-        n = delay_ms / self.token_ms
+        n = delay_ms / self.token_ms if isinstance(delay_ms, (int, float)) else math.nan
         if isinstance(delay_ms, bool) or not math.isfinite(n) or n != round(n) or round(n) not in TRAINED_DELAY_TOKENS:
             allowed = self.allowed_delays_ms
             raise ValueError(

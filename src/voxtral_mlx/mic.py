@@ -61,6 +61,26 @@ def list_input_devices() -> list[dict]:
     ]
 
 
+def input_device(device: int | str | None = None) -> dict:
+    """PortAudio's description of an input device (index, or part of its name; None: the
+    default input); MicError, saying how to list them, where there is none."""
+    sd = _sounddevice()
+    try:
+        return sd.query_devices(device, kind="input")
+    except (ValueError, sd.PortAudioError) as e:
+        which = "no default input device" if device is None else f"no input device {device!r}"
+        raise MicError(f"{which} ({e}); list them with `voxtral-mlx mic --list-devices`") from None
+
+
+def check_seconds(name: str, value: float | None, zero: bool = False) -> float | None:
+    """`value`: None, or a finite number of seconds above 0 (or 0 itself with `zero`);
+    ValueError naming `name` otherwise."""
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and (0 <= value if zero else 0 < value) and value < float("inf")):
+        raise ValueError(f"{name} must be a number of seconds{' from 0' if zero else ' above 0'}, not {value!r}")
+    return value
+
+
 class CaptureBuffer:
     """Blocks from the audio thread to the consumer, bounded: past `max_seconds` the oldest goes."""
 
@@ -109,7 +129,7 @@ class Microphone:
     def __init__(self, device: int | str | None = None, duration: float | None = None,
                  max_backlog_s: float = MAX_BACKLOG_S, sample_rate: int = SAMPLE_RATE):
         self.device = device
-        self.duration = duration
+        self.duration = check_seconds("duration", duration)
         self.max_backlog_s = max_backlog_s
         self.sample_rate = sample_rate
         self.stream = None
@@ -119,11 +139,7 @@ class Microphone:
 
     def __enter__(self) -> "Microphone":
         sd = self._sd = _sounddevice()
-        try:
-            info = sd.query_devices(self.device, kind="input")
-        except (ValueError, sd.PortAudioError) as e:
-            which = "no default input device" if self.device is None else f"no input device {self.device!r}"
-            raise MicError(f"{which} ({e}); list them with `voxtral-mlx mic --list-devices`") from None
+        info = input_device(self.device)
         self.name = info["name"]
         # 16 kHz mono if the device does it, else its own rate, else also its channels (averaged).
         native = int(info["default_samplerate"])
@@ -313,6 +329,9 @@ def mic(model=None, device: int | str | None = None, delay_ms: int | None = None
         interval: seconds of new audio between model runs (default: every 80 ms token).
         duration: stop after this many seconds of audio.
     """
+    check_seconds("interval", interval, zero=True)
+    check_seconds("duration", duration)
+    input_device(device)  # before a model is loaded (or downloaded) for a machine without one
     if model is None or isinstance(model, (str, Path)):
         from .weights import DEFAULT_MODEL, load
 

@@ -173,6 +173,7 @@ class Engine:
         self._ready: collections.deque[Job] = collections.deque()
         self._jobs: set[Job] = set()
         self._stopping = False
+        self._ending = False  # `end_all`: no more work is taken
         self._thread: threading.Thread | None = None
 
     @property
@@ -183,7 +184,7 @@ class Engine:
 
     def start(self):
         if self._thread is None:
-            self._stopping = False
+            self._stopping = self._ending = False
             self._thread = threading.Thread(target=self._run, name="voxtral-mlx-engine", daemon=True)
             self._thread.start()
 
@@ -193,11 +194,30 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if not self._thread.is_alive():
+                self._thread = None
+                with self._cond:  # closed jobs the worker did not come to
+                    self._jobs = {job for job in self._jobs if not job.cancelled}
+
+    def end_all(self, message: str = "the server is shutting down") -> int:
+        """Drop every job's queued work and tell each (an `error`, code `server_shutting_down`),
+        so that no request waits for audio that will not be decoded; returns how many were open.
+        The turn being computed finishes; jobs still close through `close`."""
+        with self._cond:
+            self._ending = True
+            ended = [job for job in self._jobs if not job.cancelled]
+            for job in ended:
+                job.ops = collections.deque(o for o in job.ops if o[0] == "close")
+                job.backlog = 0
+        for job in ended:
+            job._send({"type": "error", "error": message, "code": "server_shutting_down"})
+        return len(ended)
 
     def open(self, emit: Callable[[dict], None], keep_result: bool = False) -> Job:
         """A new job, or `ServerBusy` when `max_sessions` are open."""
         with self._cond:
+            if self._ending:
+                raise ServerBusy("the server is shutting down")
             if len(self._jobs) >= self.limits.max_sessions:
                 raise ServerBusy(f"the server is busy: all {self.limits.max_sessions} sessions are in use; "
                                  "try again later")
@@ -208,7 +228,7 @@ class Engine:
     def submit(self, job: Job, *ops: tuple):
         """Queue operations: ("start", delay_ms), ("audio", samples), ("flush",), ("finish",)."""
         with self._cond:
-            if job.cancelled:
+            if job.cancelled or self._ending:
                 return
             for op in ops:
                 job.ops.append(op)
@@ -245,6 +265,9 @@ class Engine:
                 if self._stopping:
                     return
                 job = self._ready.popleft()
+                if not job.ops:  # emptied by `end_all` while it waited
+                    job.scheduled = False
+                    continue
                 op = self._take_turn(job, self._turn if self._ready else self._solo_turn)
             try:
                 self._execute(job, op)
@@ -384,7 +407,10 @@ class _Guard:
 
     Browsers send any page's requests to localhost, and a rebound DNS name can point at it:
     requests whose Host is not an allowed name (when `allowed_hosts` is set) and browser
-    requests whose Origin is neither this machine nor in `allow_origins` are refused.
+    requests whose Origin is neither this machine nor in `allow_origins` are refused. Pages of
+    the origins let in may read the responses (CORS: `Access-Control-Allow-Origin` on every
+    response to them, and preflight `OPTIONS` requests answered before the key is asked for,
+    as browsers send no credentials with them).
     """
 
     def __init__(self, app, api_key: str | None, max_upload: int, allowed_hosts: frozenset | None = LOOPBACK_NAMES,
@@ -428,6 +454,16 @@ class _Guard:
             if "websocket.http.response" in scope.get("extensions", {}):
                 return await ws.send_denial_response(denied)
             return await ws.close(WS_POLICY_VIOLATION, refused[:120])
+        origin = dict(scope.get("headers", [])).get(b"origin")
+        if scope["type"] == "http" and origin is not None:
+            send = self._cors(send, origin)
+            requested = dict(scope["headers"]).get(b"access-control-request-method")
+            if scope["method"] == "OPTIONS" and requested is not None:
+                asked = dict(scope["headers"]).get(b"access-control-request-headers", b"").decode("latin-1")
+                return await Response(status_code=204, headers={
+                    "Access-Control-Allow-Methods": "GET, POST",
+                    "Access-Control-Allow-Headers": asked or "Authorization, Content-Type",
+                    "Access-Control-Max-Age": "600"})(scope, receive, send)
         if not self.authorized(scope):
             denied = _error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -443,6 +479,18 @@ class _Guard:
                 return await _too_large(self.max_upload)(scope, receive, send)
             receive = self._counting(receive)
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def _cors(send, origin: bytes):
+        """`send` with the headers that let the page of `origin` (already let in) read the response."""
+
+        async def with_cors(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", []),
+                                                 (b"access-control-allow-origin", origin), (b"vary", b"Origin")])
+            await send(message)
+
+        return with_cors
 
     def _counting(self, receive):
         seen = 0
@@ -626,7 +674,8 @@ class _Server:
             if event is None:
                 return Response(status_code=499)
             if event["type"] == "error":
-                return _error(500, event["error"], code=event["code"], kind="server_error")
+                status = 503 if event["code"] == "server_shutting_down" else 500
+                return _error(status, event["error"], code=event["code"], kind="server_error")
             return self._render(job.result, fmt, granularities, language)
         finally:
             self.engine.close(job)
@@ -801,7 +850,8 @@ class _Connection:
         if not isinstance(audio, str):
             raise _ProtocolError("'audio' must be a base64 string of PCM16 16 kHz mono samples", "invalid_audio")
         try:
-            data = base64.b64decode(audio, validate=True)
+            # Line breaks, as MIME encoders (base64.encodebytes) put every 76 characters, are no error.
+            data = base64.b64decode(audio.replace("\r", "").replace("\n", ""), validate=True)
         except (binascii.Error, ValueError):
             raise _ProtocolError("'audio' is not valid base64", "invalid_audio") from None
         if not data or len(data) % 2:
@@ -897,7 +947,35 @@ def uvicorn_server(model: Voxtral, *, api_key: str | None = None, limits: Server
     log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
     config = uvicorn.Config(app, log_level=log_level, log_config=log_config, lifespan="on",
                             ws_max_size=limits.max_message_bytes * FRAME_LIMIT_FACTOR)
-    return uvicorn.Server(config)
+
+    errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietDenials) for f in errors.filters):
+        errors.addFilter(_QuietDenials())
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            """Ctrl+C or SIGTERM: besides uvicorn's graceful shutdown, end the sessions' work at
+            once, so that requests answer now rather than once their audio is decoded."""
+            if not self.should_exit:  # on a thread: the signal may come while this one holds the engine's lock
+                threading.Thread(target=_end_for_shutdown, args=(app.state.engine,), daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+class _QuietDenials(logging.Filter):
+    """Drops the ERROR line uvicorn's WebSocket protocols log after each refused WebSocket (a 401
+    or 403 sent as the handshake's denial response, as the ASGI spec allows): not an error here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing handshake."
+
+
+def _end_for_shutdown(engine: Engine):
+    """End the engine's sessions for a shutdown, saying so on stderr if there were any."""
+    n = engine.end_all()
+    if n:
+        log.warning("voxtral-mlx: stopping: %d session%s ended", n, "s" * (n > 1))
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -115,6 +115,9 @@ class StreamingSession:
         self.n_delay = audio.delay_tokens(delay_ms)
         self.delay_ms = round(self.n_delay * audio.token_ms)
         self.prompt = [tokenizer.bos] + [tokenizer.pad] * (audio.n_left_pad_tokens + self.n_delay)
+        if interval_ms is not None and not (isinstance(interval_ms, (int, float)) and not isinstance(interval_ms, bool)
+                                            and 0 <= interval_ms < float("inf")):
+            raise ValueError(f"interval_ms must be a number of milliseconds from 0, not {interval_ms!r}")
         self.min_tokens = max(1, round((interval_ms or 0) / audio.token_ms))
         if net.args.decoder.vocab_size > 2**24:
             raise ConfigError("a vocabulary over 2**24 ids is not supported (ids are read back as float32)")
@@ -220,7 +223,7 @@ class StreamingSession:
 
     def __exit__(self, *exc) -> None:
         if not self._closed:
-            self.finish()
+            self._finish()  # its text waits for a `finish()` after the block
 
     @property
     def finished(self) -> bool:
@@ -279,8 +282,14 @@ class StreamingSession:
         return self.streams[0].take()
 
     def finish(self) -> str:
-        """End the stream: pad as offline, decode everything, return the remaining text."""
-        self._check_open()
+        """End the stream: pad as offline, decode everything, return the remaining text. On a
+        finished session (a second call, or after the `with` block that finished it), the text
+        not yet returned, then ""."""
+        if not self._closed:
+            self._finish()
+        return self.streams[0].take()
+
+    def _finish(self):
         if self._audio_samples:
             if self._since_flush:
                 self._append_padding()
@@ -291,7 +300,6 @@ class StreamingSession:
             stream.end()
         self._closed = True
         mx.clear_cache()
-        return self.streams[0].take()
 
     def finish_batch(self, samples: list[np.ndarray]):
         """Decode one recording per stream of a `lockstep` session, as one batch, and finish.

@@ -114,8 +114,9 @@ class Timeline:
                  on_token: Callable[[TokenRecord], None] | None = None,
                  on_word: Callable[[Word], None] | None = None,
                  on_segment: Callable[[Segment], None] | None = None):
-        pause_ms = DEFAULT_PAUSE_MS if pause_ms is None else float(pause_ms)
-        if not pause_ms >= 0:
+        if pause_ms is None:
+            pause_ms = DEFAULT_PAUSE_MS
+        if isinstance(pause_ms, bool) or not isinstance(pause_ms, (int, float)) or not pause_ms >= 0:
             raise ValueError(f"pause_ms must be 0 or more, not {pause_ms!r}")
         self.tokenizer = tokenizer
         self.token_ms = token_ms

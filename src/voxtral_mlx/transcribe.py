@@ -309,8 +309,10 @@ WRITERS: dict[str, Callable[[Transcription], str]] = {
 
 
 def write_outputs(result: Transcription, output_dir: str | os.PathLike, name: str,
-                  formats: Iterable[str] = FORMATS) -> list[Path]:
-    """Write `output_dir/name.<format>` for each format (created if needed); return the paths."""
+                  formats: str | Iterable[str] = FORMATS) -> list[Path]:
+    """Write `output_dir/name.<format>` for each format (one, or several; created if needed);
+    return the paths."""
+    formats = [formats] if isinstance(formats, str) else list(formats)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -1,0 +1,5 @@
+"""`python -m voxtral_mlx`: the `voxtral-mlx` command."""
+
+from .cli import main
+
+main()
