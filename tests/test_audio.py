@@ -271,6 +271,15 @@ def test_two_dimensional_array_is_frames_by_channels():
     np.testing.assert_array_equal(prepare_audio(stereo16), np.zeros(10, np.float32))
 
 
+def test_few_frames_are_frames_by_channels():
+    # A stream's chunk of one or a few stereo frames, as sounddevice delivers them.
+    for frames in (np.array([[0.5, -0.25]], np.float32), np.array([[0.5, -0.25], [0.125, 0.0]], np.float32),
+                   np.full((3, 40), 0.5, np.float32)):
+        np.testing.assert_array_equal(prepare_audio(frames), frames.mean(axis=1))
+    # Past 64 a dimension is frames: (channels, frames) as torchaudio and librosa give a recording.
+    np.testing.assert_array_equal(prepare_audio(np.full((2, 65), 0.5, np.float32)), np.full(65, 0.5, np.float32))
+
+
 def test_channels_first_array_is_not_silently_collapsed():
     audio = np.stack([tone(440.0), tone(440.0)])  # [2, 16000]
     try:

@@ -102,7 +102,9 @@ def prepare_audio(samples, rate: int = SAMPLE_RATE, sample_rate: int = SAMPLE_RA
     """Validate samples and return them as float32 mono at `sample_rate`.
 
     Integer PCM is scaled to [-1, 1); the channels of 2-D input, (frames, channels) or
-    (channels, frames), are averaged.
+    (channels, frames), are averaged: an array is (frames, channels) as soundfile and
+    sounddevice give it where its second dimension could be channels (up to 64), so that a
+    stream's few-frame chunks (1 frame of stereo: shape (1, 2)) keep their layout.
     """
     samples = np.asarray(samples)
     if samples.dtype.kind in "iu":
@@ -112,7 +114,7 @@ def prepare_audio(samples, rate: int = SAMPLE_RATE, sample_rate: int = SAMPLE_RA
         raise AudioError(f"{name}: expected float or integer PCM samples, got dtype {samples.dtype}")
     if samples.ndim == 2:
         # (frames, channels) as soundfile gives, or (channels, frames) as torchaudio and librosa do.
-        axis = 1 if samples.shape[1] <= MAX_CHANNELS and samples.shape[1] <= samples.shape[0] else 0
+        axis = 1 if samples.shape[1] <= MAX_CHANNELS else 0
         if samples.shape[axis] > MAX_CHANNELS:
             raise AudioError(f"{name}: cannot tell channels from frames in an array of shape {samples.shape}; "
                              "pass mono samples or (frames, channels)")

@@ -109,6 +109,9 @@ class Voxtral:
 
     @property
     def dtype(self) -> mx.Dtype:
+        """The dtype activations are computed in: float32 wherever voxtral-mlx's CPU kernels
+        multiply (`load(dtype="bfloat16")` there rounds the products' inputs to bfloat16, and
+        quantized weights multiply exactly, with float32 around them)."""
         return self.net.dtype
 
     @property
