@@ -123,7 +123,10 @@ def test_unknown_repo_id_offline():
     proc = run("transcribe", JFK, "--model", "owner/no-such-model")
     assert (proc.returncode, proc.out) == (1, "")
     one_error_line(proc, "owner/no-such-model is not in the local Hugging Face cache")
-    assert "`hf download owner/no-such-model " in proc.err
+    assert "`hf download owner/no-such-model --local-dir DIR`" in proc.err
+    proc = run("transcribe", JFK, "--model", "~no_such_user_zz/model")
+    assert (proc.returncode, proc.out) == (1, "")
+    one_error_line(proc, "~no_such_user_zz/model: no such model directory (no home directory for its ~)")
 
 
 @pytest.mark.parametrize("delay", ["100", "0", "2480"])
@@ -247,3 +250,25 @@ def test_verbose_names_stdin(model_dir):
                               capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0
     assert any(line.startswith("stdin: 11.00 s of audio, ") for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_verbose_names_mlx_quantized_products(tmp_path, model_dir):
+    voxtral_mlx.convert(model_dir, tmp_path / "q6", q_bits=6)  # 6 bits: MLX's own product, on every CPU
+    proc = run("transcribe", JFK, "--model", tmp_path / "q6", "-v")
+    assert proc.returncode == 0
+    assert proc.err.startswith(f"loaded {tmp_path / 'q6'} (6-bit products through MLX, float32 elsewhere) in ")
+
+
+def test_serve_names_a_model_given_as_dot_by_its_directory(model_dir):
+    proc = subprocess.Popen([str(SCRIPT), "serve", "--model", ".", "--port", "0"], cwd=model_dir,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        line = proc.stderr.readline().decode()
+        url = line.split(" on ")[1].split()[0]
+        import httpx
+
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [model_dir.name]
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -303,6 +303,9 @@ def test_force_leaves_other_things_alone(tiny_dir, tmp_path, what):
     ({"q_bits": 5}, "q_bits 5 is not supported; use 4, 6 or 8"),
     ({"q_bits": 2}, "q_bits 2 is not supported; use 4, 6 or 8"),
     ({"q_bits": 4, "q_group_size": 16}, "q_group_size 16 is not supported; use 32, 64 or 128"),
+    ({"q_bits": 4.0}, "q_bits 4.0 is not supported; use 4, 6 or 8"),
+    ({"q_bits": True}, "q_bits True is not supported; use 4, 6 or 8"),
+    ({"q_bits": 4, "q_group_size": 64.0}, "q_group_size 64.0 is not supported; use 32, 64 or 128"),
     ({"dtype": "int8"}, "dtype 'int8' is not supported; use float32, bfloat16 or float16"),
 ])
 def test_bad_options(tiny_dir, tmp_path, options, message):
@@ -321,6 +324,60 @@ def test_a_failed_conversion_leaves_nothing(tiny_dir, tmp_path):
     with pytest.raises(WeightsError, match="truncated|not a readable safetensors file"):
         convert(src, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_output_that_appears_meanwhile_is_left_alone(tiny_dir, tmp_path, monkeypatch):
+    conversion = sys.modules["voxtral_mlx.convert"]  # the package's `convert` is the function
+    out, write = tmp_path / "out", conversion._write_shards
+
+    def someone_else_writes_there(*args):
+        out.mkdir()
+        (out / "notes.txt").write_text("keep")
+        return write(*args)
+
+    monkeypatch.setattr(conversion, "_write_shards", someone_else_writes_there)
+    with pytest.raises(FileExistsError, match=re.escape(f"{out} already exists")):
+        convert(tiny_dir, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "notes.txt").read_text() == "keep"
+
+
+def test_replacing_keeps_one_whole_model_at_every_moment(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    convert(tiny_dir, out, dtype="float32")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name.startswith(".out.converting-"):  # the new model, into the old one's place
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_dir, out, q_bits=8, force=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_what_killed_conversions_left_is_cleared(tiny_dir, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    half = tmp_path / f".out.converting-{dead.pid}"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"half")
+    convert(tiny_dir, tmp_path / "old", dtype="float32")
+    (tmp_path / "old").rename(tmp_path / f".out.replaced-{dead.pid}")  # killed between its two renames
+    alive = tmp_path / f".out.converting-{os.getppid()}"  # a conversion still running: left alone
+    alive.mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):  # the old model is back, and kept
+        convert(tiny_dir, out)
+    assert not half.exists() and json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert alive.exists()
+    convert(tiny_dir, out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"]
 
 
 # Command line.
@@ -345,12 +402,19 @@ def test_cli_convert(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--q-bits", "5"], "--q-bits 5 is not supported; use 4, 6 or 8"),
-    (["--q-group-size", "100"], "--q-group-size 100 is not supported; use 32, 64 or 128"),
+    (["--q-bits", "4", "--q-group-size", "100"], "--q-group-size 100 is not supported; use 32, 64 or 128"),
     (["--dtype", "fp8"], "dtype 'fp8' is not supported; use float32, bfloat16 or float16"),
 ])
 def test_cli_bad_options(tiny_dir, tmp_path, args, message):
     proc = run("convert", tiny_dir, tmp_path / "out", *args)
     assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"voxtral-mlx: error: {message}\n")
+
+
+def test_cli_group_size_needs_bits(tiny_dir, tmp_path):
+    proc = run("convert", tiny_dir, tmp_path / "out", "--q-group-size", "32")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == "voxtral-mlx: error: --q-group-size applies to quantized models: add --q-bits 4, 6 or 8\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_existing_output(tiny_dir, tmp_path):

@@ -185,10 +185,21 @@ def test_unknown_repo_id_offline_says_how_to_download(hub):
         voxtral_mlx.load("owner/missing")
     message = str(e.value)
     assert message.startswith("owner/missing is not in the local Hugging Face cache and could not be downloaded (")
-    assert message.endswith("; download it with `hf download owner/missing params.json consolidated.safetensors "
-                            "tekken.json --local-dir DIR` and pass that directory (voxtral-mlx --model DIR, "
-                            "or voxtral_mlx.load(DIR))")
+    # The whole repo: another layout than the official one (converted, mlx-audio) has other files.
+    assert message.endswith("; download it with `hf download owner/missing --local-dir DIR` and pass that directory "
+                            "(voxtral-mlx --model DIR, or voxtral_mlx.load(DIR))")
     assert "\n" not in message
+
+
+def test_a_home_directory_of_no_user(tmp_path):
+    with pytest.raises(ModelNotFoundError, match=re.escape("~no_such_user_zz/model: no such model directory "
+                                                           "(no home directory for its ~)")):
+        voxtral_mlx.load("~no_such_user_zz/model")
+
+
+def test_the_path_is_absolute(tiny_dir, monkeypatch):
+    monkeypatch.chdir(tiny_dir.parent)
+    assert voxtral_mlx.load(tiny_dir.name).path == tiny_dir.absolute()
 
 
 def test_default_model_offline_says_how_to_download(hub):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
+import mlx.nn
 import typer
 
 from . import __version__, cpu_quant, mkl_bf16
@@ -113,6 +114,19 @@ def _interruptible(command):
     return run
 
 
+def _describe(voxtral) -> str:
+    """How a loaded model multiplies, for --verbose."""
+    described = mkl_bf16.describe(voxtral.net) or cpu_quant.describe(voxtral.net)
+    if described:
+        return described
+    dtype = str(voxtral.dtype).rsplit(".", 1)[-1]
+    bits = sorted({m.bits for _, m in voxtral.net.named_modules()
+                   if isinstance(m, (mlx.nn.QuantizedLinear, mlx.nn.QuantizedEmbedding))})
+    if bits:
+        return f"{' and '.join(map(str, bits))}-bit products through MLX, {dtype} elsewhere"
+    return dtype
+
+
 def _check_model(model: str, delay_ms: int | None) -> Path:
     """The model directory, after the cheap checks (config files, delay) that precede the weights."""
     path = resolve_model(model)
@@ -145,6 +159,11 @@ def _check_output_dir(path: Path) -> None:
             pass
     except OSError as e:
         raise OSError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None
+
+
+def _terminate(signum, frame):
+    """SIGTERM as Ctrl+C: the work in progress is cleaned up on the way out."""
+    raise KeyboardInterrupt
 
 
 def _finite(unit: str, zero: bool = False):
@@ -251,8 +270,7 @@ def transcribe(
         start = time.perf_counter()
         path = _check_model(model, delay_ms)
         voxtral = load(path, dtype=dtype)
-        kind = (mkl_bf16.describe(voxtral.net) or cpu_quant.describe(voxtral.net)
-                or str(voxtral.dtype).rsplit('.', 1)[-1])
+        kind = _describe(voxtral)
         _status(verbose, f"loaded {path} ({kind}) in "
                          f"{time.perf_counter() - start:.1f} s on the {'GPU' if mx.default_device() == mx.gpu else 'CPU'}")
         if mx.default_device() == mx.cpu:
@@ -600,14 +618,19 @@ def convert(
                                                           "bfloat16, float16 or float32."),
     q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Quantize the linear layers and the tied "
                                                                 "embedding to 4, 6 or 8 bits [default: no quantization]."),
-    q_group_size: int = typer.Option(64, "--q-group-size", help="Weights per quantization scale: 32, 64 or 128."),
+    q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="Weights per quantization scale, with "
+                                                                            "--q-bits: 32, 64 or 128 [default: 64]."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it holds a model written by this command."),
 ):
     """Convert a model to the voxtral-mlx layout (cast or quantized), which --model and load() read directly."""
     from .convert import convert as convert_model
 
+    if q_group_size is not None and q_bits is None:
+        _fail("--q-group-size applies to quantized models: add --q-bits 4, 6 or 8")
+        raise typer.Exit(2)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # cleaned up as after Ctrl+C
     try:
-        result = convert_model(src, out, dtype=dtype, q_bits=q_bits, q_group_size=q_group_size, force=force)
+        result = convert_model(src, out, dtype=dtype, q_bits=q_bits, q_group_size=q_group_size or 64, force=force)
     except USER_ERRORS as e:
         message = str(e)
         for option in ("q_bits", "q_group_size"):
@@ -615,6 +638,8 @@ def convert(
                 message = "--" + option.replace("_", "-") + message[len(option):].split(" (or None")[0]
         _fail(message)
         raise typer.Exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if result.bits is None:
         kind = result.dtype
     else:
@@ -661,13 +686,10 @@ def serve(
 
     One model is loaded and shared; sessions are served in turns. Ctrl+C stops the server.
     """
-    try:
-        from .server import ServerLimits, missing_extras
+    missing = _missing_server_extras()
+    if not missing:
+        from .server import ServerLimits
         from .server import serve as run_server
-
-        missing = missing_extras()
-    except ImportError as e:
-        missing = [(e.name or "starlette").split(".")[0]]
     if missing:
         _fail(f"the server needs {', '.join(missing)}: pip install 'voxtral-mlx[server]'")
         raise typer.Exit(1)
@@ -684,7 +706,7 @@ def serve(
                    "port can use the server", err=True)
     try:
         # A local model is listed by its directory's name, not its path on this machine.
-        model_id = path.name if Path(model).expanduser().is_dir() else model
+        model_id = path.absolute().name if Path(model).expanduser().is_dir() else model
         run_server(voxtral, host=host, port=port, api_key=api_key, limits=limits, model_id=model_id,
                    delay_ms=delay_ms, log_level="info" if verbose else "warning", allow_origins=tuple(allow_origin),
                    on_listening=lambda url: typer.echo(f"voxtral-mlx: serving {model} on {url} "
@@ -695,6 +717,22 @@ def serve(
     except KeyboardInterrupt:  # the server has shut down; Ctrl+C is how it is meant to end
         pass
     typer.echo("voxtral-mlx: server stopped", err=True)
+
+
+def _missing_server_extras() -> list[str]:
+    """Packages of the `server` extra that are not installed (found without importing them)."""
+    import importlib.util
+
+    modules = {"starlette": "starlette", "uvicorn": "uvicorn", "websockets": "websockets",
+               "python_multipart": "python-multipart"}
+    missing = []
+    for module, package in modules.items():
+        try:
+            if importlib.util.find_spec(module) is None:
+                missing.append(package)
+        except ValueError:  # a module set to None in sys.modules
+            missing.append(package)
+    return missing
 
 
 def main():

@@ -8,6 +8,7 @@ and dropped one at a time, so memory stays near the largest tensor whatever the 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -86,11 +87,15 @@ def convert(src: str | Path, out: str | Path, dtype: str = "bfloat16", q_bits: i
     """
     start = time.perf_counter()
     dt = parse_dtype(dtype)
-    if q_bits is not None and q_bits not in QUANT_BITS:
+    if q_bits is not None and (type(q_bits) is not int or q_bits not in QUANT_BITS):
         raise ValueError(f"q_bits {q_bits!r} is not supported; use 4, 6 or 8 (or None: no quantization)")
-    if q_group_size not in GROUP_SIZES:
+    if type(q_group_size) is not int or q_group_size not in GROUP_SIZES:
         raise ValueError(f"q_group_size {q_group_size!r} is not supported; use 32, 64 or 128")
-    out = Path(out).expanduser()
+    try:
+        out = Path(out).expanduser()
+    except RuntimeError:  # ~user of no user
+        raise FileNotFoundError(f"{out}: no home directory for its ~") from None
+    _remove_stale(out)
     _check_output(out, force)
     path = resolve_model(src)
     ckpt = find_checkpoint(path)
@@ -111,7 +116,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "bfloat16", q_bits: i
                   "converted_from": ckpt.layout}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(path / "tekken.json", tmp / "tekken.json")
-        _replace(out, tmp)
+        _replace(out, tmp, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -223,15 +228,43 @@ def _write_safetensors(file: Path, names: list[str], tensors: dict[str, mx.array
             mx.clear_cache()
 
 
-def _replace(out: Path, tmp: Path):
+def _replace(out: Path, tmp: Path, force: bool):
+    """Put the finished `tmp` in the place of `out`: a new directory is renamed, an old model
+    (checked again: it may have appeared, or changed, during the conversion) is moved aside
+    first and deleted last, so that one of the two is whole at every moment."""
+    _check_output(out, force)
     if not out.exists():
         tmp.rename(out)
         return
-    for f in out.iterdir():
-        f.unlink()
-    for f in tmp.iterdir():
-        f.rename(out / f.name)
-    tmp.rmdir()
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(out: Path):
+    """Clear what conversions to `out` that were killed (not interrupted: they clean up) left
+    beside it, named after their process, which no longer runs: a half-written model is
+    deleted; an old model moved aside for its replacement goes back to `out` if that is missing."""
+    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        kind, _, pid = leftover.name[len(out.name) + 2:].rpartition("-")
+        if kind not in ("converting", "replaced") or not pid.isdigit() or not leftover.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except OSError:  # a process of another user: alive
+            continue
+        if kind == "replaced" and not out.exists():
+            leftover.rename(out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:

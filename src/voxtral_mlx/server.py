@@ -30,7 +30,6 @@ import contextlib
 import copy
 import hashlib
 import hmac
-import importlib.util
 import json
 import logging
 import math
@@ -925,12 +924,6 @@ def create_app(model: Voxtral, *, model_id: str = "voxtral-mlx", api_key: str | 
     )
     app.state.engine = server.engine
     return app
-
-
-def missing_extras() -> list[str]:
-    """Packages of the `server` extra that are not installed (starlette is imported above)."""
-    modules = {"uvicorn": "uvicorn", "websockets": "websockets", "python_multipart": "python-multipart"}
-    return [package for module, package in modules.items() if importlib.util.find_spec(module) is None]
 
 
 def uvicorn_server(model: Voxtral, *, api_key: str | None = None, limits: ServerLimits | None = None,

@@ -167,7 +167,10 @@ def _config_checkpoint(path: Path, files: list[str], repo: str | None) -> Checkp
 def resolve_model(path_or_repo: str | Path = DEFAULT_MODEL) -> Path:
     """A local model directory in any supported layout, or a Hugging Face repo id fetched into the
     hub cache (only the files its layout needs)."""
-    path = Path(path_or_repo).expanduser()
+    try:
+        path = Path(path_or_repo).expanduser()
+    except RuntimeError:  # ~user of no user
+        raise ModelNotFoundError(f"{path_or_repo}: no such model directory (no home directory for its ~)") from None
     if path.is_dir():
         find_checkpoint(path)
         return path
@@ -207,7 +210,8 @@ def _snapshot(repo: str, patterns: tuple[str, ...]) -> Path:
     except Exception as e:  # offline, network or cache errors all end the same way for the user
         raise ModelNotFoundError(
             f"{repo} is not in the local Hugging Face cache and could not be downloaded "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); {_get_instructions(repo)}"
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+            f"{_get_instructions(repo, MODEL_FILES if repo == DEFAULT_MODEL else None)}"
         ) from None
 
 
@@ -409,4 +413,4 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
     elif quantized and cpu_quant.available():
         cpu_quant.adopt(net)  # so is its CPU quantized matmul; the kernel's runs at memory speed
     net.snapshots.store = states.store_for(ckpt.path, ckpt.weight_files)  # the left pad's state, on disk
-    return Voxtral(net, tokenizer, audio, path)
+    return Voxtral(net, tokenizer, audio, path.absolute())
