@@ -243,7 +243,8 @@ def _g711(kind: int) -> np.ndarray:
     else:
         b = b ^ 0x55
         exponent, mantissa = (b >> 4) & 7, b & 15
-        magnitude = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+        shift = np.maximum(exponent - 1, 0)
+        magnitude = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << shift)
     sign = (b & 0x80) != 0
     return (np.where(sign == (kind == _WAV_MULAW), -magnitude, magnitude) / 32768).astype(np.float32)
 

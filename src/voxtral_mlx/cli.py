@@ -27,8 +27,8 @@ from .transcribe import FORMATS, Transcription, write_outputs
 from .weights import (DEFAULT_MODEL, ModelNotFoundError, WeightsError, blas_backend, load, load_config,
                       resolve_model)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
-                  help="Voxtral Realtime speech-to-text with MLX.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown", help="Voxtral Realtime speech-to-text with MLX.")
 
 BLAS_HINT = ("; MKL makes them over 10x faster: pip install 'voxtral-mlx[mkl]' (x86-64), or OpenBLAS "
              "about 3x: sudo apt install libopenblas0-pthread")
@@ -224,8 +224,9 @@ def transcribe(
                                         "of them (faster; a decoder cache per file)."),
     speculate: Optional[int] = typer.Option(
         None, "--speculate", min=0, max=MAX_SPECULATE, metavar="K",
-        help="Check K positions (2 to 32) per decoder pass, guessing pads where the audio is already in (same tokens; "
-             "0 or 1: off; default 8 where the CPU's row kernels multiply, else off). Not within batches of several files."),
+        help="Check K positions (2 to 32) per decoder pass, guessing pads where the audio is already in (same "
+             "tokens; 0 or 1: off; default 8 where the CPU's row kernels multiply, else off). Not within batches "
+             "of several files."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Status and timings on stderr."),
 ):
     """Transcribe audio files or a live stream; text is printed as it is decoded.
