@@ -16,6 +16,11 @@ os.environ.setdefault("VOXTRAL_MLX_STATES", "off")
 from reference import Reference  # noqa: E402
 from tiny_checkpoint import write_checkpoint  # noqa: E402
 
+from voxtral_mlx import cpu_kernels  # noqa: E402
+
+# Built once before any test, so that no command a test runs is the one that compiles them (and says so).
+cpu_kernels.library()
+
 AUDIO = TESTS.parent.parent / "shared" / "audio"
 if not AUDIO.is_dir():
     AUDIO = Path("/work/shared/audio")

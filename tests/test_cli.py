@@ -17,8 +17,8 @@ NIGHT = AUDIO / "night1968_5s.wav"
 ERROR = "voxtral-mlx: error: "
 
 
-def run(*args, timeout=60) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="100", NO_COLOR="1")
+def run(*args, timeout=60, **env_vars) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="100", NO_COLOR="1", **env_vars)
     proc = subprocess.run([str(SCRIPT), *map(str, args)], stdin=subprocess.DEVNULL, capture_output=True,
                           env=env, timeout=timeout)
     proc.out, proc.err = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
@@ -272,3 +272,18 @@ def test_serve_names_a_model_given_as_dot_by_its_directory(model_dir):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_first_run_says_it_compiles_the_kernels(tmp_path, model_dir):
+    from voxtral_mlx import cpu_kernels
+
+    text = library_text(model_dir, JFK).strip() + "\n"
+    first = run("transcribe", JFK, "--model", model_dir, timeout=300, XDG_CACHE_HOME=str(tmp_path))
+    assert (first.returncode, first.out) == (0, text)
+    if cpu_kernels.library() is None:  # not here (another CPU, no compiler): nothing to build, nothing said
+        assert first.err == ""
+        return
+    assert first.err == "voxtral-mlx: compiling the CPU kernels (once for this version and machine: several seconds)\n"
+    assert list((tmp_path / "voxtral-mlx").glob("cpu_rows-*.so"))
+    again = run("transcribe", JFK, "--model", model_dir, XDG_CACHE_HOME=str(tmp_path))
+    assert (again.returncode, again.out, again.err) == (0, text, "")

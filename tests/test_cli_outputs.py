@@ -6,6 +6,7 @@ import pty
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,39 @@ def test_progress_bars_and_text_on_the_same_terminal(timed_dir):
     text = library(timed_dir, NIGHT).text.strip()
     assert text.replace("\ufffd", "") in screen.replace("\r\n", "\n").replace("\ufffd", "")
     assert "night1968_5s.wav" in screen and "files" not in screen  # one input: no overall bar
+
+
+def test_a_stream_on_the_terminal_of_its_text_prints_it_as_it_comes(timed_dir):
+    import soundfile as sf
+
+    audio, _ = sf.read(JFK, dtype="int16")
+    first = audio[: 8 * 16000]
+    session = load_model(timed_dir).stream()
+    early = session.feed(first.astype(np.float32) / 32768).strip()  # final before the input ends
+    assert len(early) > 5
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(SCRIPT), "transcribe", "-", "-m", str(timed_dir)], stdin=subprocess.PIPE,
+                            stdout=slave, stderr=slave, env=ENV)
+    os.close(slave)
+    proc.stdin.write(first.tobytes())
+    proc.stdin.flush()
+    screen, deadline = b"", time.monotonic() + 60
+    while early.encode()[:5] not in screen.replace(b"\r\n", b"\n"):  # the input is still open
+        assert time.monotonic() < deadline, screen
+        if select.select([master], [], [], 1)[0]:
+            screen += os.read(master, 65536)
+    proc.stdin.write(audio[8 * 16000 :].tobytes())
+    proc.stdin.close()
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        screen += data
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = library(timed_dir, JFK).text.strip()
+    assert text.replace("\ufffd", "") in screen.decode(errors="replace").replace("\r\n", "\n").replace("\ufffd", "")
+    assert "━" not in screen.decode(errors="replace")  # no progress bar over the live text

@@ -154,6 +154,18 @@ def test_falling_behind_is_reported_once(tiny_dir):
     assert "".join(texts) == model.transcribe(audio).text
 
 
+def test_a_backlog_is_fed_in_pieces_so_its_text_shows_as_it_is_decoded(tiny_dir, monkeypatch):
+    from voxtral_mlx import StreamingSession
+
+    model = load_model(tiny_dir)
+    audio = speech("night1968_5s")
+    fed, real = [], StreamingSession.feed
+    monkeypatch.setattr(StreamingSession, "feed", lambda self, x: (fed.append(x.size), real(self, x))[1])
+    texts = list(transcribe_live(model, FakeSource(audio, audio.size), vad=False))  # all of it waits at once
+    assert fed == [8 * 1280] * (audio.size // (8 * 1280)) + [audio.size % (8 * 1280)]
+    assert "".join(texts) == model.transcribe(audio).text and len(texts) > 1
+
+
 def test_audio_waiting_behind_real_time_is_decoded_speculatively_where_the_model_does(tiny_dir, monkeypatch):
     # This model's default is off (MKL multiplies its head); where it is on, 3 s waiting at each
     # read are decoded in passes, with the same text.

@@ -180,3 +180,51 @@ def test_compressed_stdin_is_one_error_line(tiny_dir):
     rc, out, err = pipe(tiny_dir, b"ID3\x04\x00" + bytes(5000))
     assert (rc, out) == (1, "")
     assert err.startswith("voxtral-mlx: error: stdin: MP3 data (compressed audio)") and err.count("\n") == 1
+
+
+def test_a_live_source_the_model_cannot_keep_up_with_is_told_once(tiny_dir, monkeypatch):
+    import threading
+
+    from voxtral_mlx import StreamingSession
+    from voxtral_mlx.cli import _Printer, _transcribe_stdin
+
+    model = load_model(tiny_dir)
+    audio = quantized(speech("jfk")[: 5 * 16000])
+    read, write = os.pipe()
+
+    def record():  # in real time, 80 ms at a time
+        data = pcm16(audio)
+        for i in range(0, len(data), 2560):
+            os.write(write, data[i : i + 2560])
+            time.sleep(0.08)
+        os.close(write)
+
+    messages, feed = [], StreamingSession.feed
+
+    def slow_feed(self, x):  # three times slower than real time, until told
+        if not messages:
+            time.sleep(3 * x.size / 16000)
+        return feed(self, x)
+
+    monkeypatch.setattr(StreamingSession, "feed", slow_feed)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(os.fdopen(read, "rb")))
+    threading.Thread(target=record, daemon=True).start()
+    result = _transcribe_stdin(model, None, _Printer(hold=lambda text: None), on_status=messages.append)
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("voxtral-mlx: falling behind real time: ")
+    assert float(messages[0].split(": ")[2].split(" s ")[0]) > 2.0
+    assert result.tokens == model.transcribe(audio).tokens  # nothing lost
+
+
+def test_a_file_piped_in_is_not_behind_however_slow_the_model(tiny_dir, monkeypatch):
+    from voxtral_mlx import StreamingSession
+    from voxtral_mlx.cli import _Printer, _transcribe_stdin
+
+    model = load_model(tiny_dir)
+    audio = quantized(speech("jfk")[: 3 * 16000])
+    feed = StreamingSession.feed
+    monkeypatch.setattr(StreamingSession, "feed", lambda self, x: (time.sleep(2 * x.size / 16000), feed(self, x))[1])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(wav_bytes(audio)))))
+    messages = []
+    result = _transcribe_stdin(model, None, _Printer(hold=lambda text: None), on_status=messages.append)
+    assert messages == [] and result.tokens == model.transcribe(audio).tokens

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
 import shutil
 import struct
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -190,6 +193,73 @@ def read_pcm_stream(stream: BinaryIO, sample_rate: int = SAMPLE_RATE,
         tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
         if tail.size:
             yield tail
+
+
+class PipeReader:
+    """`read_pcm_stream(stream)` read ahead on a thread, up to `max_seconds` of audio, so that a
+    live recorder writing into the pipe is not held up while the model decodes; past that the
+    pipe waits, and a file piped in is read as fast as it is transcribed.
+
+    `behind_seconds` is the audio waiting here if it comes from a live source (one that
+    delivered at most 1.5x real time while there was room to read ahead), else 0.
+    """
+
+    def __init__(self, stream: BinaryIO, sample_rate: int = SAMPLE_RATE, max_seconds: float = 10.0):
+        self.sample_rate = sample_rate
+        self._chunks = read_pcm_stream(stream, sample_rate)
+        self._limit = max(1, int(max_seconds * sample_rate))
+        self._queue: collections.deque = collections.deque()
+        self._waiting = 0
+        self._cond = threading.Condition()
+        self._done = False
+        self._error: BaseException | None = None
+        self._free_seconds, self._free_samples = 0.0, 0  # reads made while there was room
+        threading.Thread(target=self._run, name="voxtral-mlx-pipe", daemon=True).start()
+
+    def _run(self):
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._waiting < self._limit)
+                start = time.monotonic()
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                with self._cond:
+                    self._free_seconds += time.monotonic() - start
+                    self._free_samples += chunk.size
+                    self._queue.append(chunk)
+                    self._waiting += chunk.size
+                    self._cond.notify_all()
+        except Exception as e:  # an unreadable stream: raised by `take`
+            self._error = e
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def take(self, timeout: float | None = None) -> np.ndarray | None:
+        """Every sample waiting, after waiting up to `timeout` for some (so possibly none); None
+        once the stream has ended and everything was taken."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue or self._done, timeout)
+            if self._queue:
+                chunks = list(self._queue)
+                self._queue.clear()
+                self._waiting = 0
+                self._cond.notify_all()
+                return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return None
+            return np.zeros(0, np.float32)
+
+    @property
+    def behind_seconds(self) -> float:
+        with self._cond:
+            live = self._free_samples < 1.5 * self._free_seconds * self.sample_rate
+            return self._waiting / self.sample_rate if live else 0.0
 
 
 def _read_some(stream: BinaryIO, n: int) -> bytes:

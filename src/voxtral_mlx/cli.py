@@ -18,9 +18,10 @@ import mlx.core as mx
 import mlx.nn
 import typer
 
-from . import __version__, cpu_quant, mkl_bf16
-from .audio import AudioError, load_audio, read_pcm_stream
+from . import __version__, cpu_kernels, cpu_quant, mkl_bf16
+from .audio import AudioError, PipeReader, load_audio
 from .config import ConfigError
+from .mic import BEHIND_S
 from .streaming import MAX_SPECULATE
 from .timestamps import DEFAULT_PAUSE_MS
 from .transcribe import FORMATS, Transcription, write_outputs
@@ -32,6 +33,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 BLAS_HINT = ("; MKL makes them over 10x faster: pip install 'voxtral-mlx[mkl]' (x86-64), or OpenBLAS "
              "about 3x: sudo apt install libopenblas0-pthread")
+# Audio read ahead of the model from stdin: a live recorder's cushion when this machine is slower.
+STDIN_AHEAD_S = 10.0
 USER_ERRORS = (AudioError, ConfigError, ModelNotFoundError, WeightsError, ValueError, OSError)
 
 
@@ -125,6 +128,14 @@ def _describe(voxtral) -> str:
     if bits:
         return f"{' and '.join(map(str, bits))}-bit products through MLX, {dtype} elsewhere"
     return dtype
+
+
+def _load(path: Path, dtype: str | None):
+    """The model, loaded; the one-time build of the CPU kernels is announced, not silent."""
+    if mx.default_device() == mx.cpu and cpu_kernels.needs_build():
+        typer.echo("voxtral-mlx: compiling the CPU kernels (once for this version and machine: several seconds)",
+                   err=True)
+    return load(path, dtype=dtype)
 
 
 def _check_model(model: str, delay_ms: int | None) -> Path:
@@ -270,7 +281,7 @@ def transcribe(
             _check_output_dir(output_dir)
         start = time.perf_counter()
         path = _check_model(model, delay_ms)
-        voxtral = load(path, dtype=dtype)
+        voxtral = _load(path, dtype)
         kind = _describe(voxtral)
         _status(verbose, f"loaded {path} ({kind}) in "
                          f"{time.perf_counter() - start:.1f} s on the {'GPU' if mx.default_device() == mx.gpu else 'CPU'}")
@@ -279,12 +290,13 @@ def transcribe(
         if speculate is None:
             speculate = voxtral.default_speculate
         if speculate > 1:
-            _status(verbose, f"speculative pad decoding: up to {speculate} positions per decoder pass")
+            alone = " (for a file alone; not within batches)" if len(inputs) > 1 and batch_size > 1 else ""
+            _status(verbose, f"speculative pad decoding: up to {speculate} positions per decoder pass{alone}")
     except USER_ERRORS as e:
         _fail(str(e))
         raise typer.Exit(1)
     options = dict(delay_ms=delay_ms, alternatives=alt, pause_ms=pause_ms, speculate=speculate)
-    with _Display(len(inputs), verbose) as display:
+    with _Display(len(inputs), verbose, live="-" in inputs) as display:
         for group in _batches(inputs, batch_size):
             if group == ["-"]:
                 failed += _stdin_input(voxtral, interval_ms, display, formats, output_dir, options)
@@ -310,7 +322,7 @@ def _stdin_input(voxtral, interval_ms, display, formats, output_dir, options) ->
     printer, start = display.printer(), time.perf_counter()
     bar = display.start_file("stdin", None)
     try:
-        result = _transcribe_stdin(voxtral, interval_ms, printer,
+        result = _transcribe_stdin(voxtral, interval_ms, printer, on_status=display.echo,
                                    on_token=lambda record: display.on_token(bar, record), **options)
     except AudioError as e:
         printer.end()
@@ -421,22 +433,25 @@ class _Display:
     up, messages are printed above them, and so is each transcript if stdout is the same
     terminal (stdout going elsewhere gets the text as it is decoded, as without bars)."""
 
-    def __init__(self, n_files: int, verbose: bool):
+    def __init__(self, n_files: int, verbose: bool, live: bool = False):
         self.n_files, self.verbose, self.done = n_files, verbose, 0
         self.progress = self._overall = None
         self.shared_terminal = False
         if sys.stderr.isatty():
+            try:
+                self.shared_terminal = sys.stdout.isatty() and os.path.samestat(
+                    os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+            except (OSError, ValueError):
+                self.shared_terminal = False
+        # A live stream's text is its progress: on the terminal of its text, it is printed as it
+        # comes, without bars (which would hold it back until the stream ends).
+        if sys.stderr.isatty() and not (live and self.shared_terminal):
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
                                      TaskProgressColumn(), TimeRemainingColumn(), console=Console(stderr=True),
                                      transient=True, redirect_stdout=False, redirect_stderr=False)
-            try:
-                self.shared_terminal = sys.stdout.isatty() and os.path.samestat(
-                    os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
-            except (OSError, ValueError):
-                self.shared_terminal = False
             if n_files > 1:
                 self._overall = self.progress.add_task(self._files_done(), total=n_files)
 
@@ -489,31 +504,35 @@ class _Display:
             self.progress.update(self._overall, completed=self.done, description=self._files_done(), refresh=True)
 
 
-def _transcribe_stdin(voxtral, interval_ms, printer, **options) -> Transcription:
-    """Stream stdin into a session; Ctrl+C or end of input flushes the rest (a second Ctrl+C aborts)."""
+def _transcribe_stdin(voxtral, interval_ms, printer, on_status=None, **options) -> Transcription:
+    """Stream stdin into a session; Ctrl+C or end of input flushes the rest, the audio read ahead
+    included (a second Ctrl+C aborts). A live source this machine falls behind is told of once
+    through `on_status`."""
     session = voxtral.stream(interval_ms=interval_ms, on_text=printer, **options)
-    state = {"reading": False, "stop": False}
+    stop = threading.Event()
 
     def on_sigint(signum, frame):
-        if state["reading"] or state["stop"]:
+        if stop.is_set():
             raise KeyboardInterrupt
-        state["stop"] = True
+        stop.set()
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        chunks = read_pcm_stream(sys.stdin.buffer)
-        while not state["stop"]:
-            state["reading"] = True
-            try:
-                chunk = next(chunks, None)
-            except KeyboardInterrupt:
-                state["stop"] = True
+        reader, warned = PipeReader(sys.stdin.buffer, voxtral.sample_rate, STDIN_AHEAD_S), on_status is None
+        while True:
+            behind = reader.behind_seconds
+            chunk = reader.take(timeout=0 if stop.is_set() else 0.1)
+            if chunk is None or (stop.is_set() and not chunk.size):
                 break
-            finally:
-                state["reading"] = False
-            if chunk is None:
+            if not warned and behind > BEHIND_S:
+                on_status(f"voxtral-mlx: falling behind real time: {behind:.1f} s of audio were waiting; beyond "
+                          f"{STDIN_AHEAD_S:.0f} s a recorder writing into the pipe may drop some (`voxtral-mlx mic` "
+                          "keeps the latest audio instead)")
+                warned = True
+            if chunk.size:
+                session.feed(chunk)
+            if stop.is_set():  # what was read ahead is fed; the rest of the pipe is not read
                 break
-            session.feed(chunk)
         if session.audio_seconds == 0:
             raise AudioError("stdin: no audio received")
         session.finish()
@@ -574,7 +593,7 @@ def mic(
     printer, stats, failed = _Printer(), {}, False
     written = None
     try:
-        voxtral = load(path, dtype=dtype)
+        voxtral = _load(path, dtype)
         voxtral.prepare(delay_ms)  # before the microphone opens: the first words are not late by it
         with Microphone(device_id, duration=duration) as source:
             _status(verbose, f"listening on {source.name!r} at {source.rate} Hz; Ctrl+C to stop")
@@ -698,7 +717,7 @@ def serve(
         limits = ServerLimits(max_sessions=max_sessions, max_upload_mb=max_upload_mb,
                               max_audio_s=max_audio_minutes * 60, max_rate=max_rate)
         path = _check_model(model, delay_ms)
-        voxtral = load(path, dtype=dtype)
+        voxtral = _load(path, dtype)
     except USER_ERRORS as e:
         _fail(str(e))
         raise typer.Exit(1)

@@ -101,12 +101,17 @@ def compiler() -> str | None:
     return None
 
 
+def _target(cc: str, source: str, target_dir: Path) -> Path:
+    """Where `build` keeps the library of `source` built by `cc` (named by both, and the flags)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([source, cc, version, *FLAGS]).encode()).hexdigest()[:16]
+    return target_dir / f"{Path(SOURCE).stem}-{key}.so"
+
+
 def build(cc: str, source: str, target_dir: Path) -> Path:
     """Compile `source` with `cc` into `target_dir` (kept there; another process building the
     same library at the same time is harmless). Raises RuntimeError with the compiler's words."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([source, cc, version, *FLAGS]).encode()).hexdigest()[:16]
-    target = target_dir / f"{Path(SOURCE).stem}-{key}.so"
+    target = _target(cc, source, target_dir)
     if target.exists():
         return target
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +126,8 @@ def build(cc: str, source: str, target_dir: Path) -> Path:
     return target
 
 
-def _load():
+def _usable() -> tuple[str | None, str | None]:
+    """The C compiler to build the kernels with, or None and why they cannot be used here."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, "not x86-64 Linux"
     mode = os.environ.get(ENV, "auto").strip().lower()
@@ -135,6 +141,23 @@ def _load():
     cc = compiler()
     if cc is None:
         return None, "no C compiler (set CC, or install gcc or clang)"
+    return cc, None
+
+
+def needs_build() -> bool:
+    """Whether `library()` will compile the kernels first (once per machine and version: several
+    seconds), for a message before it."""
+    cc, _ = _usable()
+    try:
+        return cc is not None and not _target(cc, kernel_source(SOURCE), cache_dir()).exists()
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _load():
+    cc, why = _usable()
+    if cc is None:
+        return None, why
     try:
         lib = ctypes.CDLL(str(build(cc, kernel_source(SOURCE), cache_dir())))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:

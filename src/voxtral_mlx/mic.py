@@ -26,6 +26,9 @@ PREROLL_BLOCKS = 4
 MAX_BACKLOG_S = 10.0
 # Backlog that counts as falling behind (processing runs in bursts of up to a few tokens).
 BEHIND_S = 2.0
+# Audio fed to the model at a time (tokens of 80 ms): a backlog's text appears as it is decoded,
+# with speculative passes of up to 8 positions.
+FEED_TOKENS = 8
 
 
 class MicError(RuntimeError):
@@ -294,9 +297,12 @@ def transcribe_live(model, source, *, delay_ms: int | None = None, interval_ms: 
                           f"beyond {limit:.0f} s the oldest audio is skipped")
                 warned = True
             for kind, x in gate.process(samples) if gate is not None else [("feed", samples)]:
-                text = session.feed(x) if kind == "feed" else session.flush()
-                if text:
-                    yield text
+                # A backlog (behind real time) is fed in pieces, so its text shows as it is decoded.
+                pieces = [None] if kind == "flush" else range(0, x.size, FEED_TOKENS * spt) if x.size else [0]
+                for start in pieces:
+                    text = session.flush() if kind == "flush" else session.feed(x[start : start + FEED_TOKENS * spt])
+                    if text:
+                        yield text
     except MicError as e:
         error = e
     for kind, x in gate.end() if gate is not None else []:
