@@ -166,6 +166,23 @@ def test_a_backlog_is_fed_in_pieces_so_its_text_shows_as_it_is_decoded(tiny_dir,
     assert "".join(texts) == model.transcribe(audio).text and len(texts) > 1
 
 
+def test_drops_while_the_rest_is_decoded_are_not_counted_as_heard_time(tiny_dir, monkeypatch):
+    from voxtral_mlx import StreamingSession
+
+    model = load_model(tiny_dir)
+    source, finish = FakeSource(speech("night1968_5s"), 16000), StreamingSession.finish
+    source.dropped_seconds = 1.5
+
+    def finish_while_capture_drops(self):  # the device keeps capturing, unread, meanwhile
+        source.dropped_seconds = 99.0
+        return finish(self)
+
+    monkeypatch.setattr(StreamingSession, "finish", finish_while_capture_drops)
+    stats = {}
+    list(transcribe_live(model, source, vad=False, stats=stats))
+    assert stats["dropped"] == 1.5 and stats["heard"] == speech("night1968_5s").size / 16000
+
+
 def test_audio_waiting_behind_real_time_is_decoded_speculatively_where_the_model_does(tiny_dir, monkeypatch):
     # This model's default is off (MKL multiplies its head); where it is on, 3 s waiting at each
     # read are decoded in passes, with the same text.

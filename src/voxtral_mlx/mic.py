@@ -305,6 +305,8 @@ def transcribe_live(model, source, *, delay_ms: int | None = None, interval_ms: 
                         yield text
     except MicError as e:
         error = e
+    # What capture dropped while it was being listened to, not while the rest is decoded.
+    dropped = getattr(source, "dropped_seconds", 0.0)
     for kind, x in gate.end() if gate is not None else []:
         text = session.feed(x) if kind == "feed" else session.flush()
         if text:
@@ -315,7 +317,7 @@ def transcribe_live(model, source, *, delay_ms: int | None = None, interval_ms: 
     if stats is not None:
         stats.update(heard=heard / model.sample_rate, fed=session.audio_seconds,
                      skipped=0.0 if gate is None else gate.skipped / model.sample_rate,
-                     dropped=getattr(source, "dropped_seconds", 0.0))
+                     dropped=dropped)
     if error is not None:
         raise error
 
