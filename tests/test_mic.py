@@ -95,6 +95,7 @@ def test_gate_skips_silence_without_changing_the_text(fakemic, gate_dir):
     rc, gated, err = run_mic(env, "--device", "fakemic", "--duration", 8, "--model", gate_dir, "-v")
     assert rc == 0, err
     assert gated == plain == offline.text.strip() + "\n"
+    assert err.startswith(f"loaded {gate_dir} (")  # -v: how the model loaded, as `transcribe -v` says
     summary = [line for line in err.splitlines() if line.startswith("heard ")]
     heard, fed = float(summary[0].split()[1]), float(summary[0].split()[4])
     assert heard == 8.0 and fed < 8.0 - 3.0  # most of the 5 s of silence never reached the model

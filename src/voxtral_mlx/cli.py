@@ -130,12 +130,19 @@ def _describe(voxtral) -> str:
     return dtype
 
 
-def _load(path: Path, dtype: str | None):
-    """The model, loaded; the one-time build of the CPU kernels is announced, not silent."""
+def _load(path: Path, dtype: str | None, verbose: bool):
+    """The model, loaded; the one-time build of the CPU kernels is announced, not silent; with
+    `verbose`, how it multiplies, in what time, and the BLAS."""
+    start = time.perf_counter()
     if mx.default_device() == mx.cpu and cpu_kernels.needs_build():
         typer.echo("voxtral-mlx: compiling the CPU kernels (once for this version and machine: several seconds)",
                    err=True)
-    return load(path, dtype=dtype)
+    voxtral = load(path, dtype=dtype)
+    _status(verbose, f"loaded {path} ({_describe(voxtral)}) in {time.perf_counter() - start:.1f} s on the "
+                     f"{'GPU' if mx.default_device() == mx.gpu else 'CPU'}")
+    if mx.default_device() == mx.cpu:
+        _status(verbose, f"CPU matmuls: {blas_backend()}" + (BLAS_HINT if "reference" in blas_backend() else ""))
+    return voxtral
 
 
 def _check_model(model: str, delay_ms: int | None) -> Path:
@@ -279,14 +286,8 @@ def transcribe(
     try:
         if formats:
             _check_output_dir(output_dir)
-        start = time.perf_counter()
         path = _check_model(model, delay_ms)
-        voxtral = _load(path, dtype)
-        kind = _describe(voxtral)
-        _status(verbose, f"loaded {path} ({kind}) in "
-                         f"{time.perf_counter() - start:.1f} s on the {'GPU' if mx.default_device() == mx.gpu else 'CPU'}")
-        if mx.default_device() == mx.cpu:
-            _status(verbose, f"CPU matmuls: {blas_backend()}" + (BLAS_HINT if "reference" in blas_backend() else ""))
+        voxtral = _load(path, dtype, verbose)
         if speculate is None:
             speculate = voxtral.default_speculate
         if speculate > 1:
@@ -593,7 +594,7 @@ def mic(
     printer, stats, failed = _Printer(), {}, False
     written = None
     try:
-        voxtral = _load(path, dtype)
+        voxtral = _load(path, dtype, verbose)
         voxtral.prepare(delay_ms)  # before the microphone opens: the first words are not late by it
         with Microphone(device_id, duration=duration) as source:
             _status(verbose, f"listening on {source.name!r} at {source.rate} Hz; Ctrl+C to stop")
@@ -700,7 +701,7 @@ def serve(
     allow_origin: List[str] = typer.Option([], "--allow-origin",
                                            help="A web origin (https://app.example) whose browser pages may "
                                                 "call the server, besides localhost's; repeatable; * for any."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request on stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="The load and every request on stderr."),
 ):
     """Serve the model over HTTP: OpenAI's /v1/audio/transcriptions and the realtime WebSocket /v1/realtime.
 
@@ -717,7 +718,7 @@ def serve(
         limits = ServerLimits(max_sessions=max_sessions, max_upload_mb=max_upload_mb,
                               max_audio_s=max_audio_minutes * 60, max_rate=max_rate)
         path = _check_model(model, delay_ms)
-        voxtral = _load(path, dtype)
+        voxtral = _load(path, dtype, verbose)
     except USER_ERRORS as e:
         _fail(str(e))
         raise typer.Exit(1)
