@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -25,6 +26,16 @@ MAX_CHANNELS = 64
 
 class AudioError(ValueError):
     """Audio that cannot be read or used: the message says which file and why."""
+
+
+def check_amount(value: float | None, unit: str, zero: bool = False, name: str | None = None) -> float | None:
+    """`value`: None, or a finite number of `unit` above 0 (or 0 itself with `zero`); a
+    ValueError naming `name` (where given) otherwise."""
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and (0 <= value if zero else 0 < value) and value < math.inf):
+        raise ValueError(f"{name + ' ' if name else ''}must be a number of {unit} {'from 0' if zero else 'above 0'}, "
+                         f"not {value!r}")
+    return value
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -303,6 +314,7 @@ def _wav_header(stream: BinaryIO) -> tuple[int, int, int, int, int | None]:
     return tag, bits // 8, channels, rate, None if size in _UNKNOWN_SIZES else size
 
 
+@functools.lru_cache(maxsize=None)
 def _g711(kind: int) -> np.ndarray:
     """The 256 values of G.711 A-law or mu-law bytes, as float32 in [-1, 1)."""
     b = np.arange(256, dtype=np.int32)

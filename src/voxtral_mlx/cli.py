@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import signal
 import sys
@@ -19,7 +18,7 @@ import mlx.nn
 import typer
 
 from . import __version__, cpu_kernels, cpu_quant, mkl_bf16
-from .audio import AudioError, PipeReader, load_audio
+from .audio import AudioError, PipeReader, check_amount, load_audio
 from .config import ConfigError
 from .mic import BEHIND_S
 from .streaming import MAX_SPECULATE
@@ -189,9 +188,10 @@ def _finite(unit: str, zero: bool = False):
     (typer's ranges let nan and inf through)."""
 
     def check(value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
-            raise typer.BadParameter(f"must be a number of {unit} {'from 0' if zero else 'above 0'}, not {value}")
-        return value
+        try:
+            return check_amount(value, unit, zero)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
 
     return check
 

@@ -101,9 +101,14 @@ def compiler() -> str | None:
     return None
 
 
+@lru_cache(maxsize=None)
+def _version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+
+
 def _target(cc: str, source: str, target_dir: Path) -> Path:
     """Where `build` keeps the library of `source` built by `cc` (named by both, and the flags)."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = _version(cc)
     key = hashlib.sha256("\0".join([source, cc, version, *FLAGS]).encode()).hexdigest()[:16]
     return target_dir / f"{Path(SOURCE).stem}-{key}.so"
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
+from .audio import SAMPLE_RATE, check_amount
 
 # Gate thresholds on the RMS of an 80 ms block, in dB below full scale.
 OPEN_DB = -42.0
@@ -75,15 +75,6 @@ def input_device(device: int | str | None = None) -> dict:
         raise MicError(f"{which} ({e}); list them with `voxtral-mlx mic --list-devices`") from None
 
 
-def check_seconds(name: str, value: float | None, zero: bool = False) -> float | None:
-    """`value`: None, or a finite number of seconds above 0 (or 0 itself with `zero`);
-    ValueError naming `name` otherwise."""
-    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                  and (0 <= value if zero else 0 < value) and value < float("inf")):
-        raise ValueError(f"{name} must be a number of seconds{' from 0' if zero else ' above 0'}, not {value!r}")
-    return value
-
-
 class CaptureBuffer:
     """Blocks from the audio thread to the consumer, bounded: past `max_seconds` the oldest goes."""
 
@@ -132,7 +123,7 @@ class Microphone:
     def __init__(self, device: int | str | None = None, duration: float | None = None,
                  max_backlog_s: float = MAX_BACKLOG_S, sample_rate: int = SAMPLE_RATE):
         self.device = device
-        self.duration = check_seconds("duration", duration)
+        self.duration = check_amount(duration, "seconds", name="duration")
         self.max_backlog_s = max_backlog_s
         self.sample_rate = sample_rate
         self.stream = None
@@ -337,8 +328,8 @@ def mic(model=None, device: int | str | None = None, delay_ms: int | None = None
         interval: seconds of new audio between model runs (default: every 80 ms token).
         duration: stop after this many seconds of audio.
     """
-    check_seconds("interval", interval, zero=True)
-    check_seconds("duration", duration)
+    check_amount(interval, "seconds", zero=True, name="interval")
+    check_amount(duration, "seconds", name="duration")
     input_device(device)  # before a model is loaded (or downloaded) for a machine without one
     if model is None or isinstance(model, (str, Path)):
         from .weights import DEFAULT_MODEL, load

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import cpu_kernels, host, kernels
-from .audio import AudioError, LogMel, prepare_audio
+from .audio import AudioError, LogMel, check_amount, prepare_audio
 from .config import AudioArgs, ConfigError
 from .model import CachesSnapshot, VoxtralRealtime
 from .timestamps import Alternative, Segment, Timeline, TokenRecord, Word
@@ -115,9 +115,7 @@ class StreamingSession:
         self.n_delay = audio.delay_tokens(delay_ms)
         self.delay_ms = round(self.n_delay * audio.token_ms)
         self.prompt = [tokenizer.bos] + [tokenizer.pad] * (audio.n_left_pad_tokens + self.n_delay)
-        if interval_ms is not None and not (isinstance(interval_ms, (int, float)) and not isinstance(interval_ms, bool)
-                                            and 0 <= interval_ms < float("inf")):
-            raise ValueError(f"interval_ms must be a number of milliseconds from 0, not {interval_ms!r}")
+        check_amount(interval_ms, "milliseconds", zero=True, name="interval_ms")
         self.min_tokens = max(1, round((interval_ms or 0) / audio.token_ms))
         if net.args.decoder.vocab_size > 2**24:
             raise ConfigError("a vocabulary over 2**24 ids is not supported (ids are read back as float32)")
