@@ -1,17 +1,22 @@
 """Offline and streaming transcription speed, latency and memory.
 
-    python benchmarks/bench.py --model DIR [--audio FILE ...] [--dtype float32]
+    python benchmarks/bench.py --model DIR [DIR ...] [--audio FILE ...] [--dtype float32]
         [--chunk-ms 80] [--compare voxmlx --compare-python PY] [--json OUT]
 
-Prints one JSON record per run, then a table. Besides end-to-end runs (offline, and
+Prints one JSON record per run, then tables. Several models run one after another, each in a
+child process of its own (the other engine first), and end with one summary table: a row per
+model, against the other engine end to end. Besides end-to-end runs (offline, and
 streaming in `--chunk-ms` chunks as fast as the engine takes them), it times the parts: the
 encoder (ms per second of audio), the prompt prefill, and decoder steps (double-buffered, as
-in transcription), whose weight traffic it compares with the memory-bandwidth floor. A
+in transcription), whose weight traffic it compares with the memory-bandwidth floor at the rated
+`--bandwidth`, and as a speed with a plain read (numpy, the kernels' threads) measured just
+before the steps: on a shared machine what the memory gives varies from hour to hour. A
 streamed token's latency is the time from the call that delivered the last sample it needs to
 the moment its text is returned, on top of the model's own delay (`delay_ms` + 2.5 ms).
 
-`--compare voxmlx` runs the `voxmlx` package (PyPI) on the same checkpoint and clip, at its
-default settings, in a child process (`--compare-python` names a Python that has it).
+`--compare voxmlx` runs the `voxmlx` package (PyPI) on the same checkpoint (the first model,
+which must be in the official layout) and clip, at its default settings, in a child process
+(`--compare-python` names a Python that has it), on the first clip.
 
 Offline and batch runs decode plainly (`speculate=0`): a random checkpoint emits pads about
 as rarely as any other token, so the pads that `transcribe`'s default speculative decoding
@@ -28,6 +33,8 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,12 +45,13 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from voxtral_mlx import cpu_quant, encoder, mkl_bf16  # noqa: E402
+from voxtral_mlx import cpu_kernels, cpu_quant, encoder, mkl_bf16  # noqa: E402
 from voxtral_mlx.weights import blas_backend  # noqa: E402
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 DEFAULT_BANDWIDTH_GBS = 68.0
 WARM_STEPS = 4  # decoder steps of the parts mode left out of its times, while the pipeline fills
+READ_ONLY = "--plain-read"  # the child's only argument: measure the read and print GB/s
 
 
 def machine() -> dict:
@@ -75,6 +83,37 @@ def pages() -> str:
     if mode == "madvise" and tunables.get("glibc.malloc.hugetlb", "0") != "0":
         return "THP madvise, glibc.malloc.hugetlb=" + tunables["glibc.malloc.hugetlb"]
     return f"THP {mode}"
+
+
+def read_gbs() -> float:
+    """`plain_read_gbs` in a child process, whose buffer then counts in no peak memory of ours."""
+    done = subprocess.run([sys.executable, __file__, READ_ONLY], capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def plain_read_gbs(size: int = 1 << 30, passes: int = 7) -> float:
+    """A plain read of `size` bytes, GB/s, the median of `passes`: as the memory serves a decoder
+    step's weights. On the CPU split between the kernels' threads (numpy's reductions release the
+    GIL); on a GPU one MLX reduction."""
+    speeds = []
+    if mx.default_device() == mx.gpu:
+        data = mx.ones((size // 4,), mx.uint32)
+        mx.eval(data)
+        for _ in range(passes):
+            start = time.perf_counter()
+            mx.eval(mx.max(data))
+            speeds.append(size / (time.perf_counter() - start) / 1e9)
+        return float(np.median(speeds))
+    parts = np.array_split(np.ones(size // 8, np.uint64), cpu_kernels.threads())
+    for _ in range(passes):
+        threads = [threading.Thread(target=np.max, args=(part,)) for part in parts]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        speeds.append(size / (time.perf_counter() - start) / 1e9)
+    return float(np.median(speeds))
 
 
 def peak_rss_mb() -> float:
@@ -320,7 +359,8 @@ def voxmlx(python: str, model: str, audio: str, seconds: float) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="model directory or repo id")
+    ap.add_argument("--model", required=True, nargs="+",
+                    help="model directories or repo ids; several run one after another, each in its own process")
     ap.add_argument("--audio", nargs="*", default=[str(SHARED_AUDIO / "night1968_5s.wav")])
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--delay-ms", type=int, default=None)
@@ -336,10 +376,11 @@ def main(argv=None):
                     help="parts mode: time the decoder steps after this many positions (8192: a stream past 11 minutes)")
     ap.add_argument("--mlx-attention", action="store_true",
                     help="decoder steps attend with MLX's attention, not the CPU kernel (to compare)")
-    ap.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH_GBS, help="memory bandwidth, GB/s")
-    ap.add_argument("--compare", choices=["voxmlx"], help="also run this engine on the same clip")
+    ap.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH_GBS, help="rated memory bandwidth, GB/s")
+    ap.add_argument("--compare", choices=["voxmlx"], help="also run this engine on the first clip")
     ap.add_argument("--compare-python", default=sys.executable, help="the Python that has it installed")
     ap.add_argument("--json", help="append the records to this file")
+    ap.add_argument("--no-summary", action="store_true", help="leave out the summary table")
     args = ap.parse_args(argv)
     if args.steps <= WARM_STEPS or args.encoder_tokens < 1:
         ap.error(f"--steps takes more than {WARM_STEPS} (the first {WARM_STEPS} are not timed) and "
@@ -349,13 +390,49 @@ def main(argv=None):
 
     info = machine()
     # The other engine first, in its own process, so that the two models never share the memory.
-    others = {}
-    if args.compare == "voxmlx":
-        for path in args.audio:
-            seconds = voxtral_mlx.load_audio(path).size / 16000
-            others[path] = voxmlx(args.compare_python, str(args.model), path, seconds)
+    others = [compare(args, args.audio[0])] if args.compare == "voxmlx" and args.audio else []
+    if len(args.model) == 1:
+        records = measure(args, args.model[0], info, others)
+        print_table(records, info)
+    else:
+        records = others + [rec for model in args.model for rec in measure_apart(argv, model)]
+    if args.json:
+        with open(args.json, "a") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+    if not args.no_summary:
+        print_summary(records, info)
+
+
+def compare(args, path: str) -> dict:
+    seconds = voxtral_mlx.load_audio(path).size / 16000
+    rec = voxmlx(args.compare_python, str(args.model[0]), path, seconds)
+    rec.update(audio=Path(path).name, audio_s=seconds, machine=dict(machine(), blas="the mlx-cpu wheel's, as voxmlx leaves it"))
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def measure_apart(argv, model: str) -> list[dict]:
+    """One model's runs in a child process of its own (its memory and peak RSS its own), printing as it goes."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for arg in argv:  # the same options but the models, the other engine and the records file
+        if skip and not arg.startswith("--"):
+            continue
+        skip = arg.split("=", 1)[0] in ("--model", "--compare", "--compare-python", "--json")
+        if not skip:
+            kept.append(arg)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "records.json"
+        done = subprocess.run([sys.executable, __file__, "--model", model, "--json", str(out), "--no-summary", *kept])
+        if done.returncode != 0:
+            raise SystemExit(f"bench.py on {model} failed (exit {done.returncode})")
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def measure(args, model_path: str, info: dict, others: list[dict]) -> list[dict]:
     start = time.perf_counter()
-    model = voxtral_mlx.load(args.model, dtype=args.dtype)
+    model = voxtral_mlx.load(model_path, dtype=args.dtype)
     load_s = time.perf_counter() - start
     # A model's first session computes the state of the tokens that hear only the left pad, which
     # later sessions copy: once per model and delay, timed here (with one token of audio) apart.
@@ -364,15 +441,17 @@ def main(argv=None):
     model.stream(delay_ms=args.delay_ms).feed(np.zeros(model.audio.samples_per_token, np.float32))
     left_pad_s = time.perf_counter() - start
     dtype = mkl_bf16.describe(model.net) or cpu_quant.describe(model.net) or str(model.dtype).rsplit(".", 1)[-1]
-    common = {"model": str(args.model), "dtype": dtype, "quantization": quantization(model), "load_s": load_s,
+    common = {"model": str(model_path), "dtype": dtype, "quantization": quantization(model), "load_s": load_s,
               "left_pad_s": left_pad_s, "left_pad_read": model.net.snapshots.read > 0, "machine": info}
     records = []
     modes = args.modes.split(",")
     if "parts" in modes:
+        measured = read_gbs()
         rec = components(model, args.delay_ms, args.steps, args.encoder_tokens, args.context)
         floor_ms = decoder_bytes(model) / (args.bandwidth * 1e9) * 1000
         rec.update(mode="parts", step_floor_ms=floor_ms, step_vs_floor=rec["step_ms_p50"] / floor_ms,
-                   bandwidth_gbs=args.bandwidth, peak_rss_mb=peak_rss_mb(), **common)
+                   bandwidth_gbs=args.bandwidth, step_gbs=decoder_bytes(model) / rec["step_ms_p50"] / 1e6,
+                   read_gbs=measured, peak_rss_mb=peak_rss_mb(), **common)
         print(json.dumps(rec), flush=True)
         records.append(rec)
     for path in args.audio:
@@ -384,14 +463,6 @@ def main(argv=None):
                 streaming(model, samples, args.delay_ms, args.chunk_ms)
             rec.update(audio=Path(path).name, audio_s=seconds, peak_mlx_mb=mx.get_peak_memory() / 2**20,
                        peak_rss_mb=peak_rss_mb(), **common)
-            print(json.dumps(rec), flush=True)
-            records.append(rec)
-        if path in others:
-            rec = others[path]
-            ours = next((r for r in records if r["mode"] == "offline" and r.get("audio") == Path(path).name), None)
-            rec.update(audio=Path(path).name, audio_s=seconds,
-                       machine=dict(info, blas="the mlx-cpu wheel's, as voxmlx leaves it"),
-                       ours_speedup=None if ours is None else (rec["wall_s"] + rec["load_s"]) / (ours["wall_s"] + load_s))
             print(json.dumps(rec), flush=True)
             records.append(rec)
     if "speculate" in modes:
@@ -409,26 +480,23 @@ def main(argv=None):
             rec.update(peak_rss_mb=peak_rss_mb(), **common)
             print(json.dumps(rec), flush=True)
             records.append(rec)
-    if args.json:
-        with open(args.json, "a") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-    print_table(records, info, load_s)
+    return others + records
 
 
-def print_table(records, info, load_s):
+def print_table(records, info):
     print(f"\n{info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB, mlx {info['mlx']} on the "
           f"{info['device'].upper()}, BLAS: {info['blas']}, pages: {info.get('pages', 'unknown')}")
     for r in records:
         if r["mode"] == "parts":
             after = f" after {r['step_context']} positions" if r.get("step_context") else ""
             how = " (read from disk)" if r.get("left_pad_read") else ""
-            print(f"\n{r['dtype']}, quantization {r['quantization']}, load {load_s:.1f} s, first session's "
+            print(f"\n{r['dtype']}, quantization {r['quantization']}, load {r['load_s']:.1f} s, first session's "
                   f"left pad {r['left_pad_s']:.1f} s{how}: encoder {r['encoder_ms_per_audio_s']:.0f} ms per audio second, "
                   f"prefill of {r['left_pad_positions']} + {r['prefill_positions']} positions "
                   f"{r['left_pad_prefill_ms']:.0f} + {r['prefill_ms']:.0f} ms, decoder step{after} {r['step_ms_mean']:.0f} / "
                   f"{r['step_ms_p50']:.0f} / {r['step_ms_p95']:.0f} ms (mean / p50 / p95), "
-                  f"{r['step_vs_floor']:.1f}x the {r['step_floor_ms']:.0f} ms floor at {r['bandwidth_gbs']:.0f} GB/s")
+                  f"{r['step_vs_floor']:.1f}x the {r['step_floor_ms']:.0f} ms floor at {r['bandwidth_gbs']:.0f} GB/s; "
+                  f"its weights read at {r['step_gbs']:.0f} GB/s, a plain read at {r['read_gbs']:.0f} GB/s")
     rows = [r for r in records if r["mode"] not in ("parts", "speculate")]
     if rows:
         print("\n| clip | engine | audio s | wall s | x real time | latency p50/p95 ms | peak RSS MB |")
@@ -436,8 +504,7 @@ def print_table(records, info, load_s):
     for r in rows:
         engine = "voxmlx (its defaults)" if r["mode"] == "voxmlx" else f"voxtral-mlx {r['mode']}"
         lat = f"{r['latency_ms_p50']:.0f} / {r['latency_ms_p95']:.0f}" if r["mode"] == "stream" else "-"
-        extra = f" (+{r['load_s']:.0f} s load; ours {r['ours_speedup']:.1f}x faster)" if r["mode"] == "voxmlx" and \
-            r.get("ours_speedup") else ""
+        extra = f" (+{r['load_s']:.0f} s load)" if r["mode"] == "voxmlx" else ""
         if r["mode"] == "batch":
             engine += f" of {r['batch_size']}"
             extra = f" ({r['batch_speedup']:.2f}x the sequential throughput)"
@@ -453,5 +520,52 @@ def print_table(records, info, load_s):
               f"{r['passes_per_audio_s']:.1f} | {r['positions_computed']} | {same or '-'} |")
 
 
+def print_summary(records, info):
+    """A row per model: its parts, the first clip offline and streamed, the batch, and end to end
+    (load and the first clip offline) against the other engine's."""
+    models = [r for r in records if r["mode"] == "parts" or r["mode"] == "offline"]
+    keys = list(dict.fromkeys((r["model"], r["dtype"]) for r in models))
+    clips = [r["audio"] for r in records if r["mode"] in ("offline", "stream", "voxmlx")]
+    if not keys:
+        return
+    clip = clips[0] if clips else None
+    other = next((r for r in records if r["mode"] == "voxmlx" and r["audio"] == clip), None)
+    print(f"\nSummary. {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB, mlx {info['mlx']} on the "
+          f"{info['device'].upper()}." + (f" Clip: {clip}." if clip else ""))
+    print("\n| model | weights / products | load s | offline s | streaming s; latency p50 / p95 ms | "
+          "decoder step mean / p50 / p95 ms | step / floor at the rated bandwidth | step's weights read at / a plain read | "
+          "encoder ms per audio s | clips one by one / batch s | peak RSS GB | end to end against voxmlx |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def find(key, mode, audio=None):
+        return next((r for r in records if (r.get("model"), r.get("dtype")) == key and r["mode"] == mode
+                     and (audio is None or r.get("audio") == audio)), None)
+
+    for key in keys:
+        rows = [r for r in records if (r.get("model"), r.get("dtype")) == key]
+        parts, off, st, bt = find(key, "parts"), find(key, "offline", clip), find(key, "stream", clip), find(key, "batch")
+        cells = [key[0], f"{key[1]}, quantization {rows[0]['quantization']}", f"{rows[0]['load_s']:.1f}"]
+        cells.append(f"{off['wall_s']:.1f}" if off else "-")
+        cells.append(f"{st['wall_s']:.1f}; {st['latency_ms_p50']:.0f} / {st['latency_ms_p95']:.0f}" if st else "-")
+        if parts:
+            cells += [f"{parts['step_ms_mean']:.0f} / {parts['step_ms_p50']:.0f} / {parts['step_ms_p95']:.0f}",
+                      f"{parts['step_vs_floor']:.1f}x of {parts['step_floor_ms']:.0f} ms ({parts['bandwidth_gbs']:.0f} GB/s)",
+                      f"{parts['step_gbs']:.0f} / {parts['read_gbs']:.0f} GB/s",
+                      f"{parts['encoder_ms_per_audio_s']:.0f}"]
+        else:
+            cells += ["-"] * 4
+        cells.append(f"{bt['sequential_wall_s']:.1f} / {bt['wall_s']:.1f} ({bt['batch_speedup']:.2f}x)" if bt else "-")
+        cells.append(f"{max(r['peak_rss_mb'] for r in rows) / 1024:.1f}")
+        cells.append(f"{(other['load_s'] + other['wall_s']) / (off['load_s'] + off['wall_s']):.1f}x"
+                     if other and off else "-")
+        print("| " + " | ".join(cells) + " |")
+    if other:
+        print(f"| voxmlx (its defaults) | bfloat16 as stored, MLX's own products | {other['load_s']:.1f} | "
+              f"{other['wall_s']:.1f} | - | - | - | - | - | - | {other['peak_rss_mb'] / 1024:.1f} | 1.0x |")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == [READ_ONLY]:
+        print(plain_read_gbs())
+    else:
+        main()

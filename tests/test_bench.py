@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import AUDIO
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
@@ -67,3 +68,32 @@ def test_the_compile_benchmark_finds_compiled_graphs_equal_to_eager():
     assert all(r["equal"] is True and r["eager_ms"] > 0 and r["compiled_ms"] > 0 for r in records)
     on_cpu = records[0]["device"] == "CPU"  # where the model's own path is timed beside them
     assert all((r["host_ms"] is not None) == (on_cpu and "SwiGLU" in r["case"]) for r in records)
+
+
+def test_several_models_run_apart_and_end_in_one_summary(tiny_dir, small_windows_dir, tmp_path):
+    # A stand-in for the other engine's Python: the record voxmlx's run prints, whatever it is asked.
+    other = tmp_path / "other-python"
+    other.write_text('#!/bin/sh\necho \'{"load_s": 2.0, "wall_s": 30.0, "tokens": 5, "peak_rss_mb": 2048}\'\n')
+    other.chmod(0o755)
+    out = tmp_path / "records.json"
+    done = bench("--model", tiny_dir, small_windows_dir, "--audio", *CLIPS, "--modes", "parts,offline,batch",
+                 "--steps", 6, "--encoder-tokens", 4, "--compare", "voxmlx", "--compare-python", other, "--json", out)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["audio"] for r in records if r["mode"] == "voxmlx"] == [CLIPS[0].name]  # the first clip
+    for model in (tiny_dir, small_windows_dir):
+        mine = [r for r in records if r.get("model") == str(model)]
+        assert sorted(r["mode"] for r in mine) == ["batch", "offline", "offline", "parts", "sequential"]
+        (parts,) = [r for r in mine if r["mode"] == "parts"]
+        assert parts["read_gbs"] > 0 and parts["bandwidth_gbs"] == 68.0
+        # the step's weights at its p50: the floor's bytes in its time
+        assert parts["step_gbs"] * parts["step_ms_p50"] == pytest.approx(parts["bandwidth_gbs"] * parts["step_floor_ms"])
+        # each model in its own process: a load of its own, and the summary's row
+        offline = next(r for r in mine if r["mode"] == "offline" and r["audio"] == CLIPS[0].name)
+        batch = next(r for r in mine if r["mode"] == "batch")
+        ratio = 32.0 / (offline["load_s"] + offline["wall_s"])
+        (row,) = [line for line in done.stdout.splitlines() if line.startswith(f"| {model} |")]  # the parent's
+        assert row.endswith(f" | {ratio:.1f}x |")
+        assert f" | {batch['sequential_wall_s']:.1f} / {batch['wall_s']:.1f} ({batch['batch_speedup']:.2f}x) | " in row
+    assert "| voxmlx (its defaults) | bfloat16 as stored, MLX's own products | 2.0 | 30.0 |" in done.stdout
+    assert f"Clip: {CLIPS[0].name}." in done.stdout
