@@ -17,7 +17,7 @@ from layouts import (E, P, mlx_audio_quantized, official, permute_for_rope, voxm
                      write_transformers)
 
 import voxtral_mlx
-from voxtral_mlx import cpu_quant
+from voxtral_mlx import cpu_quant, mkl_bf16
 from voxtral_mlx.config import ConfigError
 from voxtral_mlx.convert import convert
 from voxtral_mlx.weights import ModelNotFoundError, WeightsError, find_checkpoint, read_weights
@@ -74,6 +74,10 @@ def test_transformers_layout(src, root, audio, version):
     path = write_transformers(src, root / f"hf{version}", version=version)
     assert find_checkpoint(path).layout == "transformers"
     model = voxtral_mlx.load(path, dtype="float32")
+    if mkl_bf16.float32_available():  # multiplied in their files' mapping, but those reordered at load
+        mapped = {p for p, m in model.net.named_modules() if getattr(m, "_mapped", False)}
+        assert {"layers.0.attention.wv", "layers.1.feed_forward.w2", P + "tok_embeddings"} <= mapped
+        assert not mapped & {"layers.0.attention.wq", "layers.1.attention.wk"}
     # The query/key rows are back in the checkpoint's interleaved order: the very same tensors.
     assert_same_network(model, load_model(src))
     tokens = model.transcribe(audio).tokens

@@ -1,5 +1,6 @@
 """bfloat16 products through MKL on the CPU: the same network, up to bfloat16 rounding."""
 
+from pathlib import Path
 from unittest import mock
 
 import mlx.core as mx
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import load_mlx, load_model, reference, speech
+from conftest import forced_logits, load_mlx, load_model, reference, speech
 
 import voxtral_mlx
 from voxtral_mlx import mkl_bf16
@@ -237,3 +238,46 @@ def test_products_written_into_a_given_array_are_those_returned(parts, M):
                       (np.empty((M, 128), np.float32)[:, ::2], "strided")):
         with pytest.raises(ValueError, match=what):
             mkl_bf16.rows_t(x, w, parts, bad)
+
+
+def products_of(model) -> dict[str, nn.Module]:
+    return {p: m for p, m in model.net.named_modules() if isinstance(m, (mkl_bf16.Linear, mkl_bf16.Embedding))}
+
+
+@needs_row_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_product_weights_are_multiplied_in_the_mapping_of_their_file(small_windows_dir, monkeypatch, dtype):
+    file = small_windows_dir / "consolidated.safetensors"
+    stored = mx.load(str(file))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    model = voxtral_mlx.load(small_windows_dir, dtype=dtype)
+    peak = mx.get_peak_memory() - before
+    products = products_of(model)
+    assert products and all(m._mapped and isinstance(m._w, np.memmap) and Path(m._w.filename).samefile(file)
+                            for m in products.values())
+    for path, m in products.items():  # the stored bits, in the layer's own shape
+        np.testing.assert_array_equal(m._w, np.asarray(stored[f"{path}.weight"].view(mx.uint16)), err_msg=path)
+    # None of them was read into MLX's memory while loading: what it held at its peak is less
+    # than the products' weights and about the rest of the parameters.
+    mapped_bytes = sum(m._w.nbytes for m in products.values())
+    rest = sum(p.nbytes for n, p in tree_flatten(model.net.parameters()) if n.removesuffix(".weight") not in products)
+    assert peak < mapped_bytes and peak <= 1.1 * rest + 2**20, (peak, mapped_bytes, rest)
+
+    # The same numbers as weights read into memory (the load before the mapping).
+    monkeypatch.setattr(voxtral_mlx.weights, "mapped_products", lambda *args: {})
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    read = voxtral_mlx.load(small_windows_dir, dtype=dtype)
+    assert mx.get_peak_memory() - before >= mapped_bytes + rest  # (what the peak above is measured against)
+    assert products_of(read).keys() == products.keys() and not any(m._mapped for m in products_of(read).values())
+    audio = speech("jfk")[: 4 * 16000]
+    tokens = read.transcribe(audio).tokens
+    assert model.transcribe(audio).tokens == tokens and len(set(tokens)) > 3
+    np.testing.assert_array_equal(forced_logits(model, audio, tokens), forced_logits(read, audio, tokens))
+    ids = mx.array([[0, 7, 1000], [3, 3, 2]])
+    lookup = model.net.embedding_module.tok_embeddings(ids)
+    assert lookup.dtype == mx.float32 and lookup.shape == (2, 3, model.net.args.decoder.dim)
+    np.testing.assert_array_equal(np.array(lookup), np.array(read.net.embedding_module.tok_embeddings(ids)))

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from . import _blas, cpu_kernels
 
@@ -175,11 +176,17 @@ _quiet_openblas = False
 
 class _Product(nn.Module):
     """A bfloat16 weight (`_w`, its bits) that MKL and the row kernel multiply in place, with
-    x rounded to bfloat16 (parts=1) or in three parts (parts=3, see `matmul_t`)."""
+    x rounded to bfloat16 (parts=1) or in three parts (parts=3, see `matmul_t`). `mapped`: the
+    bits where the weight's file is mapped (`weights.mapped_products`); `weight` then stays the
+    lazy tensor of the file, read only if something else evaluates it."""
 
-    def _take(self, weight: mx.array, parts: int):
-        self.weight = weight.astype(mx.bfloat16)
-        self._w = bits(self.weight)
+    def _take(self, weight: mx.array, parts: int, mapped: np.ndarray | None = None):
+        if mapped is None:
+            self.weight = weight.astype(mx.bfloat16)
+            self._w = bits(self.weight)
+        else:
+            self.weight, self._w = weight, mapped
+        self._mapped = mapped is not None
         self._parts = parts
 
     @property
@@ -205,9 +212,9 @@ class Linear(_Product):
     """A linear layer whose bfloat16 weight MKL multiplies in place; the bias is float32. Its
     input is rounded to bfloat16 (parts=1) or multiplied in float32 (parts=3, see `matmul_t`)."""
 
-    def __init__(self, linear: nn.Linear, parts: int = 1):
+    def __init__(self, linear: nn.Linear, parts: int = 1, mapped: np.ndarray | None = None):
         super().__init__()
-        self._take(linear.weight, parts)
+        self._take(linear.weight, parts, mapped)
         if "bias" in linear:
             self.bias = linear.bias.astype(mx.float32)
 
@@ -219,11 +226,13 @@ class Linear(_Product):
 class Embedding(_Product):
     """The tied embedding: rows looked up in bfloat16 and widened, the head through MKL."""
 
-    def __init__(self, embedding: nn.Embedding, parts: int = 1):
+    def __init__(self, embedding: nn.Embedding, parts: int = 1, mapped: np.ndarray | None = None):
         super().__init__()
-        self._take(embedding.weight, parts)
+        self._take(embedding.weight, parts, mapped)
 
     def __call__(self, ids: mx.array) -> mx.array:
+        if self._mapped:  # the rows from the file's mapping, not the whole table through MLX
+            return mx.array(self._w[np.asarray(ids).astype(np.intp, copy=False)]).view(mx.bfloat16).astype(mx.float32)
         return self.weight[ids].astype(mx.float32)
 
     def as_linear(self, x: mx.array) -> mx.array:
@@ -254,7 +263,8 @@ def float32_available() -> bool:
 
 def replace_layers(net: nn.Module, replace) -> nn.Module:
     """Replace each layer `replace(layer)` answers (not None) for; every other float parameter
-    becomes float32. For the CPU paths here and in `cpu_quant`."""
+    becomes float32 (and is evaluated: not the lazy weights of mapped products). For the CPU
+    paths here and in `cpu_quant`."""
 
     def swap(value):
         if isinstance(value, nn.Module):
@@ -271,17 +281,19 @@ def replace_layers(net: nn.Module, replace) -> nn.Module:
         return value
 
     swap(net)
-    mx.eval(net.parameters())
+    lazy = {id(m.weight) for _, m in net.named_modules() if getattr(m, "_mapped", False)}
+    mx.eval([p for _, p in tree_flatten(net.parameters()) if id(p) not in lazy])
     return net
 
 
-def adopt(net: nn.Module, float32: bool = False) -> nn.Module:
+def adopt(net: nn.Module, float32: bool = False, mapped: dict[int, np.ndarray] | None = None) -> nn.Module:
     """Give `net` (loaded in bfloat16) MKL products: linear layers and embeddings take the
     classes above over their bfloat16 weights, every other float parameter becomes float32.
     float32: the products take their inputs in three bfloat16 parts, float32 products (needs
-    `float32_available`); else rounded to bfloat16."""
-    parts = 3 if float32 else 1
-    replace_layers(net, lambda m: Linear(m, parts) if isinstance(m, nn.Linear) else
-                   Embedding(m, parts) if isinstance(m, nn.Embedding) else None)
+    `float32_available`); else rounded to bfloat16. `mapped`: bits in the file's mapping for the
+    layers whose weights stay lazy, by `id` of the layer."""
+    parts, mapped = 3 if float32 else 1, mapped or {}
+    replace_layers(net, lambda m: Linear(m, parts, mapped.get(id(m))) if isinstance(m, nn.Linear) else
+                   Embedding(m, parts, mapped.get(id(m))) if isinstance(m, nn.Embedding) else None)
     _quiet_blas_threads()
     return net

@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from . import _blas, cpu_quant, mkl_bf16, states
@@ -259,15 +261,63 @@ def read_safetensors(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def read_weights(ckpt: Checkpoint) -> dict[str, mx.array]:
-    """All tensors of a checkpoint, from one file or its shards, mapped lazily."""
+def read_weights(ckpt: Checkpoint, origins: dict | None = None) -> dict[str, mx.array]:
+    """All tensors of a checkpoint, from one file or its shards, mapped lazily. `origins`, where
+    given, receives each tensor's (file, name, array) by name."""
     weights: dict[str, mx.array] = {}
     for file in ckpt.weight_files:
         for name, w in read_safetensors(file).items():
             if name in weights:
                 raise WeightsError(f"{file}: tensor {name} is also in another shard")
             weights[name] = w
+            if origins is not None:
+                origins[name] = (file, name, w)
     return weights
+
+
+def stored_bits(path: Path, names: set[str]) -> dict[str, np.ndarray]:
+    """The bfloat16 tensors `names` of a safetensors file as numpy uint16 views of a read-only
+    mapping of the file (those it holds whole, as bfloat16; {} if it cannot be mapped)."""
+    try:
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+        data = np.memmap(path, np.uint8, mode="r")
+    except (OSError, ValueError, struct.error):
+        return {}
+    start, out = 8 + size, {}
+    for name in names:
+        info = header.get(name)
+        if not isinstance(info, dict) or info.get("dtype") != "BF16":
+            continue
+        (a, b), shape = info["data_offsets"], info["shape"]
+        if b - a != 2 * int(np.prod(shape)) or a % 2 or start + b > data.size:
+            continue
+        out[name] = data[start + a : start + b].view(np.uint16).reshape(shape)
+    return out
+
+
+def mapped_products(net: VoxtralRealtime, weights: dict[str, mx.array], origins: dict) -> dict[str, np.ndarray]:
+    """The weights of the products (linear layers, embeddings) that are a stored bfloat16 tensor
+    as is (not reordered from another layout), as numpy views of their file's mapping, by
+    parameter name. The CPU paths of `mkl_bf16` multiply them there: the load reads nothing of
+    them, and their memory is the system's file cache, which the next process finds filled
+    (fresh memory cost about 1 s per GB in page faults on a Linux VM: most of a load)."""
+    stored = {id(w): (file, name, w) for file, name, w in origins.values()}
+    wanted: dict[Path, dict[str, str]] = {}
+    for path, module in net.named_modules():
+        if type(module) in (nn.Linear, nn.Embedding):
+            name = f"{path}.weight"
+            w = weights.get(name)
+            origin = stored.get(id(w))
+            if origin is not None and origin[2] is w and w.dtype == mx.bfloat16:
+                wanted.setdefault(origin[0], {})[origin[1]] = name
+    mapped = {}
+    for file, names in wanted.items():
+        for stored_name, bits in stored_bits(file, set(names)).items():
+            if tuple(bits.shape) == tuple(weights[names[stored_name]].shape):
+                mapped[names[stored_name]] = bits
+    return mapped
 
 
 def quantize_like(net: VoxtralRealtime, weights: dict[str, mx.array], mode: str = "affine",
@@ -351,11 +401,13 @@ def load_config(path: Path) -> tuple[ModelArgs, Tekken, AudioArgs]:
     return read_config(find_checkpoint(Path(path)))
 
 
-def load_network(ckpt: Checkpoint) -> tuple[VoxtralRealtime, dict[str, mx.array], Tekken, AudioArgs]:
-    """The network (quantized as stored) and its checked weights, mapped lazily, not yet loaded."""
+def load_network(ckpt: Checkpoint, origins: dict | None = None
+                 ) -> tuple[VoxtralRealtime, dict[str, mx.array], Tekken, AudioArgs]:
+    """The network (quantized as stored) and its checked weights, mapped lazily, not yet loaded
+    (`origins`: see `read_weights`)."""
     args, tokenizer, audio = read_config(ckpt)
     net = VoxtralRealtime(args, audio)
-    weights = net.sanitize(read_weights(ckpt))
+    weights = net.sanitize(read_weights(ckpt, origins))
     quantization = ckpt.config.get("quantization") if isinstance(ckpt.config.get("quantization"), dict) else {}
     quantize_like(net, weights, quantization.get("mode", "affine"), ckpt.weights_name)
     check_weights(net, weights, ckpt.weights_name, ckpt.config_file)
@@ -385,31 +437,38 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
     path = resolve_model(path_or_repo)
     dtype = parse_dtype(dtype)
     ckpt = find_checkpoint(path)
-    net, weights, tokenizer, audio = load_network(ckpt)
+    origins: dict = {}
+    net, weights, tokenizer, audio = load_network(ckpt, origins)
     cpu = mx.default_device() == mx.cpu
+    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in net.named_modules())
     # float32 on a CPU with MKL and a row kernel, over a bfloat16 checkpoint (every tensor bfloat16, none
     # quantized): the products' weights stay bfloat16 (half the memory and bytes per step) and
     # multiply in float32 (`mkl_bf16`).
     over_bf16 = (dtype == mx.float32 and cpu and all(w.dtype == mx.bfloat16 for w in weights.values())
                  and mkl_bf16.float32_available())
+    # MLX's CPU bfloat16 matmul is a loop; MKL's and the row kernels' run at memory speed, in the
+    # file's own mapping where the weight is stored as they take it (those stay lazy here).
+    mkl = over_bf16 or (dtype == mx.bfloat16 and cpu and not quantized and mkl_bf16.available())
+    mapped = mapped_products(net, weights, origins) if mkl else {}
+    origins.clear()
     # Cast one tensor at a time so the stored and compute copies never coexist in full.
     loaded = []
     for name in list(weights):
         w = weights.pop(name)
-        if mx.issubdtype(w.dtype, mx.floating) and not over_bf16:
-            w = w.astype(dtype)
-        try:
-            mx.eval(w)
-        except RuntimeError as e:
-            raise WeightsError(f"{ckpt.path / ckpt.weights_name}: cannot read tensor {name} ({e})") from None
+        if name not in mapped:
+            if mx.issubdtype(w.dtype, mx.floating) and not over_bf16:
+                w = w.astype(dtype)
+            try:
+                mx.eval(w)
+            except RuntimeError as e:
+                raise WeightsError(f"{ckpt.path / ckpt.weights_name}: cannot read tensor {name} ({e})") from None
         loaded.append((name, w))
     net.load_weights(loaded, strict=True)
     loaded.clear()  # the net holds them now: a layer the CPU paths replace below is freed as it goes
-    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in net.named_modules())
-    if over_bf16:
-        mkl_bf16.adopt(net, float32=True)
-    elif dtype == mx.bfloat16 and cpu and not quantized and mkl_bf16.available():
-        mkl_bf16.adopt(net)  # MLX's CPU bfloat16 matmul is a loop; MKL's runs at memory speed
+    if mkl:
+        modules = dict(net.named_modules())
+        mkl_bf16.adopt(net, float32=over_bf16,
+                       mapped={id(modules[n.removesuffix(".weight")]): bits for n, bits in mapped.items()})
     elif quantized and cpu_quant.available():
         cpu_quant.adopt(net)  # so is its CPU quantized matmul; the kernel's runs at memory speed
     net.snapshots.store = states.store_for(ckpt.path, ckpt.weight_files)  # the left pad's state, on disk
