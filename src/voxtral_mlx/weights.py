@@ -451,7 +451,9 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
             well and multiplies them in float32 (half the memory, a decoder step 1.9x as fast
             as over float32 weights with AMX, 2.8x on a Zen 4 with AVX-512). On a CPU with
             AVX-512, 4- and 8-bit layers multiply through a kernel, the rest in float32 whatever
-            the dtype (see `cpu_quant`).
+            the dtype (see `cpu_quant`). Where these CPU paths multiply a bfloat16 weight as
+            stored, they read it in a mapping of its file (`mapped_products`): it is not read
+            at load, and its memory is the system's file cache.
     """
     path = resolve_model(path_or_repo)
     dtype = parse_dtype(dtype)
