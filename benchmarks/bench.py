@@ -14,9 +14,9 @@ before the steps: on a shared machine what the memory gives varies from hour to 
 streamed token's latency is the time from the call that delivered the last sample it needs to
 the moment its text is returned, on top of the model's own delay (`delay_ms` + 2.5 ms).
 
-`--compare voxmlx` runs the `voxmlx` package (PyPI) on the same checkpoint (the first model,
-which must be in the official layout) and clip, at its default settings, in a child process
-(`--compare-python` names a Python that has it), on the first clip.
+`--compare voxmlx` runs the `voxmlx` package (PyPI) at its default settings on the same
+checkpoint (the first model, which must be in the official layout) and the first clip, in a
+child process (`--compare-python` names a Python that has it).
 
 Offline and batch runs decode plainly (`speculate=0`): a random checkpoint emits pads about
 as rarely as any other token, so the pads that `transcribe`'s default speculative decoding
