@@ -390,7 +390,7 @@ def main(argv=None):
 
     info = machine()
     # The other engine first, in its own process, so that the two models never share the memory.
-    others = [compare(args, args.audio[0])] if args.compare == "voxmlx" and args.audio else []
+    others = [compare(args, args.audio[0], info)] if args.compare == "voxmlx" and args.audio else []
     if len(args.model) == 1:
         records = measure(args, args.model[0], info, others)
         print_table(records, info)
@@ -404,10 +404,10 @@ def main(argv=None):
         print_summary(records, info)
 
 
-def compare(args, path: str) -> dict:
+def compare(args, path: str, info: dict) -> dict:
     seconds = voxtral_mlx.load_audio(path).size / 16000
     rec = voxmlx(args.compare_python, str(args.model[0]), path, seconds)
-    rec.update(audio=Path(path).name, audio_s=seconds, machine=dict(machine(), blas="the mlx-cpu wheel's, as voxmlx leaves it"))
+    rec.update(audio=Path(path).name, audio_s=seconds, machine=dict(info, blas="the mlx-cpu wheel's, as voxmlx leaves it"))
     print(json.dumps(rec), flush=True)
     return rec
 

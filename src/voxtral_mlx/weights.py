@@ -22,6 +22,7 @@ import os
 import re
 import struct
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,7 +264,7 @@ def read_safetensors(path: Path) -> dict[str, mx.array]:
 
 def read_weights(ckpt: Checkpoint, origins: dict | None = None) -> dict[str, mx.array]:
     """All tensors of a checkpoint, from one file or its shards, mapped lazily. `origins`, where
-    given, receives each tensor's (file, name, array) by name."""
+    given, receives each tensor's (file, array) by name."""
     weights: dict[str, mx.array] = {}
     for file in ckpt.weight_files:
         for name, w in read_safetensors(file).items():
@@ -271,7 +272,7 @@ def read_weights(ckpt: Checkpoint, origins: dict | None = None) -> dict[str, mx.
                 raise WeightsError(f"{file}: tensor {name} is also in another shard")
             weights[name] = w
             if origins is not None:
-                origins[name] = (file, name, w)
+                origins[name] = (file, w)
     return weights
 
 
@@ -294,7 +295,7 @@ def read_ahead(files: list[Path]):
             os.close(fd)
 
 
-def stored_bits(path: Path, names: set[str]) -> dict[str, np.ndarray]:
+def stored_bits(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
     """The bfloat16 tensors `names` of a safetensors file as numpy uint16 views of a read-only
     mapping of the file (those it holds whole, as bfloat16; {} if it cannot be mapped)."""
     try:
@@ -322,7 +323,7 @@ def mapped_products(net: VoxtralRealtime, weights: dict[str, mx.array], origins:
     parameter name. The CPU paths of `mkl_bf16` multiply them there: the load reads nothing of
     them, and their memory is the system's file cache, which the next process finds filled
     (fresh memory cost about 1 s per GB in page faults on a Linux VM: most of a load)."""
-    stored = {id(w): (file, name, w) for file, name, w in origins.values()}
+    stored = {id(w): (file, name, w) for name, (file, w) in origins.items()}
     wanted: dict[Path, dict[str, str]] = {}
     for path, module in net.named_modules():
         if type(module) in (nn.Linear, nn.Embedding):
@@ -333,7 +334,7 @@ def mapped_products(net: VoxtralRealtime, weights: dict[str, mx.array], origins:
                 wanted.setdefault(origin[0], {})[origin[1]] = name
     mapped = {}
     for file, names in wanted.items():
-        for stored_name, bits in stored_bits(file, set(names)).items():
+        for stored_name, bits in stored_bits(file, names.keys()).items():
             if tuple(bits.shape) == tuple(weights[names[stored_name]].shape):
                 mapped[names[stored_name]] = bits
     return mapped
