@@ -115,6 +115,34 @@ def test_characters_split_across_tokens_belong_to_the_word_that_completes_them(t
     assert "".join(w.text for w in t.words) == t.text == tok.decode(t.records[i].id for i in range(7))
 
 
+def test_padding_is_left_out_of_the_times(tok, ids):
+    t = Timeline(tok, 80.0)
+    t.skip(0.3, 0.34)  # a flush's padding: from mid-token 3 to the grid's 0.64 s
+    t.skip(0.64, 0.16)  # continues it, to 0.8 s
+    t.skip(1.2, math.inf)  # the end of the audio: 0.3 + 0.4 s
+    tokens = ids(WORD, " ask", PAD, PAD, " not", PAD, PAD, PAD,   # 0-7: " not" decoded in the padding
+                 PAD, PAD, " what", PAD, PAD, PAD, " you", PAD, PAD)  # 8-16: " you" after the end
+    for token in tokens:
+        t.push(token, 0.5)
+    t.close()
+    grid = [round(k * 0.08, 6) for k in range(len(tokens))]
+    # In the padding: the end of the audio before it; after it: 0.5 s earlier.
+    expected = [g if g < 0.3 else 0.3 if g < 0.8 else round(g - 0.5, 6) if g < 1.2 else 0.7 for g in grid]
+    assert [r.time for r in t.records] == expected
+    assert expected[:5] == [0.0, 0.08, 0.16, 0.24, 0.3] and expected[10:] == [0.3, 0.38, 0.46, 0.54, 0.62, 0.7, 0.7]
+    # " ask" ends where " not" starts; " not" ends (token 5) in the padding, " you" after the end.
+    assert spans(t.words) == [(0.0, 0.3, " ask"), (0.3, 0.3, " not"), (0.3, 0.62, " what"), (0.62, 0.7, " you")]
+    assert [s.span for s in t.segments] == [range(0, 15)]
+    assert max(r.time for r in t.records) == 0.7
+    with pytest.raises(ValueError, match="a skipped stretch needs a start and length of 0 or more, not -1, 1"):
+        t.skip(-1, 1)
+
+
+def test_segment_spans_are_the_indices_of_their_tokens(tok, ids):
+    t = timeline(tok, ids(PAD, WORD, " ask", " not", ". ", PAD, " ", EOS, WORD, " what", PAD, PAD, " ", EOS))
+    assert [(s.text, s.span) for s in t.segments] == [(" ask not. ", range(1, 5)), (" what", range(8, 12))]
+
+
 def test_empty_and_silent_streams(tok):
     for tokens in ([], [PAD] * 30, [WORD, PAD, WORD, PAD, EOS]):
         t = timeline(tok, tokens)
@@ -134,11 +162,15 @@ def test_a_delay_of_another_type_is_a_clear_error(tiny_dir, delay):
         load_model(tiny_dir).stream(delay_ms=delay)
 
 
-def check_timeline(result, token_s=0.08):
+def check_timeline(result, token_s=0.08, ends=()):
+    """`ends`: where audio ended before padding (flush), besides the end of the recording."""
     words, segments = result.words, result.segments
+    ends = {*ends, result.duration}
     assert words and segments
     for w in words:
-        assert 0 <= w.start < w.end and w.text.strip() and 0 < w.probability <= 1
+        # A word decoded in padding is at the end of the audio before it.
+        assert 0 <= w.start <= w.end <= result.duration and w.text.strip() and 0 < w.probability <= 1
+        assert w.start < w.end or w.end in ends
     for a, b in zip(words, words[1:]):
         assert a.end <= b.start
     for a, b in zip(segments, segments[1:]):
@@ -149,11 +181,14 @@ def check_timeline(result, token_s=0.08):
     assert "".join(s.text for s in segments) == result.text
     records = result.token_records
     assert [r.id for r in records] == result.tokens
-    assert [r.time for r in records] == [k * 80 / 1000 for k in range(len(records))]
-    # Every word starts at a marker or at a text token, and ends at a token boundary.
+    if not ends - {result.duration}:
+        assert [r.time for r in records] == [min(k * 80 / 1000, result.duration) for k in range(len(records))]
+    # Every word starts at a marker or at a text token, and ends where audio ended or at a token
+    # boundary (of the grid that starts at 0, or after a flush, at the end of the audio before it).
     starts = {r.time for r in records if r.id == 33 or r.id >= 1000}
     assert all(w.start in starts for w in words)
-    assert all(round(w.end / token_s, 6) == round(w.end / token_s) for w in words)
+    assert all(w.end in ends or any(round((w.end - e) / token_s, 6) == round((w.end - e) / token_s)
+                                    for e in {0, *ends}) for w in words)
 
 
 @pytest.mark.parametrize("name", ["jfk", "night1968_5s"])
@@ -280,7 +315,14 @@ def test_flush_ends_the_segment(timed_dir):
     assert first and sum(len(s.words) for s in first) == len(session.words)  # nothing left open
     session.feed(a2)
     session.finish()
-    check_timeline(Transcription.from_session(session))
+    check_timeline(Transcription.from_session(session), ends=[a1.size / 16000])
     assert session.segments[: len(first)] == first and len(session.segments) > len(first)
-    # Later words are made of later tokens only; times keep counting on the stream's timeline.
-    assert session.segments[len(first)].start >= n_flushed * 80 / 1000
+    # Later words are made of later tokens only; their times go on from the end of a1: the
+    # flush's padding (a1 to a whole token, then the delay's 6 and 11 more) is left out.
+    assert first[-1].end <= 3.75 <= session.segments[len(first)].start
+    assert n_flushed == 47 + 10  # (the rest of the padding's tokens come with the next audio)
+    gap_end, end = 3.76 + 17 * 0.08, 3.75 + a2.size / 16000
+    expected = [g if g < 3.75 else 3.75 if g < gap_end else g - (gap_end - 3.75) for g in
+                (k * 0.08 for k in range(len(session.tokens)))]
+    assert [r.time for r in session.token_records] == pytest.approx([min(t, end) for t in expected], abs=1e-9)
+    assert session.token_records[-1].time == end and session.segments[-1].end <= end

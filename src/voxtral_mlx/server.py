@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import bisect
 import collections
 import contextlib
 import copy
@@ -565,10 +564,9 @@ def verbose_json(result: Transcription, n_special: int, granularities: list[str]
     if "word" in granularities:
         body["words"] = [{"word": w.text.strip(), "start": w.start, "end": w.end} for w in result.words]
     if "segment" in granularities or not granularities:
-        segments, times = [], [r.time for r in result.token_records]
+        segments = []
         for i, s in enumerate(result.segments):
-            span = result.token_records[bisect.bisect_left(times, s.start) : bisect.bisect_left(times, s.end)]
-            records = [r for r in span if r.id >= n_special]
+            records = [result.token_records[k] for k in s.span if result.token_records[k].id >= n_special]
             logprobs = [math.log(max(r.probability, 1e-30)) for r in records]
             raw = s.text.encode("utf-8")
             segments.append({

@@ -7,6 +7,7 @@ Several recordings are one session of several streams decoded in lockstep, as on
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable
 
@@ -91,8 +92,9 @@ class StreamingSession:
     What is final so far: `text`, the generated ids in `tokens`, one `TokenRecord` per id in
     `token_records`, and `words` and `segments` (see `timestamps`). These lists only grow,
     so `session.words[n:]` are the words that became final since there were n; the `on_*`
-    callbacks are called with each item as it becomes final. Times are seconds on the
-    stream's timeline, which includes the padding that `flush` inserts.
+    callbacks are called with each item as it becomes final. Times are seconds of the audio fed:
+    the padding that `flush` and `finish` feed is left out (text decoded in it is timed at the
+    end of the audio before it).
 
     `speculate=K` (2 or more) guesses that the next tokens are `[STREAMING_PAD]` wherever audio
     embeddings are ready ahead (offline, and a stream catching up) and checks the guess in one
@@ -290,7 +292,9 @@ class StreamingSession:
     def _finish(self):
         if self._audio_samples:
             if self._since_flush:
-                self._append_padding()
+                self._append_padding(final=True)
+            else:  # after a flush: its padding's last tokens are the end
+                self._skip(None)
             # The STFT reflects the final padding zeros: the last token sees zeros beyond the end.
             self._append(np.zeros(self.audio.look_ahead, np.float32), count=False)
             self._advance(force=True)
@@ -316,6 +320,7 @@ class StreamingSession:
                 raise AudioError(f"samples[{i}]: contains no samples")
             padded[i, : x.size] = x
             stream.audio_samples = x.size
+            stream.timeline.skip(x.size / self.audio.sampling_rate, math.inf)  # its zeros are padding
             stream.limit = self._positions(x.size) - len(self.prompt) + 1
         self.expect(padded.shape[1])
         self._audio_samples = self._since_flush = padded.shape[1]
@@ -350,11 +355,20 @@ class StreamingSession:
         if count:
             self._received += samples.shape[1]
 
-    def _append_padding(self):
+    def _append_padding(self, final: bool = False):
+        """The offline right padding, left out of the streams' times (all after it, if `final`)."""
         spt = self.audio.samples_per_token
-        to_boundary = -self._received % spt
-        self._append(np.zeros(to_boundary + (self.n_delay + RIGHT_PAD_EXTRA_TOKENS) * spt, np.float32))
+        n = -self._received % spt + (self.n_delay + RIGHT_PAD_EXTRA_TOKENS) * spt
+        self._skip(None if final else n)
+        self._append(np.zeros(n, np.float32))
         self._since_flush = 0
+
+    def _skip(self, samples: int | None):
+        """The streams' next `samples` samples (None: all) are padding, not audio."""
+        sr = self.audio.sampling_rate
+        at = (self._received - self.audio.n_left_pad_tokens * self.audio.samples_per_token) / sr  # on the token grid
+        for stream in self.streams:
+            stream.timeline.skip(at, math.inf if samples is None else samples / sr)
 
     def _advance(self, force: bool):
         if self._n_embedded == 0:

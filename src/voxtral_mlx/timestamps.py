@@ -15,11 +15,17 @@ session and an offline run give the same records:
   a streaming session is flushed or finished.
 - A word's probability is the mean of its text tokens' probabilities.
 
+Times are seconds of the input audio. Where a session feeds padding that is not audio (the
+right padding of `flush` and `finish`, `skip`), the time axis leaves it out: a token decoded
+in it is timed at the end of the audio before it (so no time lies past the audio's end), and
+later audio goes on from there.
+
 A word is final once the next word starts or its segment ends; a segment once it ends.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -72,12 +78,14 @@ class Word:
 
 @dataclass
 class Segment:
-    """A sentence or a stretch of speech between pauses."""
+    """A sentence or a stretch of speech between pauses; `span` is the range of indices of its
+    tokens in the timeline's records (None for a segment read back from JSON)."""
 
     start: float
     end: float
     text: str
     words: list[Word] = field(default_factory=list)
+    span: range | None = field(default=None, compare=False, repr=False)
 
 
 def ends_sentence(text: str) -> bool:
@@ -130,6 +138,12 @@ class Timeline:
         self._segment: list[Word] = []
         self._word: _OpenWord | None = None
         self._marker: int | None = None
+        self._segment_tokens = range(0)  # the tokens of the segment's closed words
+        # Stretches of the token grid that are padding, not audio: their starts and ends in
+        # seconds on the grid, and the seconds of padding before each.
+        self._gap_starts: list[float] = []
+        self._gap_ends: list[float] = []
+        self._gap_before: list[float] = []
 
     @classmethod
     def from_tokens(cls, tokens: Iterable[int], tokenizer: Tekken, token_ms: float = 80.0,
@@ -146,8 +160,33 @@ class Timeline:
         """All text so far."""
         return "".join(self._pieces)
 
+    def skip(self, start: float, length: float) -> None:
+        """`length` seconds of padding start at `start` seconds of the token grid (the stream as
+        fed, padding included; `math.inf`: everything after it). Tokens from there on are not
+        yet pushed. Their times leave the padding out (see the module)."""
+        if not (start >= 0 and length >= 0):
+            raise ValueError(f"a skipped stretch needs a start and length of 0 or more, not {start!r}, {length!r}")
+        if length == 0:
+            return
+        if self._gap_ends and start <= self._gap_ends[-1]:  # continues the last one
+            self._gap_ends[-1] = max(self._gap_ends[-1], start + length)
+            return
+        before = self._gap_before[-1] + self._gap_ends[-1] - self._gap_starts[-1] if self._gap_starts else 0.0
+        self._gap_starts.append(start)
+        self._gap_ends.append(start + length)
+        self._gap_before.append(before)
+
     def seconds(self, k: int) -> float:
-        return k * self.token_ms / 1000.0
+        """The time of token boundary k in seconds of audio."""
+        t = k * self.token_ms / 1000.0
+        i = bisect.bisect_right(self._gap_starts, t) - 1
+        if i < 0:
+            return t
+        start, end = self._gap_starts[i], self._gap_ends[i]
+        # (rounded to 1 ns: the same number as the same time without padding before it)
+        if t < end:  # in the padding: at its start
+            return round(start - self._gap_before[i], 9)
+        return round(t - (self._gap_before[i] + end - start), 9)
 
     def push(self, token_id: int, probability: float,
              alternatives: list[Alternative] | None = None) -> str:
@@ -212,6 +251,7 @@ class Timeline:
         word = Word(self.seconds(open_word.start), self.seconds(end), open_word.text,
                     sum(probabilities) / len(probabilities))
         self.words.append(word)
+        self._segment_tokens = range(open_word.start if not self._segment else self._segment_tokens.start, end)
         self._segment.append(word)
         if self.on_word is not None:
             self.on_word(word)
@@ -222,7 +262,7 @@ class Timeline:
         words, self._segment = self._segment, []
         if not words:
             return
-        segment = Segment(words[0].start, words[-1].end, "".join(w.text for w in words), words)
+        segment = Segment(words[0].start, words[-1].end, "".join(w.text for w in words), words, self._segment_tokens)
         self.segments.append(segment)
         if self.on_segment is not None:
             self.on_segment(segment)
