@@ -15,7 +15,7 @@ import pytest
 from conftest import AUDIO, load_model
 
 from voxtral_mlx import Transcription
-from voxtral_mlx.transcribe import WRITERS
+from voxtral_mlx.transcribe import WRITERS, to_srt, to_vtt
 
 SCRIPT = Path(sys.executable).parent / "voxtral-mlx"
 JFK = AUDIO / "jfk.wav"
@@ -176,8 +176,25 @@ def test_output_dir_that_cannot_be_made(tmp_path, timed_dir):
     assert proc.returncode == 2 and "is a file" in proc.err and "Traceback" not in proc.err
 
 
+def test_subtitle_line_width_and_count(tmp_path, timed_dir):
+    proc = run("transcribe", JFK, "-m", timed_dir, "-f", "srt", "-f", "vtt", "-f", "txt", "--max-line-width", "20",
+               "--max-line-count", "1", "-o", tmp_path / "narrow")
+    assert (proc.returncode, proc.err) == (0, "")
+    jfk = library(timed_dir, JFK)
+    srt = (tmp_path / "narrow" / "jfk.srt").read_text(encoding="utf-8")
+    assert srt == to_srt(jfk, max_line_width=20, max_line_count=1) != to_srt(jfk)
+    assert (tmp_path / "narrow" / "jfk.vtt").read_text(encoding="utf-8") == to_vtt(jfk, 20, 1)
+    same_file(tmp_path / "narrow" / "jfk.txt", jfk)  # one segment per line, whatever the subtitles' layout
+    assert to_cues(tmp_path / "narrow" / "jfk.srt") > len(jfk.segments)
+    proc = run("transcribe", JFK, "-m", timed_dir, "-f", "srt", "--max-line-width", "0", "--max-line-count", "0",
+               "-o", tmp_path / "whole")
+    assert (tmp_path / "whole" / "jfk.srt").read_text(encoding="utf-8") == to_srt(jfk, 0, 0)
+    assert to_cues(tmp_path / "whole" / "jfk.srt") == len(jfk.segments)
+
+
 def test_bad_format_and_alt_are_usage_errors(timed_dir):
-    for args in (["-f", "doc"], ["--alt", "-1"], ["--pause-ms", "-5"]):
+    for args in (["-f", "doc"], ["--alt", "-1"], ["--pause-ms", "-5"], ["--max-line-width", "-1"],
+                 ["--max-line-count", "x"]):
         proc = run("transcribe", JFK, "-m", timed_dir, *args)
         assert proc.returncode == 2 and proc.out == "" and "Traceback" not in proc.err, args
     proc = run("transcribe", JFK, "-m", timed_dir, "--alt", "2", "-f", "srt")
@@ -187,7 +204,8 @@ def test_bad_format_and_alt_are_usage_errors(timed_dir):
 
 def test_help_lists_the_new_options():
     proc = run("transcribe", "--help")
-    for option in ("--output-format", "--output-dir", "--alt", "--pause-ms", "txt|json|srt|vtt|tsv|all"):
+    for option in ("--output-format", "--output-dir", "--alt", "--pause-ms", "txt|json|srt|vtt|tsv|all",
+                   "--max-line-width", "--max-line-count"):
         assert option in proc.out, option
 
 

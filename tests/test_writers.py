@@ -1,13 +1,14 @@
 """Output formats: golden text for each writer, and a JSON round trip."""
 
 import json
+import re
 
 import pytest
 
 from conftest import load_model, speech
 
 from voxtral_mlx import FORMATS, Alternative, Segment, TokenRecord, Transcription, Word, write_outputs
-from voxtral_mlx.transcribe import to_json, to_srt, to_tsv, to_txt, to_vtt
+from voxtral_mlx.transcribe import subtitle_cues, to_json, to_srt, to_tsv, to_txt, to_vtt
 
 
 def made_up() -> Transcription:
@@ -43,6 +44,43 @@ def test_vtt():
         "01:01:01.500 --> 01:01:02.160\n中文\ttab\nnext line\n\n"
     )
     assert to_vtt(empty()) == "WEBVTT\n\n"
+
+
+def speech_segment() -> Transcription:
+    text = " And so my fellow Americans, ask not what your country can do for you, ask what you can do"
+    words = [Word(0.5 * i, 0.5 * i + 0.5, " " + w, 1.0) for i, w in enumerate(text.split())]
+    words.append(Word(10.0, 10.4, " supercalifragilisticexpialidocious-antidisestablishmentarianism.", 1.0))
+    segment = Segment(0.0, 10.4, "".join(w.text for w in words), words)
+    return Transcription(text=segment.text, tokens=[], delay_ms=480, duration=11.0, segments=[segment])
+
+
+def test_subtitle_lines_and_cues():
+    result = speech_segment()
+    # Lines of at most 42 characters, broken between words; cues of two lines, each from its
+    # first word's start to its last word's end; a longer word has a line of its own.
+    assert to_srt(result) == (
+        "1\n00:00:00,000 --> 00:00:08,500\nAnd so my fellow Americans, ask not what\n"
+        "your country can do for you, ask what you\n\n"
+        "2\n00:00:08,500 --> 00:00:10,400\ncan do\n"
+        "supercalifragilisticexpialidocious-antidisestablishmentarianism.\n\n")
+    assert subtitle_cues(result, 20, 1)[:3] == [(0.0, 2.0, ["And so my fellow"]),
+                                               (2.0, 3.5, ["Americans, ask not"]), (3.5, 5.0, ["what your country"])]
+    assert [len(line) for _, _, lines in subtitle_cues(result, 20, 3) for line in lines] == [16, 18, 17, 19, 15, 64]
+    assert to_vtt(result, 0, 0) == f"WEBVTT\n\n00:00:00.000 --> 00:00:10.400\n{result.text.strip()}\n\n"
+    # Without a width, lines are where the text has newlines.
+    assert subtitle_cues(made_up(), 0, 1) == [(0.16, 1.2, ["Ask not <what> & -->"]),
+                                               (3661.5, 3662.08, ["中文\ttab"]), (3662.08, 3662.16, ["next line"])]
+    assert subtitle_cues(empty(), 10, 1) == []
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "42"])
+def test_subtitle_limits_must_be_whole_numbers(tmp_path, value):
+    for call in (lambda: to_srt(made_up(), max_line_width=value), lambda: to_vtt(made_up(), 42, value),
+                 lambda: write_outputs(made_up(), tmp_path, "x", ["txt"], max_line_count=value)):
+        with pytest.raises(ValueError, match=r"max_line_(width|count) must be a whole number, 0 \(no limit\) or "
+                                             f"more, not {re.escape(repr(value))}"):
+            call()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tsv():
@@ -105,5 +143,9 @@ def test_write_outputs_writes_every_format(tmp_path):
     assert [p.name for p in paths] == [f"talk.{f}" for f in FORMATS] == [
         "talk.txt", "talk.json", "talk.srt", "talk.vtt", "talk.tsv"]
     assert (tmp_path / "talk.srt").read_bytes() == to_srt(result).encode("utf-8")
+    write_outputs(speech_segment(), tmp_path, "narrow", ["srt", "vtt", "txt"], max_line_width=20, max_line_count=1)
+    assert (tmp_path / "narrow.srt").read_text(encoding="utf-8") == to_srt(speech_segment(), 20, 1)
+    assert (tmp_path / "narrow.vtt").read_text(encoding="utf-8") == to_vtt(speech_segment(), 20, 1)
+    assert (tmp_path / "narrow.txt").read_text(encoding="utf-8") == to_txt(speech_segment())
     with pytest.raises(ValueError, match="unknown output format 'doc'"):
         write_outputs(result, tmp_path, "talk", ["doc"])

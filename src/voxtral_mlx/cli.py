@@ -23,7 +23,7 @@ from .config import ConfigError
 from .mic import BEHIND_S
 from .streaming import MAX_SPECULATE
 from .timestamps import DEFAULT_PAUSE_MS
-from .transcribe import FORMATS, Transcription, write_outputs
+from .transcribe import FORMATS, MAX_LINE_COUNT, MAX_LINE_WIDTH, Transcription, write_outputs
 from .weights import (DEFAULT_MODEL, ModelNotFoundError, WeightsError, blas_backend, load, load_config,
                       resolve_model)
 
@@ -231,6 +231,12 @@ def transcribe(
     output_dir: Optional[Path] = typer.Option(
         None, "--output-dir", "-o", file_okay=False,
         help="Directory for the --output-format files, created if needed (default: the current directory)."),
+    max_line_width: int = typer.Option(
+        MAX_LINE_WIDTH, "--max-line-width", min=0, metavar="N",
+        help="Subtitles (srt, vtt): at most N characters per line, breaking between words (0: no limit)."),
+    max_line_count: int = typer.Option(
+        MAX_LINE_COUNT, "--max-line-count", min=0, metavar="N",
+        help="Subtitles (srt, vtt): at most N lines per cue; a longer segment is shown in several (0: no limit)."),
     alt: int = typer.Option(0, "--alt", min=0, metavar="K",
                             help="Record the K most probable tokens and their probabilities at every "
                                  "step (in the json output)."),
@@ -297,12 +303,14 @@ def transcribe(
         _fail(str(e))
         raise typer.Exit(1)
     options = dict(delay_ms=delay_ms, alternatives=alt, pause_ms=pause_ms, speculate=speculate)
+    outputs = functools.partial(write_outputs, output_dir=output_dir, formats=formats,
+                                max_line_width=max_line_width, max_line_count=max_line_count) if formats else None
     with _Display(len(inputs), verbose, live="-" in inputs) as display:
         for group in _batches(inputs, batch_size):
             if group == ["-"]:
-                failed += _stdin_input(voxtral, interval_ms, display, formats, output_dir, options)
+                failed += _stdin_input(voxtral, interval_ms, display, outputs, options)
             else:
-                failed += _file_batch(voxtral, group, display, formats, output_dir, options)
+                failed += _file_batch(voxtral, group, display, outputs, options)
     if failed:
         raise typer.Exit(1)
 
@@ -318,7 +326,7 @@ def _batches(inputs: list[str], size: int) -> list[list[str]]:
     return groups
 
 
-def _stdin_input(voxtral, interval_ms, display, formats, output_dir, options) -> int:
+def _stdin_input(voxtral, interval_ms, display, outputs, options) -> int:
     """Transcribe the live stream on stdin; returns the number of failures (0 or 1)."""
     printer, start = display.printer(), time.perf_counter()
     bar = display.start_file("stdin", None)
@@ -332,12 +340,12 @@ def _stdin_input(voxtral, interval_ms, display, formats, output_dir, options) ->
         return 1
     if not printer.end():
         display.echo("voxtral-mlx: no speech recognized in stdin")
-    failed = _finish_file(display, "-", result, formats, output_dir, time.perf_counter() - start)
+    failed = _finish_file(display, "-", result, outputs, time.perf_counter() - start)
     display.end_file(bar)
     return failed
 
 
-def _file_batch(voxtral, names, display, formats, output_dir, options) -> int:
+def _file_batch(voxtral, names, display, outputs, options) -> int:
     """Transcribe files as one batch, printing each transcript in input order; returns the number of failures."""
     failed, loaded = 0, []
     for name in names:
@@ -362,7 +370,7 @@ def _file_batch(voxtral, names, display, formats, output_dir, options) -> int:
     def on_result(i: int, result: Transcription):
         nonlocal failed
         stdout.end(i)
-        failed += _finish_file(display, loaded[i][0], result, formats, output_dir, time.perf_counter() - start,
+        failed += _finish_file(display, loaded[i][0], result, outputs, time.perf_counter() - start,
                                batch=len(loaded))
         display.end_file(bars[i])
 
@@ -372,12 +380,13 @@ def _file_batch(voxtral, names, display, formats, output_dir, options) -> int:
     return failed
 
 
-def _finish_file(display, name, result, formats, output_dir, wall, batch=1) -> int:
-    """Write the output files and report; returns the number of failures (0 or 1)."""
+def _finish_file(display, name, result, outputs, wall, batch=1) -> int:
+    """Write the output files (`outputs`: `write_outputs` but for the result and name, or None)
+    and report; returns the number of failures (0 or 1)."""
     failed, label = 0, "stdin" if name == "-" else name
-    if formats:
+    if outputs is not None:
         try:
-            paths = write_outputs(result, output_dir, _output_name(name), formats)
+            paths = outputs(result, name=_output_name(name))
             display.status(f"{label}: wrote {', '.join(str(p) for p in paths)}")
         except OSError as e:
             display.fail(f"{label}: cannot write the transcript: {e}")

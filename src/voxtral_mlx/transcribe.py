@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,54 @@ def _cues(result: Transcription) -> Iterable[tuple[Segment, list[str]]]:
             yield segment, lines
 
 
+# Subtitle cues: at most this many characters per line and lines per cue (Netflix's rules for
+# Latin scripts); 0 is no limit.
+MAX_LINE_WIDTH = 42
+MAX_LINE_COUNT = 2
+
+
+def _check_limit(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a whole number, 0 (no limit) or more, not {value!r}")
+    return value
+
+
+def subtitle_cues(result: Transcription, max_line_width: int = MAX_LINE_WIDTH,
+                  max_line_count: int = MAX_LINE_COUNT) -> list[tuple[float, float, list[str]]]:
+    """The cues of `result`'s subtitles: (start, end, lines). Each segment's words are set in
+    lines of at most `max_line_width` characters (a longer word has a line of its own; a newline
+    in the text breaks the line) and the lines in cues of at most `max_line_count`, each from
+    the start of its first word to the end of its last; 0 is no limit (0 and 0: a cue per
+    segment, lines where its text has newlines)."""
+    width = _check_limit(max_line_width, "max_line_width")
+    count = _check_limit(max_line_count, "max_line_count")
+    cues = []
+    for segment in result.segments:
+        # Lines as [start, end, text] from the words (a segment read without them: its text).
+        words = segment.words or [Word(segment.start, segment.end, segment.text, math.nan)]
+        lines: list[list] = []
+        line = None
+        for word in words:
+            for i, part in enumerate(word.text.split("\n")):
+                if i:
+                    line = None  # a newline ends the line
+                if not part.strip():
+                    if line is not None:
+                        line[2] += part
+                    continue
+                if line is None or (width and line[2].strip() and len((line[2] + part).strip()) > width):
+                    line = [word.start, word.end, part]
+                    lines.append(line)
+                else:
+                    line[1], line[2] = word.end, line[2] + part
+        lines = [(a, b, text.strip()) for a, b, text in lines if text.strip()]
+        step = count or max(len(lines), 1)
+        for k in range(0, len(lines), step):
+            group = lines[k : k + step]
+            cues.append((group[0][0], group[-1][1], [text for _, _, text in group]))
+    return cues
+
+
 def to_txt(result: Transcription) -> str:
     """One segment per line."""
     return "".join(" ".join(lines) + "\n" for _, lines in _cues(result))
@@ -279,21 +328,21 @@ def to_json(result: Transcription) -> str:
     return json.dumps(result.to_dict(), ensure_ascii=False) + "\n"
 
 
-def to_srt(result: Transcription) -> str:
-    """SubRip: numbered cues, `HH:MM:SS,mmm` times; `-->` in the text becomes `->`."""
+def to_srt(result: Transcription, max_line_width: int = MAX_LINE_WIDTH, max_line_count: int = MAX_LINE_COUNT) -> str:
+    """SubRip: numbered cues (`subtitle_cues`), `HH:MM:SS,mmm` times; `-->` in the text becomes `->`."""
     out = []
-    for n, (s, lines) in enumerate(_cues(result), start=1):
+    for n, (start, end, lines) in enumerate(subtitle_cues(result, max_line_width, max_line_count), start=1):
         text = "\n".join(lines).replace("-->", "->")
-        out.append(f"{n}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{text}\n\n")
+        out.append(f"{n}\n{_timestamp(start, ',')} --> {_timestamp(end, ',')}\n{text}\n\n")
     return "".join(out)
 
 
-def to_vtt(result: Transcription) -> str:
-    """WebVTT: `HH:MM:SS.mmm` times; `&`, `<` and `>` escaped as the format requires."""
+def to_vtt(result: Transcription, max_line_width: int = MAX_LINE_WIDTH, max_line_count: int = MAX_LINE_COUNT) -> str:
+    """WebVTT: cues as `to_srt`'s, `HH:MM:SS.mmm` times; `&`, `<` and `>` escaped as the format requires."""
     out = ["WEBVTT\n\n"]
-    for s, lines in _cues(result):
+    for start, end, lines in subtitle_cues(result, max_line_width, max_line_count):
         text = "\n".join(lines).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        out.append(f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{text}\n\n")
+        out.append(f"{_timestamp(start, '.')} --> {_timestamp(end, '.')}\n{text}\n\n")
     return "".join(out)
 
 
@@ -312,10 +361,14 @@ WRITERS: dict[str, Callable[[Transcription], str]] = {
 
 
 def write_outputs(result: Transcription, output_dir: str | os.PathLike, name: str,
-                  formats: str | Iterable[str] = FORMATS) -> list[Path]:
+                  formats: str | Iterable[str] = FORMATS, max_line_width: int = MAX_LINE_WIDTH,
+                  max_line_count: int = MAX_LINE_COUNT) -> list[Path]:
     """Write `output_dir/name.<format>` for each format (one, or several; created if needed);
-    return the paths."""
+    return the paths. `max_line_width` and `max_line_count` lay out srt and vtt cues
+    (`subtitle_cues`)."""
     formats = [formats] if isinstance(formats, str) else list(formats)
+    layout = dict(max_line_width=_check_limit(max_line_width, "max_line_width"),
+                  max_line_count=_check_limit(max_line_count, "max_line_count"))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -324,6 +377,6 @@ def write_outputs(result: Transcription, output_dir: str | os.PathLike, name: st
             raise ValueError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
         path = output_dir / f"{name}.{fmt}"
         with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write(WRITERS[fmt](result))
+            f.write(WRITERS[fmt](result, **layout) if fmt in ("srt", "vtt") else WRITERS[fmt](result))
         paths.append(path)
     return paths
