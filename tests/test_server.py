@@ -152,16 +152,23 @@ def no_leaked_sessions(request):
 # Scheduling
 
 
-def test_engine_serves_jobs_round_robin_in_bounded_turns(model, jfk):
+def test_engine_serves_jobs_round_robin_in_bounded_turns_decoding_audio_turns_together(model, jfk, monkeypatch):
     engine = Engine(model, ServerLimits(turn_ms=320, solo_turn_ms=2560))
     turns, events, done = [], {"a": [], "b": []}, threading.Semaphore(0)
-    execute = engine._execute
+    execute, together = engine._execute, engine._feed_together
 
     def spy(job, op):
-        turns.append((job.name, op[0], op[1].size if op[0] == "audio" else None))
+        turns.append([(job.name, op[0], op[1].size if op[0] == "audio" else None)])
         execute(job, op)
 
-    engine._execute = spy
+    def spy_together(pairs):
+        turns.append([(job.name, op[0], op[1].size) for job, op in pairs])
+        together(pairs)
+
+    engine._execute, engine._feed_together = spy, spy_together
+    rows = []
+    real = model.net.decode_rows
+    monkeypatch.setattr(model.net, "decode_rows", lambda *a: (rows.append(a[0].shape[0]), real(*a))[1])
 
     def emit(name):
         def on_event(event):
@@ -174,21 +181,27 @@ def test_engine_serves_jobs_round_robin_in_bounded_turns(model, jfk):
     a.name, b.name = "a", "b"
     other = synthetic(3.0, seed=2)
     engine.submit(a, ("start", 480), ("audio", speech("jfk")), ("finish",))
-    engine.submit(b, ("start", 480), *[("audio", c) for c in np.array_split(other, 7)], ("finish",))
+    engine.submit(b, ("start", 240), *[("audio", c) for c in np.array_split(other, 7)], ("finish",))
     engine.start()
     try:
         assert done.acquire(timeout=30) and done.acquire(timeout=30)
     finally:
         engine.stop()
     assert a.result.tokens == jfk.tokens and a.result.text == jfk.text
-    assert "".join(e.get("delta", "") for e in events["b"]) == model.transcribe(other).text
-    # While both have work they alternate, with at most 320 ms of audio a turn.
-    last_b = max(i for i, t in enumerate(turns) if t[0] == "b")
-    both = turns[:last_b + 1]
-    assert [t[0] for t in both] == ["a", "b"] * (len(both) // 2)
-    assert all(n <= 5120 for _, kind, n in both if kind == "audio")
+    assert "".join(e.get("delta", "") for e in events["b"]) == model.transcribe(other, delay_ms=240).text
+    # Each job's operations in turn; while both have audio next, their turns (at most 320 ms of
+    # audio each) are decoded together, each decoder step taking a position of each.
+    assert turns[:2] == [[("a", "start", None)], [("b", "start", None)]]
+    last_b = max(i for i, t in enumerate(turns) if "b" in (name for name, _, _ in t))
+    last_audio = max(i for i, t in enumerate(turns) if ("b", "audio") in ((name, kind) for name, kind, _ in t))
+    both = turns[2 : last_audio + 1]
+    assert [[name for name, _, _ in t] for t in both] == [["a", "b"]] * len(both)
+    assert all(kind == "audio" and n <= 5120 for t in both for _, kind, n in t)
+    assert sum(n for t in both for name, _, n in t if name == "b") == other.size
+    assert turns[last_audio + 1 : last_b + 1] == [[("a", "audio", 5120)], [("b", "finish", None)]]
+    assert rows and set(rows) == {2} and len(rows) >= other.size // 1280 - 12
     # Alone, a job gets longer turns (2.56 s).
-    assert max(n for name, kind, n in turns[last_b + 1:] if kind == "audio") == 40960
+    assert max(t[0][2] for t in turns[last_b + 1:] if t[0][1] == "audio") == 40960
     assert engine.sessions == 2
     engine.close(a)
 

@@ -246,3 +246,69 @@ def test_thirty_minutes_in_bounded_memory_equal_offline(small_windows_dir):
     offline = model.transcribe(audio)
     assert len(session.tokens) == 30 * minute // 1280 + 11
     assert session.tokens == offline.tokens
+
+
+def fed_alone(model, audio, size, delay_ms):
+    session = model.stream(delay_ms=delay_ms)
+    for start in range(0, audio.size, size):
+        session.feed(audio[start : start + size])
+    session.finish()
+    return session
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["host", "mlx-graphs"])
+def test_sessions_fed_together_decode_as_one_batch_with_their_own_tokens(small_windows_dir, graphs, monkeypatch):
+    # Three sessions at delays of their own, started at different times, fed chunks of their own
+    # sizes; one speculates. Rings of the small windows wrap.
+    model = load_model(small_windows_dir)
+    if graphs:
+        monkeypatch.setattr(voxtral_mlx.host, "fits", lambda *a: False)
+    clips = [speech("jfk"), speech("night1968_5s"), synthetic(4.0, seed=3)]
+    sizes, delays = [3000, 2000, 2560], [480, 240, 960]
+    alone = [fed_alone(model, x, n, d) for x, n, d in zip(clips, sizes, delays)]
+    sessions = [model.stream(delay_ms=d, speculate=8 * (i == 0)) for i, d in enumerate(delays)]
+    text = [sessions[0].feed(clips[0][:20000]), "", ""]  # the first is 1.25 s ahead
+    at = [20000, 0, 0]
+    rows = []
+    real = model.net.decode_rows
+    monkeypatch.setattr(model.net, "decode_rows", lambda *a: (rows.append(a[0].shape[0]), real(*a))[1])
+    while any(a < x.size for a, x in zip(at, clips)):
+        turn = [i for i in range(3) if at[i] < clips[i].size]
+        got = voxtral_mlx.feed_together([sessions[i] for i in turn], [clips[i][at[i] : at[i] + sizes[i]] for i in turn])
+        for i, t in zip(turn, got):
+            text[i] += t
+            at[i] += sizes[i]
+    for i, s in enumerate(sessions):
+        text[i] += s.finish()
+        assert s.tokens == alone[i].tokens and text[i] == alone[i].text, i
+        assert [(r.id, r.time) for r in s.token_records] == [(r.id, r.time) for r in alone[i].token_records]
+        got, want = [r.probability for r in s.token_records], [r.probability for r in alone[i].token_records]
+        if graphs or i == 0:  # (the first is fed in other chunks than alone, and speculates)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+        else:
+            assert got == want  # the bits of each session's own steps
+    # Steps of three sessions, and of two while one is in its prompt or done.
+    assert set(rows) == {2, 3} and rows.count(3) > 20 and sum(rows) > 0.5 * sum(len(s.tokens) for s in sessions)
+
+
+def test_sessions_fed_together_are_checked_before_any_is_fed(tiny_dir, small_windows_dir):
+    model = load_model(tiny_dir)
+    a, b = model.stream(), model.stream()
+    a.feed(synthetic(0.5))
+    n = a.audio_seconds
+    with pytest.raises(ValueError, match="feed_together takes one chunk per session, got 1 for 2"):
+        voxtral_mlx.feed_together([a, b], [synthetic(0.2)])
+    with pytest.raises(ValueError, match="feed_together takes each session once"):
+        voxtral_mlx.feed_together([a, a], [synthetic(0.2)] * 2)
+    with pytest.raises(ValueError, match="feed_together takes sessions of one model"):
+        voxtral_mlx.feed_together([a, load_model(small_windows_dir).stream()], [synthetic(0.2)] * 2)
+    with pytest.raises(voxtral_mlx.AudioError, match=r"chunks\[1\]"):
+        voxtral_mlx.feed_together([a, b], [synthetic(0.2), np.array([0.1, np.nan], np.float32)])
+    lockstep = voxtral_mlx.StreamingSession.lockstep(model.net, model.tokenizer, model.audio, 2)
+    with pytest.raises(ValueError, match="a session of several streams is fed by finish_batch"):
+        voxtral_mlx.feed_together([a, lockstep], [synthetic(0.2)] * 2)
+    b.finish()
+    with pytest.raises(voxtral_mlx.SessionClosed):
+        voxtral_mlx.feed_together([a, b], [synthetic(0.2)] * 2)
+    assert a.audio_seconds == n and not a.finished  # nothing was fed
+    assert voxtral_mlx.feed_together([], []) == []

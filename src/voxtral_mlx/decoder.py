@@ -33,6 +33,11 @@ class DecoderBlock(nn.Module):
         x = x + self.attention(self.attention_norm(x), mask, cache)
         return x + self.feed_forward(self.ffn_norm(x) * scale)
 
+    def rows(self, x: mx.array, caches: list[RingKVCache], scales: mx.array) -> mx.array:
+        """One position of each of n streams x [n, 1, dim], each with its ring and scale [n, 1, dim]."""
+        x = x + self.attention.rows(self.attention_norm(x), caches)
+        return x + self.feed_forward(self.ffn_norm(x) * scales)
+
 
 def delay_embedding(n_delay: int, dim: int) -> mx.array:
     """`[cos(n f), sin(n f)]` with `f_i = 10000^(-i / (dim/2))`."""

@@ -31,9 +31,28 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array | None, cache: RingKVCache) -> mx.array:
         B, L, _ = x.shape
+        out = self.attend(*self.project(x), mask, cache)
+        return self.wo(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def rows(self, x: mx.array, caches: list[RingKVCache]) -> mx.array:
+        """One position of each of n streams [n, 1, dim], each with its ring (at a position of its own)."""
+        q, k, v = self.project(x)
+        out = mx.concatenate([self.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], cache.make_mask(1), cache)
+                              for i, cache in enumerate(caches)])
+        return self.wo(out.transpose(0, 2, 1, 3).reshape(x.shape[0], 1, -1))
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values [B, heads, L, head_dim] of x [B, L, dim], before RoPE."""
+        B, L, _ = x.shape
         q = self.wq(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.wk(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.wv(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, cache: RingKVCache) -> mx.array:
+        """RoPE at the ring's position, the keys and values written, and the queries' attention
+        [B, heads, L, head_dim]."""
+        L = q.shape[2]
         q = mx.fast.rope(q, self.head_dim, traditional=True, base=self.rope_theta, scale=1.0, offset=cache.offset)
         k = mx.fast.rope(k, self.head_dim, traditional=True, base=self.rope_theta, scale=1.0, offset=cache.offset)
         if cache.fits_in_place(L) and kernels.use_kernel(L, min(cache.offset + L, cache.capacity), self.head_dim):
@@ -48,7 +67,7 @@ class Attention(nn.Module):
                 out = kernel_attention(q, cache, mask, self.scale)
             else:
                 out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.wo(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return out
 
 
 # Several rows at once (the encoder's chunks, the prompt, speculative passes) on the CPU take

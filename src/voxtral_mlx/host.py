@@ -172,12 +172,13 @@ def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | N
 
 def linear(layer: nn.Module, x: np.ndarray) -> np.ndarray:
     """`layer` on float32 x [B, L, K]: every row at once where the row kernels take them (up to
-    `cpu_kernels.MAX_ROWS`) or where the layer's product gives each row the same bits whatever
-    rows are around it (`host_stacks`), else each stream's rows apart, as in the stream's own
-    run: the products of more rows go to other kernels, or sum in an order that depends on
-    how many there are (MKL)."""
+    `cpu_kernels.MAX_ROWS` rows of the shapes they take: `host_rows_exact`) or where the
+    layer's product gives each row the same bits whatever rows are around it (`host_stacks`),
+    else each stream's rows apart, as in the stream's own run: the products of more rows, or of
+    other shapes, go to other kernels, or sum in an order that depends on how many there are (MKL)."""
     B, L, K = x.shape
-    if B == 1 or B * L <= cpu_kernels.MAX_ROWS or getattr(layer, "host_stacks", False):
+    if B == 1 or getattr(layer, "host_stacks", False) or (B * L <= cpu_kernels.MAX_ROWS
+                                                         and layer.host_rows_exact(B * L)):
         return layer.host(np.ascontiguousarray(x).reshape(B * L, K)).reshape(B, L, -1)
     out = np.empty((B, L, layer.host_features), np.float32)
     for b in range(B):
@@ -191,23 +192,31 @@ def attention(layer: nn.Module, h: np.ndarray, cache: RingKVCache, mask: np.ndar
     written first and the kernel reads the ring (mask as `ring_mask(L)`, or `make_mask(1)`, gives
     it); else it attends over the ring as it was and the chunk (mask as `make_mask(L)`)."""
     B, L, _ = h.shape
+    out = attend(layer, linear(layer.wq, h), linear(layer.wk, h), linear(layer.wv, h), cache, mask, in_place, cos, sin)
+    return linear(layer.wo, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    q = rotated(linear(layer.wq, h), layer.n_heads, layer.head_dim, cos, sin)
-    k = rotated(linear(layer.wk, h), layer.n_kv_heads, layer.head_dim, cos, sin)
-    v = linear(layer.wv, h).reshape(B, L, layer.n_kv_heads, layer.head_dim).transpose(0, 2, 1, 3)
+
+def attend(layer: nn.Module, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: RingKVCache, mask: np.ndarray | None,
+           in_place: bool, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """`attention`'s part between the products: the rows of the queries, keys and values
+    [B, L, heads * head_dim] turned by RoPE, the keys and values written, and the queries'
+    attention [B, heads, L, head_dim]."""
+    B, L, _ = q.shape
+    q = rotated(q, layer.n_heads, layer.head_dim, cos, sin)
+    k = rotated(k, layer.n_kv_heads, layer.head_dim, cos, sin)
+    v = v.reshape(B, L, layer.n_kv_heads, layer.head_dim).transpose(0, 2, 1, 3)
     if in_place:
         keys, values = cache.write_host(k, v)
-        out = cpu_kernels.attend(q, keys, values, cache.stored, mask, layer.scale)
+        return cpu_kernels.attend(q, keys, values, cache.stored, mask, layer.scale)
+    stored = cache.stored
+    if stored:
+        keys, values = cache.host_arrays()
+        k_all, v_all = (np.concatenate([a[:, :, :stored], b], axis=2) for a, b in ((keys, k), (values, v)))
     else:
-        stored = cache.stored
-        if stored:
-            keys, values = cache.host_arrays()
-            k_all, v_all = (np.concatenate([a[:, :, :stored], b], axis=2) for a, b in ((keys, k), (values, v)))
-        else:
-            k_all, v_all = k, v
-        out = attention_chunk(q, k_all, v_all, mask, layer.scale)
-        cache.write_host(k, v)
-    return linear(layer.wo, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        k_all, v_all = k, v
+    out = attention_chunk(q, k_all, v_all, mask, layer.scale)
+    cache.write_host(k, v)
+    return out
 
 
 def feed_forward(layer: nn.Module, h: np.ndarray) -> np.ndarray:
@@ -216,14 +225,21 @@ def feed_forward(layer: nn.Module, h: np.ndarray) -> np.ndarray:
 
 def _start(x: mx.array, caches: list[RingKVCache], layer: nn.Module):
     """x as numpy, the chunk's mask, whether its attention reads the rings in place, its rotations."""
-    L = x.shape[1]
+    x = x.astype(mx.float32)
+    mx.eval(x)
+    return np.array(x), *_chunk(x.shape[1], caches, layer)
+
+
+def _chunk(L: int, caches: list[RingKVCache], layer: nn.Module):
+    """The mask of a chunk of L positions over these rings, whether its attention reads them in
+    place, its rotations."""
     ring = caches[0]
     in_place = ring.fits_in_place(L) and cpu_kernels.attend_fits(layer.n_heads, layer.n_kv_heads, layer.head_dim, L)
     mask = (ring.ring_mask(L) if L > 1 else ring.make_mask(1)) if in_place else ring.make_mask(L)
-    x = x.astype(mx.float32)
-    mx.eval(x, *([] if mask is None else [mask]))
+    if mask is not None:
+        mx.eval(mask)
     cos, sin = rotation(ring.offset + np.arange(L), layer.head_dim, layer.rope_theta)
-    return np.array(x), None if mask is None else np.asarray(mask), in_place, cos, sin
+    return None if mask is None else np.asarray(mask), in_place, cos, sin
 
 
 def encode(transformer: nn.Module, x: mx.array, caches: list[RingKVCache]) -> mx.array:
@@ -256,6 +272,34 @@ def decode(net: nn.Module, audio: mx.array, tokens: mx.array, caches: list[RingK
         x = x + feed_forward(block.feed_forward, rms_norm(x, block.ffn_norm, np.asarray(scale)))
     logits = linear(tok, rms_norm(x if every else x[:, -1:], net.norm))
     return mx.array(logits if every else logits[:, 0])
+
+
+def decode_rows(net: nn.Module, audio: mx.array, tokens: mx.array, caches: list[list[RingKVCache]],
+                scales: list[list[mx.array]]) -> mx.array:
+    """`net.decode_rows` (`fits`): one position of each of n streams, audio [n, dim], tokens [n],
+    each over its own rings and FFN scales -> logits [n, vocab]. The products take all the rows
+    at once and give each the bits of its stream's own step (`linear`); the norms, RoPE and
+    attention are those of `decode` (and so of `cpu_kernels.layer_step`), row by row."""
+    tok = net.embedding_module.tok_embeddings
+    scales = [[s if s.dtype == mx.float32 else s.astype(mx.float32) for s in row] for row in scales]
+    mx.eval(scales)
+    n = len(caches)
+    chunks = [_chunk(1, ring, net.layers[0].attention) for ring in caches]
+    x = (audio + tok(tokens)).astype(mx.float32)
+    mx.eval(x)
+    x = np.array(x)[:, None]  # [n, 1, dim]
+    for j, block in enumerate(net.layers):
+        a = block.attention
+        h = rms_norm(x, block.attention_norm)
+        q, k, v = linear(a.wq, h), linear(a.wk, h), linear(a.wv, h)
+        out = np.empty((n, 1, a.n_heads * a.head_dim), np.float32)
+        for i, ring in enumerate(caches):
+            at = attend(a, q[i : i + 1], k[i : i + 1], v[i : i + 1], ring[j], *chunks[i])
+            out[i] = at.transpose(0, 2, 1, 3).reshape(1, -1)
+        x = x + linear(a.wo, out)
+        h = np.concatenate([rms_norm(x[i : i + 1], block.ffn_norm, np.asarray(scales[i][j])) for i in range(n)])
+        x = x + feed_forward(block.feed_forward, h)
+    return mx.array(linear(tok, rms_norm(x, net.norm))[:, 0])
 
 
 class _StepLayers:

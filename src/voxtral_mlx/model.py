@@ -197,6 +197,21 @@ class VoxtralRealtime(nn.Module):
             x = layer(x, mask, cache, scale)
         return tok.as_linear(self.norm(x if every else x[:, -1]))
 
+    def decode_rows(self, audio: mx.array, tokens: mx.array, caches: list[Caches],
+                    scales: list[list[mx.array]]) -> mx.array:
+        """Logits [n, vocab] of one position of each of n streams with caches and FFN scales of
+        their own (sessions at positions of their own, at delays of their own), inputs
+        `audio[i] + E[tokens[i]]`: [n, dim], [n]. The products read each weight once for all
+        of them; on the host, each row's numbers are those of its stream's own step."""
+        tok = self.embedding_module.tok_embeddings
+        rings = [c.decoder for c in caches]
+        if host.fits(self.layers, [r for ring in rings for r in ring], [tok]):
+            return host.decode_rows(self, audio, tokens, rings, scales)
+        x = (audio + tok(tokens))[:, None]  # [n, 1, dim]
+        for i, layer in enumerate(self.layers):
+            x = layer.rows(x, [ring[i] for ring in rings], mx.stack([s[i] for s in scales])[:, None])
+        return tok.as_linear(self.norm(x[:, 0]))
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Any supported layout -> module layout (idempotent; see `rename` for the name tables).
 

@@ -4,9 +4,9 @@ One model is loaded once. Every MLX computation runs on one worker thread (the `
 MLX graph evaluation is not meant to be driven from several threads at once. Requests and
 WebSocket connections are jobs that queue work for that thread, which serves them round-robin,
 one bounded turn each (a few hundred ms of audio, or one flush or finish), so a long upload
-cannot stall a live stream. Jobs are decoded one at a time: the model's batched path
-(`StreamingSession.lockstep`) decodes whole recordings that start together and share every
-position, which live sessions at their own positions and turn-sized pieces of uploads are not.
+cannot stall a live stream. The jobs whose next turns are audio take them together
+(`feed_together`): each decoder step takes a position of every one of their sessions, at
+positions and delays of their own, so that each weight read serves all of them.
 
 Routes (`create_app`):
     POST /v1/audio/transcriptions   multipart `file`, `model`, `response_format`
@@ -55,7 +55,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .audio import AudioError, load_audio
-from .streaming import StreamingSession
+from .streaming import StreamingSession, feed_together
 from .transcribe import Transcription, Voxtral, to_srt, to_vtt
 
 log = logging.getLogger("voxtral_mlx.server")
@@ -266,22 +266,32 @@ class Engine:
                 if not job.ops:  # emptied by `end_all` while it waited
                     job.scheduled = False
                     continue
-                op = self._take_turn(job, self._turn if self._ready else self._solo_turn)
+                turns = [(job, self._take_turn(job, self._turn if self._ready else self._solo_turn))]
+                if turns[0][1][0] == "audio" and job.session is not None:
+                    # The other streams whose next turn is audio decode with this one, as one batch.
+                    for other in [j for j in self._ready if j.ops and j.ops[0][0] == "audio" and j.session is not None]:
+                        self._ready.remove(other)
+                        turns.append((other, self._take_turn(other, self._turn)))
             try:
-                self._execute(job, op)
+                if len(turns) == 1:
+                    self._execute(*turns[0])
+                else:
+                    self._feed_together(turns)
             except Exception as e:  # the worker outlives any one job's failure
                 log.exception("transcription failed")
-                job.session = None
-                with self._cond:
-                    job.ops = collections.deque(o for o in job.ops if o[0] == "close")
-                    job.backlog = 0
-                job._send({"type": "error", "error": f"transcription failed: {type(e).__name__}: {e}",
-                           "code": "processing_error"})
+                for job, _ in turns:
+                    job.session = None
+                    with self._cond:
+                        job.ops = collections.deque(o for o in job.ops if o[0] == "close")
+                        job.backlog = 0
+                    job._send({"type": "error", "error": f"transcription failed: {type(e).__name__}: {e}",
+                               "code": "processing_error"})
             with self._cond:
-                if job.ops:
-                    self._ready.append(job)
-                else:
-                    job.scheduled = False
+                for job, _ in turns:
+                    if job.ops:
+                        self._ready.append(job)
+                    else:
+                        job.scheduled = False
 
     def _take_turn(self, job: Job, limit: int) -> tuple:
         """The next operation; consecutive audio is merged up to `limit` samples."""
@@ -331,6 +341,12 @@ class Engine:
             done = self._done(job)
             job.session = session = None  # freed before the client hears of it
             job._send(done)
+
+    def _feed_together(self, turns: list[tuple[Job, tuple]]):
+        """Audio turns of several streams, their decoder steps as one batch (`feed_together`)."""
+        jobs = [job for job, _ in turns]
+        for job, text in zip(jobs, feed_together([job.session for job in jobs], [op[1] for _, op in turns])):
+            self._delta(job, text)
 
     def _new_session(self, job: Job):
         # Audio that comes faster than it is decoded (an upload, a stream catching up) is decoded

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -262,13 +262,15 @@ class StreamingSession:
         """Add samples (float32, 16 kHz, mono, any length); return the text that became final."""
         self._check_open()
         self._check_one_stream()
-        samples = prepare_audio(samples, name="samples")
+        self._add(prepare_audio(samples, name="samples"))
+        self._advance(force=False)
+        return self.streams[0].take()
+
+    def _add(self, samples: np.ndarray):
         self.streams[0].audio_samples += samples.size
         self._audio_samples += samples.size
         self._since_flush += samples.size
         self._append(samples)
-        self._advance(force=False)
-        return self.streams[0].take()
 
     def flush(self) -> str:
         """End the current utterance: feed the offline right padding and decode through it."""
@@ -371,17 +373,28 @@ class StreamingSession:
             stream.timeline.skip(at, math.inf if samples is None else samples / sr)
 
     def _advance(self, force: bool):
+        todo = self._ready(force)
+        before = self._n_embedded
+        while todo and self._rows:
+            k = min(todo, MAX_CHUNK_TOKENS)
+            todo -= k
+            emb = self._encode(k)
+            self._steps(emb, self._prompt_positions(emb))
+        self._settle(before)
+
+    def _ready(self, force: bool) -> int:
+        """How many tokens to embed and decode now: all whose audio is in, if there are at least
+        `min_tokens` of them (one, with `force`), else 0."""
         if self._n_embedded == 0:
             self._skip_left_pad()
         spt = self.audio.samples_per_token
         # Token t needs samples up to (t + 1) * spt + look_ahead of the padded stream.
-        ready = (self._buf_start + self._buf.shape[1] - self.audio.look_ahead) // spt
-        if ready - self._n_embedded < (1 if force else self.min_tokens):
-            return
-        before = self._n_embedded
-        while self._n_embedded < ready and self._rows:
-            k = min(ready - self._n_embedded, MAX_CHUNK_TOKENS)
-            self._decode(self._encode(k))
+        n = (self._buf_start + self._buf.shape[1] - self.audio.look_ahead) // spt - self._n_embedded
+        return n if n >= (1 if force else self.min_tokens) else 0
+
+    def _settle(self, before: int):
+        """After decoding from `before` embedded tokens on: the last token read, and MLX's
+        buffer cache cleared every CLEAR_CACHE_TOKENS."""
         if self._unread is not None:
             self._read(*self._unread)
             self._unread = None
@@ -408,21 +421,26 @@ class StreamingSession:
         self._buf_start = keep
         self._n_embedded += k
 
-    def _decode(self, emb: mx.array):
-        """Run decoder positions for new audio embeddings [B, k, dim]; one host sync per step (per pass
-        when speculating)."""
-        first, L = 0, len(self.prompt)
+    def _prompt_positions(self, emb: mx.array) -> int:
+        """Run the prompt's positions among those of new audio embeddings [B, k, dim]; returns how many."""
+        L = len(self.prompt)
+        if self._n_decoded >= L:
+            return 0
         B, k, _ = emb.shape
-        if self._n_decoded < L:
-            first = min(k, L - self._n_decoded)
-            prompt = mx.array(self.prompt[self._n_decoded : self._n_decoded + first])
-            logits = self.net.decode(emb[:, :first], mx.broadcast_to(prompt, (B, first)), self.caches, self.scales)
-            self._n_decoded += first
-            if self._n_decoded == L:
-                self._queue(logits)
-            else:
-                mx.eval([c.state for c in self.caches.decoder])
-        p = first
+        first = min(k, L - self._n_decoded)
+        prompt = mx.array(self.prompt[self._n_decoded : self._n_decoded + first])
+        logits = self.net.decode(emb[:, :first], mx.broadcast_to(prompt, (B, first)), self.caches, self.scales)
+        self._n_decoded += first
+        if self._n_decoded == L:
+            self._queue(logits)
+        else:
+            mx.eval([c.state for c in self.caches.decoder])
+        return first
+
+    def _steps(self, emb: mx.array, p: int):
+        """Run the decoder positions of new audio embeddings [B, k, dim] from p on, each a step
+        that feeds back the token before; one host sync per step (per pass when speculating)."""
+        k = emb.shape[1]
         while p < k:
             if self.speculate and k - p >= 2:
                 p += self._speculate(emb[:, p : p + self._guess])
@@ -510,3 +528,52 @@ class StreamingSession:
             alternatives = [Alternative(int(i), self.tokenizer.token_str(int(i)), p)
                             for i, p in zip(values[2 : 2 + k], values[2 + k :])]
         self.streams[s].push(int(values[0]), values[1], alternatives)
+
+
+def feed_together(sessions: Sequence[StreamingSession], chunks: Sequence) -> list[str]:
+    """Feed each session its chunk of samples, as `feed` does, decoding the sessions' steps
+    together: one decoder pass takes a position of every session that has one to decode, so
+    each weight read serves all of them (`VoxtralRealtime.decode_rows`); the sessions may be at
+    positions and delays of their own. Each session's tokens and records are those its own
+    `feed` gives (exactly where voxtral-mlx's CPU kernels multiply; on a GPU, a near-tie
+    between two tokens can go the other way). A session with positions left when the others
+    have none decodes them alone (speculating where it does). Returns each session's new text.
+    """
+    sessions = list(sessions)
+    if len(chunks) != len(sessions):
+        raise ValueError(f"feed_together takes one chunk per session, got {len(chunks)} for {len(sessions)}")
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("feed_together takes each session once")
+    if any(s.net is not sessions[0].net for s in sessions):
+        raise ValueError("feed_together takes sessions of one model")
+    for s in sessions:
+        s._check_open()
+        s._check_one_stream()
+    chunks = [prepare_audio(x, name=f"chunks[{i}]") for i, x in enumerate(chunks)]
+    for s, x in zip(sessions, chunks):
+        s._add(x)
+    todo = [s._ready(force=False) for s in sessions]
+    before = [s._n_embedded for s in sessions]
+    while True:
+        work = []  # [session, embeddings, next position]
+        for i, s in enumerate(sessions):
+            if todo[i] and s._rows:
+                k = min(todo[i], MAX_CHUNK_TOKENS)
+                todo[i] -= k
+                emb = s._encode(k)
+                work.append([s, emb, s._prompt_positions(emb)])
+        if not work:
+            break
+        while len(active := [w for w in work if w[2] < w[1].shape[1]]) > 1:
+            audio = mx.concatenate([emb[0, p : p + 1] for _, emb, p in active])  # [n, dim]
+            logits = active[0][0].net.decode_rows(audio, mx.concatenate([s._last for s, _, _ in active]),
+                                                  [s.caches for s, _, _ in active], [s.scales for s, _, _ in active])
+            for i, w in enumerate(active):
+                w[0]._n_decoded += 1
+                w[0]._queue(logits[i : i + 1])
+                w[2] += 1
+        for s, emb, p in active:
+            s._steps(emb, p)
+    for s, n in zip(sessions, before):
+        s._settle(n)
+    return [s.streams[0].take() for s in sessions]
