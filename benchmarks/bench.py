@@ -245,6 +245,38 @@ def batch(model, paths: list[str], delay_ms) -> list[dict]:
              "same_tokens": all(a.tokens == b.tokens for a, b in zip(alone, together))}]
 
 
+def sessions(model, paths: list[str], delay_ms, n: int, turn_ms: float = 320.0) -> dict:
+    """n live sessions fed in turns of `turn_ms` of audio, as the server feeds its streams:
+    session i takes clip i (round the list) and starts i turns after the first. Round robin, a
+    session at a time, then each turn's audio of all the sessions together (`feed_together`)."""
+    clips = [voxtral_mlx.load_audio(paths[i % len(paths)]) for i in range(n)]
+    turn = int(model.sample_rate * turn_ms / 1000)
+    seconds = sum(c.size for c in clips) / model.sample_rate
+    turns = max(i + -(-c.size // turn) for i, c in enumerate(clips))
+
+    def run(together: bool) -> tuple[float, list]:
+        streams = [model.stream(delay_ms=delay_ms, speculate=model.default_speculate) for _ in clips]
+        start = time.perf_counter()
+        for t in range(turns):
+            due = [(s, c[(t - i) * turn : (t - i + 1) * turn]) for i, (s, c) in enumerate(zip(streams, clips))
+                   if 0 <= t - i < -(-c.size // turn)]
+            if together:
+                voxtral_mlx.feed_together([s for s, _ in due], [x for _, x in due])
+            else:
+                for s, x in due:
+                    s.feed(x)
+        for s in streams:
+            s.finish()
+        return time.perf_counter() - start, [s.tokens for s in streams]
+
+    apart_s, apart = run(False)
+    together_s, tokens = run(True)
+    return {"mode": "sessions", "sessions": n, "turn_ms": turn_ms, "wall_s": together_s,
+            "tokens": sum(len(t) for t in tokens), "rtf": seconds / together_s, "audio_s": seconds,
+            "audio": " + ".join(Path(paths[i % len(paths)]).name for i in range(n)), "one_by_one_wall_s": apart_s,
+            "sessions_speedup": apart_s / together_s, "same_tokens": tokens == apart}
+
+
 class PadBias:
     """Adds `bias` to the [STREAMING_PAD] logit of every decoder call, and counts the calls.
 
@@ -367,7 +399,9 @@ def main(argv=None):
     ap.add_argument("--chunk-ms", type=float, default=80.0)
     ap.add_argument("--modes", default="parts,offline,stream",
                     help="any of parts, offline, stream, batch (all the clips one by one, then as one batch), "
-                         "speculate (greedy against speculative pad decoding on each clip and on as much silence)")
+                         "speculate (greedy against speculative pad decoding on each clip and on as much silence), "
+                         "sessions (--sessions live streams fed in 320 ms turns, one by one, then together)")
+    ap.add_argument("--sessions", type=int, default=4, help="live streams of the sessions mode")
     ap.add_argument("--speculate", default="4,8", help="positions per pass to try in the speculate mode")
     ap.add_argument("--pad-rate", type=float, default=0.55, help="pad rate on speech for the speculate mode")
     ap.add_argument("--steps", type=int, default=48, help="decoder steps timed in the parts mode")
@@ -480,6 +514,11 @@ def measure(args, model_path: str, info: dict, others: list[dict]) -> list[dict]
             rec.update(peak_rss_mb=peak_rss_mb(), **common)
             print(json.dumps(rec), flush=True)
             records.append(rec)
+    if "sessions" in modes:
+        rec = sessions(model, args.audio, args.delay_ms, args.sessions)
+        rec.update(peak_rss_mb=peak_rss_mb(), **common)
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
     return others + records
 
 
@@ -508,6 +547,10 @@ def print_table(records, info):
         if r["mode"] == "batch":
             engine += f" of {r['batch_size']}"
             extra = f" ({r['batch_speedup']:.2f}x the sequential throughput)"
+        if r["mode"] == "sessions":
+            engine = f"voxtral-mlx {r['sessions']} live sessions fed together"
+            extra = (f" ({r['sessions_speedup']:.2f}x one by one" + ("" if r["same_tokens"] else ", TOKENS DIFFER")
+                     + ")")
         print(f"| {r['audio']} | {engine} | {r['audio_s']:.1f} | {r['wall_s']:.1f}{extra} | {r['rtf']:.2f} | {lat} | "
               f"{r['peak_rss_mb']:.0f} |")
     rows = [r for r in records if r["mode"] == "speculate"]

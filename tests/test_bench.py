@@ -22,14 +22,14 @@ def bench(*args):
 
 def test_every_mode_runs_and_records_its_numbers(tiny_dir, tmp_path):
     out = tmp_path / "records.json"
-    done = bench("--model", tiny_dir, "--audio", *CLIPS, "--modes", "parts,offline,stream,batch,speculate",
-                 "--steps", 6, "--encoder-tokens", 4, "--speculate", "4,8", "--json", out)
+    done = bench("--model", tiny_dir, "--audio", *CLIPS, "--modes", "parts,offline,stream,batch,speculate,sessions",
+                 "--steps", 6, "--encoder-tokens", 4, "--speculate", "4,8", "--sessions", 3, "--json", out)
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     by_mode = {}
     for r in records:
         by_mode.setdefault(r["mode"], []).append(r)
-    assert set(by_mode) == {"parts", "offline", "stream", "sequential", "batch", "speculate"}
+    assert set(by_mode) == {"parts", "offline", "stream", "sequential", "batch", "speculate", "sessions"}
     (parts,) = by_mode["parts"]
     assert 0 < parts["step_ms_p50"] <= parts["step_ms_p95"] and parts["encoder_ms_per_audio_s"] > 0
     assert parts["left_pad_positions"] == 31 and parts["prefill_positions"] == 8
@@ -50,6 +50,11 @@ def test_every_mode_runs_and_records_its_numbers(tiny_dir, tmp_path):
     assert all(r["pad_rate"] == 1.0 for r in by_mode["speculate"] if r["audio"].startswith("silence"))
     assert "| jfk.wav | voxtral-mlx offline |" in done.stdout
     assert "| jfk.wav + night1968_5s.wav | voxtral-mlx batch of 2 |" in done.stdout
+    (live,) = by_mode["sessions"]  # three streams of the two clips, one turn of 320 ms apart
+    assert live["same_tokens"] is True and live["sessions"] == 3 and live["turn_ms"] == 320
+    jfk, night = offline["jfk.wav"]["tokens"], offline["night1968_5s.wav"]["tokens"]
+    assert live["tokens"] == 2 * jfk + night and live["one_by_one_wall_s"] > 0 and live["wall_s"] > 0
+    assert "| jfk.wav + night1968_5s.wav + jfk.wav | voxtral-mlx 3 live sessions fed together |" in done.stdout
 
 
 def test_too_few_steps_are_refused(tiny_dir):
