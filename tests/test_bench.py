@@ -53,8 +53,7 @@ def test_every_mode_runs_and_records_its_numbers(tiny_dir, tmp_path):
     (live,) = by_mode["sessions"]  # three streams of the two clips, one turn of 320 ms apart
     assert live["same_tokens"] is True and live["sessions"] == 3 and live["turn_ms"] == 320
     jfk, night = offline["jfk.wav"]["tokens"], offline["night1968_5s.wav"]["tokens"]
-    assert live["tokens"] == 2 * jfk + night
-    assert 0 < live["turns_s"] < live["wall_s"] and 0 < live["one_by_one_turns_s"] < live["one_by_one_wall_s"]
+    assert live["tokens"] == 2 * jfk + night and live["wall_s"] > 0 and live["one_by_one_wall_s"] > 0
     assert "| jfk.wav + night1968_5s.wav + jfk.wav | voxtral-mlx 3 live sessions fed together |" in done.stdout
 
 

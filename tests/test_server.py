@@ -162,7 +162,7 @@ def test_engine_serves_jobs_round_robin_in_bounded_turns_decoding_audio_turns_to
         execute(job, op)
 
     def spy_together(pairs):
-        turns.append([(job.name, op[0], op[1].size) for job, op in pairs])
+        turns.append([(job.name, op[0], op[1].size if op[0] == "audio" else None) for job, op in pairs])
         together(pairs)
 
     engine._execute, engine._feed_together = spy, spy_together
@@ -189,16 +189,16 @@ def test_engine_serves_jobs_round_robin_in_bounded_turns_decoding_audio_turns_to
         engine.stop()
     assert a.result.tokens == jfk.tokens and a.result.text == jfk.text
     assert "".join(e.get("delta", "") for e in events["b"]) == model.transcribe(other, delay_ms=240).text
-    # Each job's operations in turn; while both have audio next, their turns (at most 320 ms of
-    # audio each) are decoded together, each decoder step taking a position of each.
+    # Each job's operations in turn; while both have audio to decode next (audio, a flush or the
+    # end), their turns (at most 320 ms of audio each) are decoded together, each decoder step
+    # taking a position of each.
     assert turns[:2] == [[("a", "start", None)], [("b", "start", None)]]
     last_b = max(i for i, t in enumerate(turns) if "b" in (name for name, _, _ in t))
-    last_audio = max(i for i, t in enumerate(turns) if ("b", "audio") in ((name, kind) for name, kind, _ in t))
-    both = turns[2 : last_audio + 1]
+    both = turns[2 : last_b + 1]
     assert [[name for name, _, _ in t] for t in both] == [["a", "b"]] * len(both)
-    assert all(kind == "audio" and n <= 5120 for t in both for _, kind, n in t)
-    assert sum(n for t in both for name, _, n in t if name == "b") == other.size
-    assert turns[last_audio + 1 : last_b + 1] == [[("a", "audio", 5120)], [("b", "finish", None)]]
+    assert all(kind == "audio" and n <= 5120 for t in both for name, kind, n in t if name == "a")
+    assert [kind for t in both for name, kind, _ in t if name == "b"] == ["audio"] * (len(both) - 1) + ["finish"]
+    assert sum(n for t in both[:-1] for name, _, n in t if name == "b") == other.size
     assert rows and set(rows) == {2} and len(rows) >= other.size // 1280 - 12
     # Alone, a job gets longer turns (2.56 s).
     assert max(t[0][2] for t in turns[last_b + 1:] if t[0][1] == "audio") == 40960

@@ -312,3 +312,43 @@ def test_sessions_fed_together_are_checked_before_any_is_fed(tiny_dir, small_win
         voxtral_mlx.feed_together([a, b], [synthetic(0.2)] * 2)
     assert a.audio_seconds == n and not a.finished  # nothing was fed
     assert voxtral_mlx.feed_together([], []) == []
+
+
+def test_flushes_and_ends_decode_together_with_other_sessions_audio(small_windows_dir, monkeypatch):
+    model = load_model(small_windows_dir)
+    a_audio, b_audio = speech("jfk")[:96000], speech("night1968_5s")
+    # a: six turns of audio, a flush, two more, a flush (with b's end), one with nothing new to
+    # flush, its end; b: audio, then its end, then ends of a finished session. Alone, the same calls.
+    a_ops = [("feed", a_audio[i * 12000 : (i + 1) * 12000]) for i in range(6)] + [("flush",)] + [
+        ("feed", a_audio[i * 12000 : (i + 1) * 12000]) for i in range(6, 8)] + [("flush",), ("flush",), ("finish",)]
+    b_ops = [("feed", b_audio[i * 8000 : (i + 1) * 8000]) for i in range(9)] + [("finish",)] * 3
+    alone = []
+    for ops in (a_ops, b_ops):
+        session, text = model.stream(delay_ms=480), []
+        for op in ops:
+            text.append(getattr(session, op[0])(*op[1:]))
+        alone.append((session, text))
+    a, b = model.stream(delay_ms=480), model.stream(delay_ms=480)
+    rows = []
+    real = model.net.decode_rows
+    monkeypatch.setattr(model.net, "decode_rows", lambda *x: (rows.append(x[0].shape[0]), real(*x))[1])
+    texts = [[], []]
+    for turn, (op_a, op_b) in enumerate(zip(a_ops, b_ops)):
+        before = len(rows)
+        got = voxtral_mlx.streaming.advance_together([a, b], [op_a, op_b])
+        texts[0].append(got[0])
+        texts[1].append(got[1])
+        if turn == 6:  # a's flush (17 tokens of padding), with b's audio (6 tokens)
+            assert len(rows) - before == 6
+        if turn == 9:  # a's flush with b's end (17 tokens of padding each)
+            assert len(rows) - before >= 16
+        if turn == 11:  # a's end after its flush (a token) beside a finished session
+            assert len(rows) == before
+    for session, text, (want, want_text) in zip((a, b), texts, alone):
+        assert session.tokens == want.tokens and text == want_text and session.finished
+        assert [(w.start, w.end, w.text) for w in session.words] == [(w.start, w.end, w.text) for w in want.words]
+        assert [r.probability for r in session.token_records] == pytest.approx(
+            [r.probability for r in want.token_records], rel=1e-4, abs=1e-6)
+    assert texts[0][10] == "" and texts[1][10:] == ["", ""]  # nothing new to flush; finished already
+    with pytest.raises(ValueError, match="advance_together takes one operation per session: feed, flush or finish"):
+        voxtral_mlx.streaming.advance_together([a], [("close",)])

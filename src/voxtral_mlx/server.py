@@ -55,7 +55,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .audio import AudioError, load_audio
-from .streaming import StreamingSession, feed_together
+from .streaming import StreamingSession, advance_together
 from .transcribe import Transcription, Voxtral, to_srt, to_vtt
 
 log = logging.getLogger("voxtral_mlx.server")
@@ -267,9 +267,9 @@ class Engine:
                     job.scheduled = False
                     continue
                 turns = [(job, self._take_turn(job, self._turn if self._ready else self._solo_turn))]
-                if turns[0][1][0] == "audio" and job.session is not None:
-                    # The other streams whose next turn is audio decode with this one, as one batch.
-                    for other in [j for j in self._ready if j.ops and j.ops[0][0] == "audio" and j.session is not None]:
+                if turns[0][1][0] in DECODED and job.session is not None:
+                    # The other streams whose next turn decodes audio decode with this one, as one batch.
+                    for other in [j for j in self._ready if j.ops and j.ops[0][0] in DECODED and j.session is not None]:
                         self._ready.remove(other)
                         turns.append((other, self._take_turn(other, self._turn)))
             try:
@@ -336,17 +336,29 @@ class Engine:
                 job._send({"type": "transcription.done", "text": "", "usage": _usage(0, 0)})
                 return
             self._delta(job, session.finish())
-            if job.keep_result:
-                job.result = Transcription.from_session(session)
-            done = self._done(job)
-            job.session = session = None  # freed before the client hears of it
-            job._send(done)
+            self._finished(job)
 
     def _feed_together(self, turns: list[tuple[Job, tuple]]):
-        """Audio turns of several streams, their decoder steps as one batch (`feed_together`)."""
-        jobs = [job for job, _ in turns]
-        for job, text in zip(jobs, feed_together([job.session for job in jobs], [op[1] for _, op in turns])):
+        """Turns of several streams (audio, flush, finish), their decoder steps as one batch
+        (`advance_together`), each with the events its own turn gives."""
+        # A flush with nothing new since the last utterance ended does nothing, and says nothing.
+        turns = [(job, op) for job, op in turns if op[0] != "flush" or job.session.audio_seconds > job._audio_done]
+        texts = advance_together([job.session for job, _ in turns],
+                                 [("feed", op[1]) if op[0] == "audio" else op for _, op in turns])
+        for (job, op), text in zip(turns, texts):
             self._delta(job, text)
+            if op[0] == "flush":
+                job._send(self._done(job))
+            elif op[0] == "finish":
+                self._finished(job)
+
+    def _finished(self, job: Job):
+        """The events of a finished stream, whose session is freed before the client hears of it."""
+        if job.keep_result:
+            job.result = Transcription.from_session(job.session)
+        done = self._done(job)
+        job.session = None
+        job._send(done)
 
     def _new_session(self, job: Job):
         # Audio that comes faster than it is decoded (an upload, a stream catching up) is decoded
@@ -367,6 +379,10 @@ class Engine:
         text, job._utterance = job._utterance, ""
         job._tokens_done, job._audio_done, job._first_utterance = len(session.tokens), session.audio_seconds, False
         return {"type": "transcription.done", "text": text, "usage": _usage(prompt, completion)}
+
+
+# Operations whose turns decode audio: several streams' are decoded together.
+DECODED = ("audio", "flush", "finish")
 
 
 def _usage(prompt: int, completion: int) -> dict:

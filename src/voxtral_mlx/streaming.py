@@ -292,14 +292,23 @@ class StreamingSession:
         return self.streams[0].take()
 
     def _finish(self):
-        if self._audio_samples:
-            if self._since_flush:
-                self._append_padding(final=True)
-            else:  # after a flush: its padding's last tokens are the end
-                self._skip(None)
-            # The STFT reflects the final padding zeros: the last token sees zeros beyond the end.
-            self._append(np.zeros(self.audio.look_ahead, np.float32), count=False)
+        if self._pad_end():
             self._advance(force=True)
+        self._end()
+
+    def _pad_end(self) -> bool:
+        """The end's padding, where there was audio (whether there is anything to decode)."""
+        if not self._audio_samples:
+            return False
+        if self._since_flush:
+            self._append_padding(final=True)
+        else:  # after a flush: its padding's last tokens are the end
+            self._skip(None)
+        # The STFT reflects the final padding zeros: the last token sees zeros beyond the end.
+        self._append(np.zeros(self.audio.look_ahead, np.float32), count=False)
+        return True
+
+    def _end(self):
         for stream in self.streams:
             stream.end()
         self._closed = True
@@ -539,20 +548,47 @@ def feed_together(sessions: Sequence[StreamingSession], chunks: Sequence) -> lis
     between two tokens can go the other way). A session with positions left when the others
     have none decodes them alone (speculating where it does). Returns each session's new text.
     """
-    sessions = list(sessions)
     if len(chunks) != len(sessions):
         raise ValueError(f"feed_together takes one chunk per session, got {len(chunks)} for {len(sessions)}")
+    return advance_together(sessions, [("feed", x) for x in chunks])
+
+
+def advance_together(sessions: Sequence[StreamingSession], ops: Sequence[tuple]) -> list[str]:
+    """`feed_together` of one operation per session: ("feed", samples), ("flush",) or
+    ("finish",), each as the session's own method does it (a flush with nothing new to flush,
+    and a finish of a finished session, decode nothing), their decoder steps together. Returns
+    each session's new text."""
+    sessions = list(sessions)
     if len({id(s) for s in sessions}) != len(sessions):
         raise ValueError("feed_together takes each session once")
     if any(s.net is not sessions[0].net for s in sessions):
         raise ValueError("feed_together takes sessions of one model")
-    for s in sessions:
+    if any(op[0] not in ("feed", "flush", "finish") for op in ops) or len(ops) != len(sessions):
+        raise ValueError("advance_together takes one operation per session: feed, flush or finish")
+    chunks = {}
+    for i, (s, op) in enumerate(zip(sessions, ops)):
+        if op[0] == "finish" and s.finished:
+            continue
         s._check_open()
         s._check_one_stream()
-    chunks = [prepare_audio(x, name=f"chunks[{i}]") for i, x in enumerate(chunks)]
-    for s, x in zip(sessions, chunks):
-        s._add(x)
-    todo = [s._ready(force=False) for s in sessions]
+        if op[0] == "feed":
+            chunks[i] = prepare_audio(op[1], name=f"chunks[{i}]")
+    # Nothing is changed before every session and chunk is checked. Then each session's
+    # operation up to its decoding, and what comes after it.
+    todo, after = [], []  # tokens to decode; "flush" or "finish" to complete after
+    for i, (s, op) in enumerate(zip(sessions, ops)):
+        kind, force = op[0], True  # force: decode even fewer tokens than `min_tokens`; None: none
+        if kind == "feed":
+            s._add(chunks[i])
+            force = False
+        elif kind == "flush" and s._since_flush:
+            s._append_padding()
+        elif kind == "finish" and not s.finished:
+            force = True if s._pad_end() else None  # (no audio: nothing to decode)
+        else:  # nothing new to flush, or finished already
+            kind = force = None
+        todo.append(0 if force is None else s._ready(force))
+        after.append(kind if kind != "feed" else None)
     before = [s._n_embedded for s in sessions]
     while True:
         work = []  # [session, embeddings, next position]
@@ -574,6 +610,10 @@ def feed_together(sessions: Sequence[StreamingSession], chunks: Sequence) -> lis
                 w[2] += 1
         for s, emb, p in active:
             s._steps(emb, p)
-    for s, n in zip(sessions, before):
+    for s, n, kind in zip(sessions, before, after):
         s._settle(n)
+        if kind == "flush":
+            s.timeline.close()
+        elif kind == "finish":
+            s._end()
     return [s.streams[0].take() for s in sessions]
