@@ -155,7 +155,7 @@ def no_leaked_sessions(request):
 def test_engine_serves_jobs_round_robin_in_bounded_turns_decoding_audio_turns_together(model, jfk, monkeypatch):
     engine = Engine(model, ServerLimits(turn_ms=320, solo_turn_ms=2560))
     turns, events, done = [], {"a": [], "b": []}, threading.Semaphore(0)
-    execute, together = engine._execute, engine._feed_together
+    execute, together = engine._execute, engine._decode_together
 
     def spy(job, op):
         turns.append([(job.name, op[0], op[1].size if op[0] == "audio" else None)])
@@ -165,7 +165,7 @@ def test_engine_serves_jobs_round_robin_in_bounded_turns_decoding_audio_turns_to
         turns.append([(job.name, op[0], op[1].size if op[0] == "audio" else None) for job, op in pairs])
         together(pairs)
 
-    engine._execute, engine._feed_together = spy, spy_together
+    engine._execute, engine._decode_together = spy, spy_together
     rows = []
     real = model.net.decode_rows
     monkeypatch.setattr(model.net, "decode_rows", lambda *a: (rows.append(a[0].shape[0]), real(*a))[1])

@@ -4,9 +4,10 @@ One model is loaded once. Every MLX computation runs on one worker thread (the `
 MLX graph evaluation is not meant to be driven from several threads at once. Requests and
 WebSocket connections are jobs that queue work for that thread, which serves them round-robin,
 one bounded turn each (a few hundred ms of audio, or one flush or finish), so a long upload
-cannot stall a live stream. The jobs whose next turns are audio take them together
-(`feed_together`): each decoder step takes a position of every one of their sessions, at
-positions and delays of their own, so that each weight read serves all of them.
+cannot stall a live stream. The jobs whose next turns decode audio (new audio, a flush, an end)
+take them together (`advance_together`): each decoder step takes a position of every one of
+their sessions, at positions and delays of their own, so that each weight read serves all of
+them.
 
 Routes (`create_app`):
     POST /v1/audio/transcriptions   multipart `file`, `model`, `response_format`
@@ -276,8 +277,8 @@ class Engine:
                 if len(turns) == 1:
                     self._execute(*turns[0])
                 else:
-                    self._feed_together(turns)
-            except Exception as e:  # the worker outlives any one job's failure
+                    self._decode_together(turns)
+            except Exception as e:  # the worker outlives any one job's failure (a batch's is each of its jobs')
                 log.exception("transcription failed")
                 for job, _ in turns:
                     job.session = None
@@ -338,7 +339,7 @@ class Engine:
             self._delta(job, session.finish())
             self._finished(job)
 
-    def _feed_together(self, turns: list[tuple[Job, tuple]]):
+    def _decode_together(self, turns: list[tuple[Job, tuple]]):
         """Turns of several streams (audio, flush, finish), their decoder steps as one batch
         (`advance_together`), each with the events its own turn gives."""
         # A flush with nothing new since the last utterance ended does nothing, and says nothing.
