@@ -219,6 +219,7 @@ def test_progress_bars_on_a_terminal_stderr(tmp_path, timed_dir):
     for shown in (f"{ERROR}{bad}: ", "0/3 files", "2/3 files", "3/3 files", "jfk.wav", "100%"):
         assert shown in screen, shown
     assert "Traceback" not in screen
+    assert set(screen) & set("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")  # the spinner, turning while nothing else moves
 
 
 def test_progress_bars_and_text_on_the_same_terminal(timed_dir):

@@ -457,9 +457,11 @@ class _Display:
         # comes, without bars (which would hold it back until the stream ends).
         if sys.stderr.isatty() and not (live and self.shared_terminal):
             from rich.console import Console
-            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn,
+                                       TimeRemainingColumn)
 
-            self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+            # (the spinner turns while a file's first audio is encoded, before its first token moves the bar)
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
                                      TaskProgressColumn(), TimeRemainingColumn(), console=Console(stderr=True),
                                      transient=True, redirect_stdout=False, redirect_stderr=False)
             if n_files > 1:
