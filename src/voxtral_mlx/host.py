@@ -225,9 +225,14 @@ def feed_forward(layer: nn.Module, h: np.ndarray) -> np.ndarray:
 
 def _start(x: mx.array, caches: list[RingKVCache], layer: nn.Module):
     """x as numpy, the chunk's mask, whether its attention reads the rings in place, its rotations."""
+    return _float32(x), *_chunk(x.shape[1], caches, layer)
+
+
+def _float32(x: mx.array) -> np.ndarray:
+    """x as a float32 numpy array of its own (written in place by the layers)."""
     x = x.astype(mx.float32)
     mx.eval(x)
-    return np.array(x), *_chunk(x.shape[1], caches, layer)
+    return np.array(x)
 
 
 def _chunk(L: int, caches: list[RingKVCache], layer: nn.Module):
@@ -285,9 +290,7 @@ def decode_rows(net: nn.Module, audio: mx.array, tokens: mx.array, caches: list[
     mx.eval(scales)
     n = len(caches)
     chunks = [_chunk(1, ring, net.layers[0].attention) for ring in caches]
-    x = (audio + tok(tokens)).astype(mx.float32)
-    mx.eval(x)
-    x = np.array(x)[:, None]  # [n, 1, dim]
+    x = _float32(audio + tok(tokens))[:, None]  # [n, 1, dim]
     for j, block in enumerate(net.layers):
         a = block.attention
         h = rms_norm(x, block.attention_norm)
