@@ -306,7 +306,8 @@ def subtitle_cues(result: Transcription, max_line_width: int = MAX_LINE_WIDTH,
                     if line is not None:
                         line[2] += part
                     continue
-                if line is None or (width and len((line[2] + part).strip()) > width):  # (a line has text from its start)
+                # (a line has text from its start: a longer word alone overflows it)
+                if line is None or (width and len((line[2] + part).strip()) > width):
                     line = [word.start, word.end, part]
                     lines.append(line)
                 else:
