@@ -381,16 +381,3 @@ def test_loading_holds_the_model_once(wider_dir, stored, dtype):
     held = sum(p.nbytes for _, p in tree_flatten(model.net.parameters()))
     assert held > 10 * 2**20 and peak <= 1.1 * held + 2**20, (peak, held)
 
-
-@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux's")
-def test_loading_asks_the_system_to_read_every_weight_file_ahead(tiny_dir, monkeypatch):
-    asked = []
-    real = os.posix_fadvise
-
-    def fadvise(fd, offset, length, advice):
-        asked.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice))
-        return real(fd, offset, length, advice)
-
-    monkeypatch.setattr(os, "posix_fadvise", fadvise)
-    voxtral_mlx.load(tiny_dir)
-    assert asked == [(str((tiny_dir / "consolidated.safetensors").resolve()), 0, 0, os.POSIX_FADV_WILLNEED)]

@@ -276,25 +276,6 @@ def read_weights(ckpt: Checkpoint, origins: dict | None = None) -> dict[str, mx.
     return weights
 
 
-def read_ahead(files: list[Path]):
-    """Ask the system to read the weight files into its cache now, in the background: tensor by
-    tensor, a file not yet cached read at 115-400 MB/s on a Linux VM whose disk streams 520
-    (a 4-bit model's cold load 24 s, 6 s with this)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for file in files:
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except OSError:
-            continue  # reading it says what is wrong
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 def stored_bits(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
     """The bfloat16 tensors `names` of a safetensors file as numpy uint16 views of a read-only
     mapping of the file (those it holds whole, as bfloat16; {} if it cannot be mapped)."""
@@ -459,7 +440,6 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
     path = resolve_model(path_or_repo)
     dtype = parse_dtype(dtype)
     ckpt = find_checkpoint(path)
-    read_ahead(ckpt.weight_files)
     origins: dict = {}
     net, weights, tokenizer, audio = load_network(ckpt, origins)
     cpu = mx.default_device() == mx.cpu
