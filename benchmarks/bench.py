@@ -122,6 +122,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def evict(model: str) -> bool:
+    """Drop a local model's weight files from the system's file cache (Linux), so that the next
+    load reads them from the disk, as a first load after a reboot does; whether it could. (A
+    virtual machine's host may still hold them in a cache of its own.)"""
+    files = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
+    if not files or not hasattr(os, "posix_fadvise"):
+        return False
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
 def quantization(model) -> str:
     bits = {m.bits for _, m in model.net.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
     return "none" if not bits else "/".join(f"{b}-bit" for b in sorted(bits))
@@ -414,6 +430,9 @@ def main(argv=None):
     ap.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH_GBS, help="rated memory bandwidth, GB/s")
     ap.add_argument("--compare", choices=["voxmlx"], help="also run this engine on the first clip")
     ap.add_argument("--compare-python", default=sys.executable, help="the Python that has it installed")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop each model's weight files from the system's file cache before its process loads "
+                         "it (the other engine's too; Linux): end to end then includes reading them from disk")
     ap.add_argument("--json", help="append the records to this file")
     ap.add_argument("--no-summary", action="store_true", help="leave out the summary table")
     args = ap.parse_args(argv)
@@ -441,8 +460,10 @@ def main(argv=None):
 
 def compare(args, path: str, info: dict) -> dict:
     seconds = voxtral_mlx.load_audio(path).size / 16000
+    cold = args.cold and evict(args.model[0])
     rec = voxmlx(args.compare_python, str(args.model[0]), path, seconds)
-    rec.update(audio=Path(path).name, audio_s=seconds, machine=dict(info, blas="the mlx-cpu wheel's, as voxmlx leaves it"))
+    rec.update(cold=cold, audio=Path(path).name, audio_s=seconds,
+               machine=dict(info, blas="the mlx-cpu wheel's, as voxmlx leaves it"))
     print(json.dumps(rec), flush=True)
     return rec
 
@@ -466,6 +487,7 @@ def measure_apart(argv, model: str) -> list[dict]:
 
 
 def measure(args, model_path: str, info: dict, others: list[dict]) -> list[dict]:
+    cold = args.cold and evict(model_path)
     start = time.perf_counter()
     model = voxtral_mlx.load(model_path, dtype=args.dtype)
     load_s = time.perf_counter() - start
@@ -477,7 +499,7 @@ def measure(args, model_path: str, info: dict, others: list[dict]) -> list[dict]
     left_pad_s = time.perf_counter() - start
     dtype = mkl_bf16.describe(model.net) or cpu_quant.describe(model.net) or str(model.dtype).rsplit(".", 1)[-1]
     common = {"model": str(model_path), "dtype": dtype, "quantization": quantization(model), "load_s": load_s,
-              "left_pad_s": left_pad_s, "left_pad_read": model.net.snapshots.read > 0, "machine": info}
+              "cold": cold, "left_pad_s": left_pad_s, "left_pad_read": model.net.snapshots.read > 0, "machine": info}
     records = []
     modes = args.modes.split(",")
     if "parts" in modes:
@@ -576,7 +598,9 @@ def print_summary(records, info):
     clip = clips[0] if clips else None
     other = next((r for r in records if r["mode"] == "voxmlx" and r["audio"] == clip), None)
     print(f"\nSummary. {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB, mlx {info['mlx']} on the "
-          f"{info['device'].upper()}." + (f" Clip: {clip}." if clip else ""))
+          f"{info['device'].upper()}." + (f" Clip: {clip}." if clip else "")
+          + (" Each model's weight files dropped from the file cache before its process (--cold)."
+             if any(r.get("cold") for r in records) else ""))
     print("\n| model | weights / products | load s | offline s | streaming s; latency p50 / p95 ms | "
           "decoder step mean / p50 / p95 ms | step / floor at the rated bandwidth | step's weights read at / a plain read | "
           "encoder ms per audio s | clips one by one / batch s | peak RSS GB | end to end against voxmlx (load, left pad, clip) |")

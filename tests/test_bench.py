@@ -1,17 +1,56 @@
 """The benchmark scripts: `bench.py` on a tiny checkpoint in every mode, and `compile.py`, each
 recording what it says it does."""
 
+import ctypes
+import importlib.util
 import json
+import mmap
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import AUDIO
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 CLIPS = [AUDIO / "jfk.wav", AUDIO / "night1968_5s.wav"]
+
+
+COLD = hasattr(os, "posix_fadvise")
+
+
+def resident(path: Path) -> int:
+    """Pages of a file in the system's file cache (mincore over a mapping of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        view = np.frombuffer(m, np.uint8)
+        pages = np.zeros(-(-m.size() // mmap.PAGESIZE), np.uint8)
+        assert libc.mincore(view.ctypes.data, m.size(), pages.ctypes.data) == 0, ctypes.get_errno()
+        del view
+        return int((pages & 1).sum())
+
+
+@pytest.mark.skipif(not COLD, reason="posix_fadvise is Linux's")
+def test_cold_drops_a_models_weight_files_from_the_file_cache(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    weights, other = tmp_path / "model.safetensors", tmp_path / "tekken.json"
+    for file in (weights, other):
+        with open(file, "wb") as f:
+            f.write(np.random.default_rng(0).bytes(4 << 20))
+            os.fsync(f.fileno())
+        file.read_bytes()
+    pages = (4 << 20) // mmap.PAGESIZE
+    if resident(weights) < pages:
+        pytest.skip("this file system does not keep the file in the cache")
+    assert module.evict(str(tmp_path)) is True
+    assert resident(weights) == 0 and resident(other) == pages  # only the weights
+    assert module.evict(str(tmp_path / "missing")) is False
+    assert module.evict("mistralai/Voxtral-Mini-4B-Realtime-2602") is False  # a repo id: nothing local
 
 
 def bench(*args):
@@ -82,9 +121,12 @@ def test_several_models_run_apart_and_end_in_one_summary(tiny_dir, small_windows
     other.chmod(0o755)
     out = tmp_path / "records.json"
     done = bench("--model", tiny_dir, small_windows_dir, "--audio", *CLIPS, "--modes", "parts,offline,batch",
-                 "--steps", 6, "--encoder-tokens", 4, "--compare", "voxmlx", "--compare-python", other, "--json", out)
+                 "--steps", 6, "--encoder-tokens", 4, "--compare", "voxmlx", "--compare-python", other, "--json", out,
+                 *["--cold"] * COLD)
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["cold"] == COLD for r in records)  # each model's files dropped before its process, voxmlx's too
+    assert ("(--cold)" in done.stdout) == COLD
     assert [r["audio"] for r in records if r["mode"] == "voxmlx"] == [CLIPS[0].name]  # the first clip
     for model in (tiny_dir, small_windows_dir):
         mine = [r for r in records if r.get("model") == str(model)]
