@@ -352,3 +352,46 @@ def test_flushes_and_ends_decode_together_with_other_sessions_audio(small_window
     assert texts[0][10] == "" and texts[1][10:] == ["", ""]  # nothing new to flush; finished already
     with pytest.raises(ValueError, match="advance_together takes one operation per session: feed, flush or finish"):
         voxtral_mlx.streaming.advance_together([a], [("close",)])
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3])
+def test_sessions_advanced_together_in_random_turns_keep_their_own_results(small_windows_dir, seed):
+    # Two to four sessions at random delays, speculating or not, starting late, idle some turns,
+    # fed chunks of 0 samples to 20000, flushed at random (twice in a row too) and finished
+    # (twice, sometimes): the same tokens, text, times and words as each alone.
+    model = load_model(small_windows_dir)
+    rng = np.random.default_rng(seed)
+    clips = [speech("jfk")[:60000], speech("night1968_5s")[:50000], synthetic(3.0, seed=3),
+             np.zeros(20000, np.float32), synthetic(0.3, seed=5)]
+    plans = []
+    for _ in range(rng.integers(2, 5)):
+        clip, ops, at = clips[rng.integers(len(clips))], [None] * int(rng.integers(0, 3)), 0
+        while at < clip.size:
+            r = rng.random()
+            if r < 0.15:
+                ops.append(("flush",) if r < 0.1 else None)
+            else:
+                n = int(rng.choice([0, 1, 7, 1280, 1281, 3000, 8000, 20000]))
+                ops.append(("feed", clip[at : at + n]))
+                at += n
+        ops += [("finish",)] * int(rng.integers(1, 3))
+        plans.append((int(rng.choice([80, 480, 960, 2400])), int(rng.choice([0, 4, 8])), ops))
+    alone = []
+    for delay, speculate, ops in plans:
+        session = model.stream(delay_ms=delay, speculate=speculate)
+        alone.append((session, "".join(getattr(session, op[0])(*op[1:]) for op in ops if op)))
+    sessions = [model.stream(delay_ms=delay, speculate=speculate) for delay, speculate, _ in plans]
+    texts = [""] * len(plans)
+    for turn in range(max(len(ops) for *_, ops in plans)):
+        now = [i for i, (*_, ops) in enumerate(plans) if turn < len(ops) and ops[turn]]
+        got = voxtral_mlx.streaming.advance_together([sessions[i] for i in now], [plans[i][2][turn] for i in now])
+        for i, text in zip(now, got):
+            texts[i] += text
+    assert len({delay for delay, *_ in plans}) > 1 and any(op and op[0] == "flush" for *_, ops in plans for op in ops)
+    for session, text, (want, want_text) in zip(sessions, texts, alone):
+        assert session.finished and session.tokens == want.tokens and text == want_text
+        assert [(r.id, r.time) for r in session.token_records] == [(r.id, r.time) for r in want.token_records]
+        assert [(w.start, w.end, w.text) for w in session.words] == [(w.start, w.end, w.text) for w in want.words]
+        # (a speculating session's passes alone take several positions, together one: other bits)
+        np.testing.assert_allclose([r.probability for r in session.token_records],
+                                   [r.probability for r in want.token_records], rtol=1e-4, atol=1e-6)
