@@ -381,3 +381,17 @@ def test_loading_holds_the_model_once(wider_dir, stored, dtype):
     held = sum(p.nbytes for _, p in tree_flatten(model.net.parameters()))
     assert held > 10 * 2**20 and peak <= 1.1 * held + 2**20, (peak, held)
 
+
+
+def test_a_weight_file_cut_short_while_loading_says_so(wider_dir, tmp_path, monkeypatch):
+    # The file is cut after its size was checked against its header, as when it is replaced
+    # during the load: the tensors read in a group (uncast), or the one cast, fail to read.
+    real = voxtral_mlx.weights.check_weights
+    for stored, dtype, what in [("f32", "float32", r"\d+ of its tensors"), ("bf16", "float16", r"tensor \S+")]:
+        path = copy_model(wider_dir[stored], tmp_path / stored)
+        (file,) = path.glob("*.safetensors")
+        monkeypatch.setattr(voxtral_mlx.weights, "check_weights",
+                            lambda *a, file=file: (real(*a), os.truncate(file, file.stat().st_size // 2)))
+        with pytest.raises(WeightsError, match=f"^{re.escape(str(file))}: cannot read {what} \\(.*\\); the file "
+                                               "is damaged or was changed while loading: download or convert it again$"):
+            voxtral_mlx.load(path, dtype=dtype)
