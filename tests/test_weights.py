@@ -395,3 +395,13 @@ def test_a_weight_file_cut_short_while_loading_says_so(wider_dir, tmp_path, monk
         with pytest.raises(WeightsError, match=f"^{re.escape(str(file))}: cannot read {what} \\(.*\\); the file "
                                                "is damaged or was changed while loading: download or convert it again$"):
             voxtral_mlx.load(path, dtype=dtype)
+
+
+def test_a_tensor_that_cannot_be_held_is_not_called_a_damaged_file(tiny_dir, monkeypatch):
+    def eval_(*a):
+        raise RuntimeError("[malloc] Unable to allocate 4096 bytes.")
+
+    monkeypatch.setattr(voxtral_mlx.weights.mx, "eval", eval_)
+    with pytest.raises(WeightsError, match=r"consolidated\.safetensors: cannot read tensor \S+ \(\[malloc\] Unable to "
+                                           r"allocate 4096 bytes\.\)$"):
+        voxtral_mlx.load(tiny_dir, dtype="float16")

@@ -426,8 +426,9 @@ def read_tensors(ckpt: Checkpoint, tensors: list[tuple[str, mx.array]]):
         mx.eval([w for _, w in tensors])
     except RuntimeError as e:  # (MLX marks the graph's arrays read even so: which one failed is not known)
         what = f"tensor {tensors[0][0]}" if len(tensors) == 1 else f"{len(tensors)} of its tensors"
-        raise WeightsError(f"{ckpt.path / ckpt.weights_name}: cannot read {what} ({e}); the file is damaged or "
-                           f"was changed while loading: download or convert it again") from None
+        hint = ("; the file is damaged or was changed while loading: download or convert it again"
+                if "read" in str(e).lower() else "")  # (not where memory ran out)
+        raise WeightsError(f"{ckpt.path / ckpt.weights_name}: cannot read {what} ({e}){hint}") from None
 
 
 def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None = None) -> Voxtral:
