@@ -385,16 +385,18 @@ def test_loading_holds_the_model_once(wider_dir, stored, dtype):
 
 def test_a_weight_file_cut_short_while_loading_says_so(wider_dir, tmp_path, monkeypatch):
     # The file is cut after its size was checked against its header, as when it is replaced
-    # during the load: the tensors read in a group (uncast), or the one cast, fail to read.
+    # during the load: a tensor past the cut fails to read, as read or as cast, and is named.
     real = voxtral_mlx.weights.check_weights
-    for stored, dtype, what in [("f32", "float32", r"\d+ of its tensors"), ("bf16", "float16", r"tensor \S+")]:
+    for stored, dtype in [("f32", "float32"), ("bf16", "float16")]:
         path = copy_model(wider_dir[stored], tmp_path / stored)
         (file,) = path.glob("*.safetensors")
         monkeypatch.setattr(voxtral_mlx.weights, "check_weights",
                             lambda *a, file=file: (real(*a), os.truncate(file, file.stat().st_size // 2)))
-        with pytest.raises(WeightsError, match=f"^{re.escape(str(file))}: cannot read {what} \\(.*\\); the file "
+        with pytest.raises(WeightsError, match=f"^{re.escape(str(file))}: cannot read tensor \\S+ \\(.*\\); the file "
                                                "is damaged or was changed while loading: download or convert it again$"):
             voxtral_mlx.load(path, dtype=dtype)
+    # A later evaluation is not troubled by the failed reads.
+    assert mx.ones((64, 64)).sum().item() == 4096
 
 
 def test_a_tensor_that_cannot_be_held_is_not_called_a_damaged_file(tiny_dir, monkeypatch):

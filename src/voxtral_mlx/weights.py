@@ -415,20 +415,16 @@ def load_network(ckpt: Checkpoint, origins: dict | None = None
     return net, weights, tokenizer, audio
 
 
-# Tensors read together while loading: one by one, a 4.7 GB 8-bit model took 4.2-8.2 s to read
-# from the system's file cache on a 2-core Linux VM; in groups of 64-1024 MB, 2.0-3.0 s.
-READ_GROUP_BYTES = 256 * 2**20
-
-
-def read_tensors(ckpt: Checkpoint, tensors: list[tuple[str, mx.array]]):
-    """Evaluate the tensors (by name) of a checkpoint as one graph."""
+def read_tensor(ckpt: Checkpoint, name: str, w: mx.array):
+    """Evaluate one tensor of a checkpoint (the load reads them one at a time: in groups of 256 MB,
+    as one graph each, an 8-bit model loaded 1.5-2.5 s faster, but MLX let a failed read's error
+    surface in a later, unrelated evaluation, and once abort the process)."""
     try:
-        mx.eval([w for _, w in tensors])
-    except RuntimeError as e:  # (MLX marks the graph's arrays read even so: which one failed is not known)
-        what = f"tensor {tensors[0][0]}" if len(tensors) == 1 else f"{len(tensors)} of its tensors"
+        mx.eval(w)
+    except RuntimeError as e:
         hint = ("; the file is damaged or was changed while loading: download or convert it again"
                 if "read" in str(e).lower() else "")  # (not where memory ran out)
-        raise WeightsError(f"{ckpt.path / ckpt.weights_name}: cannot read {what} ({e}){hint}") from None
+        raise WeightsError(f"{ckpt.path / ckpt.weights_name}: cannot read tensor {name} ({e}){hint}") from None
 
 
 def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None = None) -> Voxtral:
@@ -470,23 +466,15 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
     mkl = over_bf16 or (dtype == mx.bfloat16 and cpu and not quantized and mkl_bf16.available())
     mapped = mapped_products(net, weights, origins) if mkl else {}
     origins.clear()
-    # Cast one tensor at a time so the stored and compute copies never coexist in full; the others
-    # are read READ_GROUP_BYTES at a time (one graph each, read faster than tensor by tensor).
-    loaded, group, size = [], [], 0
+    # Cast one tensor at a time so the stored and compute copies never coexist in full.
+    loaded = []
     for name in list(weights):
         w = weights.pop(name)
         if name not in mapped:
-            if mx.issubdtype(w.dtype, mx.floating) and not over_bf16 and w.dtype != dtype:
+            if mx.issubdtype(w.dtype, mx.floating) and not over_bf16:
                 w = w.astype(dtype)
-                read_tensors(ckpt, [(name, w)])
-            else:
-                group.append((name, w))
-                size += w.nbytes
-                if size >= READ_GROUP_BYTES:
-                    read_tensors(ckpt, group)
-                    group, size = [], 0
+            read_tensor(ckpt, name, w)
         loaded.append((name, w))
-    read_tensors(ckpt, group)
     net.load_weights(loaded, strict=True)
     loaded.clear()  # the net holds them now: a layer the CPU paths replace below is freed as it goes
     if mkl:
