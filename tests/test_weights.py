@@ -382,7 +382,6 @@ def test_loading_holds_the_model_once(wider_dir, stored, dtype):
     assert held > 10 * 2**20 and peak <= 1.1 * held + 2**20, (peak, held)
 
 
-
 def test_a_weight_file_cut_short_while_loading_says_so(wider_dir, tmp_path, monkeypatch):
     # The file is cut after its size was checked against its header, as when it is replaced
     # during the load: a tensor past the cut fails to read, as read or as cast, and is named.
@@ -392,8 +391,8 @@ def test_a_weight_file_cut_short_while_loading_says_so(wider_dir, tmp_path, monk
         (file,) = path.glob("*.safetensors")
         monkeypatch.setattr(voxtral_mlx.weights, "check_weights",
                             lambda *a, file=file: (real(*a), os.truncate(file, file.stat().st_size // 2)))
-        with pytest.raises(WeightsError, match=f"^{re.escape(str(file))}: cannot read tensor \\S+ \\(.*\\); the file "
-                                               "is damaged or was changed while loading: download or convert it again$"):
+        damaged = "the file is damaged or was changed while loading: download or convert it again"
+        with pytest.raises(WeightsError, match=f"^{re.escape(str(file))}: cannot read tensor \\S+ \\(.*\\); {damaged}$"):
             voxtral_mlx.load(path, dtype=dtype)
     # A later evaluation is not troubled by the failed reads.
     assert mx.ones((64, 64)).sum().item() == 4096
