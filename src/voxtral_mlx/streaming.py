@@ -262,15 +262,8 @@ class StreamingSession:
         """Add samples (float32, 16 kHz, mono, any length); return the text that became final."""
         self._check_open()
         self._check_one_stream()
-        self._add(prepare_audio(samples, name="samples"))
-        self._advance(force=False)
+        self._advance(self._begin("feed", prepare_audio(samples, name="samples")))
         return self.streams[0].take()
-
-    def _add(self, samples: np.ndarray):
-        self.streams[0].audio_samples += samples.size
-        self._audio_samples += samples.size
-        self._since_flush += samples.size
-        self._append(samples)
 
     def flush(self) -> str:
         """End the current utterance: feed the offline right padding and decode through it."""
@@ -278,10 +271,33 @@ class StreamingSession:
         self._check_one_stream()
         if self._since_flush == 0:
             return ""
-        self._append_padding()
-        self._advance(force=True)
-        self.timeline.close()
+        self._advance(self._begin("flush"))
+        self._complete("flush")
         return self.streams[0].take()
+
+    def _begin(self, kind: str, samples: np.ndarray | None = None) -> bool | None:
+        """What `feed` (of `samples`), `flush` or `finish` adds before decoding: the audio, or
+        the padding. Returns `force` for `_ready`, or None where there is nothing to decode (a
+        flush with nothing new, the end of a session that had no audio)."""
+        if kind == "feed":
+            self.streams[0].audio_samples += samples.size
+            self._audio_samples += samples.size
+            self._since_flush += samples.size
+            self._append(samples)
+            return False
+        if kind == "flush":
+            if not self._since_flush:
+                return None
+            self._append_padding()
+            return True
+        return True if self._pad_end() else None
+
+    def _complete(self, kind: str):
+        """What a flush or finish does after its decoding: the utterance closed, or the session."""
+        if kind == "flush":
+            self.timeline.close()
+        elif kind == "finish":
+            self._end()
 
     def finish(self) -> str:
         """End the stream: pad as offline, decode everything, return the remaining text. On a
@@ -292,9 +308,9 @@ class StreamingSession:
         return self.streams[0].take()
 
     def _finish(self):
-        if self._pad_end():
-            self._advance(force=True)
-        self._end()
+        if (force := self._begin("finish")) is not None:
+            self._advance(force)
+        self._complete("finish")
 
     def _pad_end(self) -> bool:
         """The end's padding, where there was audio (whether there is anything to decode)."""
@@ -576,19 +592,11 @@ def advance_together(sessions: Sequence[StreamingSession], ops: Sequence[tuple])
     # Nothing is changed before every session and chunk is checked. Then each session's
     # operation up to its decoding, and what comes after it.
     todo, after = [], []  # tokens to decode; "flush" or "finish" to complete after
-    for i, (s, op) in enumerate(zip(sessions, ops)):
-        kind, force = op[0], True  # force: decode even fewer tokens than `min_tokens`; None: none
-        if kind == "feed":
-            s._add(chunks[i])
-            force = False
-        elif kind == "flush" and s._since_flush:
-            s._append_padding()
-        elif kind == "finish" and not s.finished:
-            force = True if s._pad_end() else None  # (no audio: nothing to decode)
-        else:  # nothing new to flush, or finished already
-            kind = force = None
+    for i, (s, (kind, *_)) in enumerate(zip(sessions, ops)):
+        force = None if kind == "finish" and s.finished else s._begin(kind, chunks.get(i))
         todo.append(0 if force is None else s._ready(force))
-        after.append(kind if kind != "feed" else None)
+        # (a flush with nothing new to flush does nothing; a session's end, audio or not, ends it)
+        after.append(kind if kind == "finish" and not s.finished or kind == "flush" and force else None)
     before = [s._n_embedded for s in sessions]
     while True:
         work = []  # [session, embeddings, next position]
@@ -612,8 +620,5 @@ def advance_together(sessions: Sequence[StreamingSession], ops: Sequence[tuple])
             s._steps(emb, p)
     for s, n, kind in zip(sessions, before, after):
         s._settle(n)
-        if kind == "flush":
-            s.timeline.close()
-        elif kind == "finish":
-            s._end()
+        s._complete(kind)
     return [s.streams[0].take() for s in sessions]
