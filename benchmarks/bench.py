@@ -45,7 +45,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from voxtral_mlx import cpu_kernels, cpu_quant, encoder, mkl_bf16  # noqa: E402
+from voxtral_mlx import cpu_kernels, cpu_quant, encoder, mkl_bf16, packs  # noqa: E402
 from voxtral_mlx.streaming import advance_together  # noqa: E402
 from voxtral_mlx.weights import blas_backend  # noqa: E402
 
@@ -123,12 +123,15 @@ def peak_rss_mb() -> float:
 
 
 def evict(model: str) -> bool:
-    """Drop a local model's weight files from the system's file cache (Linux), so that the next
-    load reads them from the disk, as a first load after a reboot does; whether it could. (A
-    virtual machine's host may still hold them in a cache of its own.)"""
+    """Drop a local model's weight files (and its packed layers kept on disk, `packs`) from the
+    system's file cache (Linux), so that the next load reads them from the disk, as a first load
+    after a reboot does; whether it could. (A virtual machine's host may still hold them in a
+    cache of its own.)"""
     files = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
     if not files or not hasattr(os, "posix_fadvise"):
         return False
+    store = packs.store_for(Path(model), files)
+    files += [store.path] if store is not None and store.path.is_file() else []
     for file in files:
         fd = os.open(file, os.O_RDONLY)
         try:

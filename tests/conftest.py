@@ -12,6 +12,7 @@ sys.path.insert(0, str(TESTS))
 # Models load without a store of states on disk (`states`; test_states gives each test its own):
 # tests change kernels and settings under one model directory, and no test writes to the user's cache.
 os.environ.setdefault("VOXTRAL_MLX_STATES", "off")
+os.environ.setdefault("VOXTRAL_MLX_PACKS", "off")  # (`packs`: test_packs gives each test its own)
 
 from reference import Reference  # noqa: E402
 from tiny_checkpoint import write_checkpoint  # noqa: E402

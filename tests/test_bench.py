@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from conftest import AUDIO
 
+from voxtral_mlx import packs
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 CLIPS = [AUDIO / "jfk.wav", AUDIO / "night1968_5s.wav"]
 
@@ -34,21 +36,30 @@ def resident(path: Path) -> int:
 
 
 @pytest.mark.skipif(not COLD, reason="posix_fadvise is Linux's")
-def test_cold_drops_a_models_weight_files_from_the_file_cache(tmp_path):
+def test_cold_drops_a_models_weight_files_from_the_file_cache(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("bench", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    weights, other = tmp_path / "model.safetensors", tmp_path / "tekken.json"
-    for file in (weights, other):
+    model = tmp_path / "model"
+    model.mkdir()
+    weights, other = model / "model.safetensors", model / "tekken.json"
+    monkeypatch.setenv(packs.ENV, str(tmp_path / "packed"))
+    (tmp_path / "packed").mkdir()
+    files = [weights, other, None, tmp_path / "packed" / "other.safetensors"]
+    for i, file in enumerate(files):
+        if file is None:  # the model's packed layers (`packs`), named for the files written above
+            file = files[i] = packs.store_for(model, [weights]).path
         with open(file, "wb") as f:
             f.write(np.random.default_rng(0).bytes(4 << 20))
             os.fsync(f.fileno())
         file.read_bytes()
+    kept = files[2]
     pages = (4 << 20) // mmap.PAGESIZE
     if resident(weights) < pages:
         pytest.skip("this file system does not keep the file in the cache")
-    assert module.evict(str(tmp_path)) is True
-    assert resident(weights) == 0 and resident(other) == pages  # only the weights
+    assert module.evict(str(model)) is True
+    assert resident(weights) == resident(kept) == 0  # only the model's weights
+    assert resident(other) == resident(kept.with_name("other.safetensors")) == pages
     assert module.evict(str(tmp_path / "missing")) is False
     assert module.evict("mistralai/Voxtral-Mini-4B-Realtime-2602") is False  # a repo id: nothing local
 

@@ -1,29 +1,31 @@
 """4- and 8-bit quantized products on x86-64 CPUs, through the kernels of `cpu_kernels`.
 
-MLX's CPU quantized matmul is a scalar loop: a decoder step of the 4B model takes about 3 s
-at 8 or 4 bits, ten times the bfloat16 step, though it reads a half or a quarter of the
-bytes. On the CPU, `load` gives a quantized model's layers the classes below where a kernel
-runs (AVX-512, a C compiler); everything else (norms, RoPE, attention, the residual stream,
-the scales and biases) computes in float32, whatever dtype was asked for. With AMX or
-AVX-512 VNNI and groups of 64 or 128, each layer is stored once, in its own memory, for
-`q_packed_t` (`cpu_kernels.q_pack`: the same bytes in the order AMX reads them) and every
-product goes through it, exact 8-bit integer products of the weights and x in parts. AMX:
-1.3x `q_rows_t`'s speed for a 4-bit decoder step, 2.4-2.6x for a batch of four files, twice
-MKL's on the prompt; VNNI (on a Zen 4): 1.4-1.8x for one row at 4 bits (the memory's
-speed), 1.7x for four rows, 1.2-1.3x the float32 products of dequantized blocks for many.
-Scales and biases that are bfloat16 values (a bfloat16 checkpoint's, the default of
-`convert`) are kept as their bfloat16 bits, the same numbers in half the bytes: at 4 bits
-they were a fifth of a step's bytes as float32. Elsewhere (other CPUs with AVX-512, groups of
-32) the packed weights stay as MLX stores them: products of up to 32 rows go through
-`q_rows_t` (the weights widened to float32 in registers), more through blocks of the weights
-dequantized and multiplied in float32 (`f32_rows`, or MKL's GEMM for other shapes). Each
-kernel gives a row the same bits whatever rows are around it (`q_packed_t` for any number of
-rows; the others up to 32, which lies above any decoder step's rows), so batches and
-speculative passes keep single-stream tokens.
+MLX's CPU quantized matmul is a scalar loop: a decoder step of the 4B model takes about 3 s at
+8 or 4 bits, ten times the bfloat16 step, though it reads a half or a quarter of the bytes. On
+the CPU, `load` gives a quantized model's layers the classes below where a kernel runs
+(AVX-512, a C compiler); everything else (norms, RoPE, attention, the residual stream, the
+scales and biases) computes in float32, whatever dtype was asked for. With AMX or AVX-512 VNNI
+and groups of 64 or 128, each layer is stored once, in its own memory, for `q_packed_t`
+(`cpu_kernels.q_pack`: the same bytes in the order AMX reads them; or taken from the file of
+them that a first load keeps on disk, `packs`) and every product goes through it, exact 8-bit
+integer products of the weights and x in parts. AMX: 1.3x `q_rows_t`'s speed for a 4-bit
+decoder step, 2.4-2.6x for a batch of four files, twice MKL's on the prompt; VNNI (on a Zen
+4): 1.4-1.8x for one row at 4 bits (the memory's speed), 1.7x for four rows, 1.2-1.3x the
+float32 products of dequantized blocks for many. Scales and biases that are bfloat16 values (a
+bfloat16 checkpoint's, the default of `convert`) are kept as their bfloat16 bits, the same
+numbers in half the bytes: at 4 bits they were a fifth of a step's bytes as float32. Elsewhere
+(other CPUs with AVX-512, groups of 32) the packed weights stay as MLX stores them: products
+of up to 32 rows go through `q_rows_t` (the weights widened to float32 in registers), more
+through blocks of the weights dequantized and multiplied in float32 (`f32_rows`, or MKL's GEMM
+for other shapes). Each kernel gives a row the same bits whatever rows are around it
+(`q_packed_t` for any number of rows; the others up to 32, which lies above any decoder step's
+rows), so batches and speculative passes keep single-stream tokens.
 Layers of other bit widths (6) keep MLX's product.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,6 +33,9 @@ import numpy as np
 
 from . import cpu_kernels, mkl_bf16
 from .mkl_bf16 import _quiet_blas_threads, replace_layers
+
+if TYPE_CHECKING:
+    from . import packs
 
 
 def available() -> bool:
@@ -45,12 +50,20 @@ def fits(layer: nn.Module) -> bool:
             and cpu_kernels.q_fits(layer.bits, layer.group_size, layer.weight.shape[1] * 32 // layer.bits))
 
 
-def _take(new: nn.Module, layer: nn.Module) -> None:
+def _take(new: nn.Module, layer: nn.Module, kept: packs.Kept | None = None) -> None:
     """The quantized weight, float32 scales and biases (stored for `q_packed_t` where it runs, the
     scales and biases as bfloat16 bits where they are bfloat16 values; else as MLX stores
-    them), and numpy views of them."""
+    them), and numpy views of them; or the layer as `kept` on disk (`packs`), its weight
+    multiplied in the file's mapping (and never read through MLX: `_mapped`)."""
     nn.Module.__init__(new)
     new.group_size, new.bits, new.mode = layer.group_size, layer.bits, getattr(layer, "mode", "affine")
+    new._mapped = kept is not None
+    if kept is not None:
+        new.weight, new.scales, new.biases, new._packed = kept.weight, kept.scales, kept.biases, True
+        new._q = cpu_kernels.QPacked(kept.mapped, np.asarray(kept.scales), np.asarray(kept.biases),
+                                     layer.weight.shape[0], layer.bits, layer.group_size)
+        new.freeze()
+        return
     new.weight = layer.weight
     new.scales, new.biases = layer.scales.astype(mx.float32), layer.biases.astype(mx.float32)
     mx.eval(new.weight, new.scales, new.biases)
@@ -122,8 +135,8 @@ def _product(new: nn.Module, x: mx.array) -> mx.array:
 class Linear(nn.QuantizedLinear):
     """A quantized linear layer multiplied by the kernel; the bias is float32."""
 
-    def __init__(self, layer: nn.QuantizedLinear):
-        _take(self, layer)
+    def __init__(self, layer: nn.QuantizedLinear, kept: packs.Kept | None = None):
+        _take(self, layer, kept)
         if "bias" in layer:
             self.bias = layer.bias.astype(mx.float32)
 
@@ -146,8 +159,8 @@ class Linear(nn.QuantizedLinear):
 class Embedding(nn.QuantizedEmbedding):
     """The tied quantized embedding: rows dequantized in float32, the head through the kernel."""
 
-    def __init__(self, layer: nn.QuantizedEmbedding):
-        _take(self, layer)
+    def __init__(self, layer: nn.QuantizedEmbedding, kept: packs.Kept | None = None):
+        _take(self, layer, kept)
         self.num_embeddings, self.dims = layer.num_embeddings, layer.dims
 
     def __call__(self, ids: mx.array) -> mx.array:
@@ -180,17 +193,29 @@ def describe(net: nn.Module) -> str | None:
     bits = " and ".join(map(str, sorted({m.bits for m in layers})))
     packed = "AMX" if cpu_kernels.packed_kernel() == "AMX" else "AVX-512 VNNI"
     kinds = sorted({packed if m._packed else "AVX-512" for m in layers})
-    return f"{bits}-bit products through the {' and '.join(kinds)} kernel{'s' * (len(kinds) > 1)}, float32 elsewhere"
+    kept = " (its layers in the mapping of the copy kept on disk)" * any(m._mapped for m in layers)
+    return (f"{bits}-bit products through the {' and '.join(kinds)} kernel{'s' * (len(kinds) > 1)}{kept}, "
+            "float32 elsewhere")
 
 
-def adopt(net: nn.Module) -> nn.Module:
+def packable(net: nn.Module) -> dict[str, list[int]]:
+    """The quantized layers of `net` that `adopt` stores for `q_packed_t`, by path: [rows,
+    columns, bits, group size] (what `packs` keeps)."""
+    return {path: [m.weight.shape[0], k, m.bits, m.group_size] for path, m in net.named_modules()
+            if fits(m) and cpu_kernels.q_packed_fits(m.bits, m.group_size, k := m.weight.shape[1] * 32 // m.bits)}
+
+
+def adopt(net: nn.Module, kept: dict[str, packs.Kept] | None = None) -> nn.Module:
     """Give the quantized layers of `net` that the kernel can multiply the classes above; every
-    other float parameter becomes float32."""
+    other float parameter becomes float32. `kept`: layers by path as read back from disk
+    (`packs`), taken as they are."""
+    # (by id, not holding the modules: each replaced one is freed as it goes)
+    kept = {id(m): kept[path] for path, m in net.named_modules() if path in kept} if kept else {}
 
     def replace(m):
         if not fits(m):
             return None
-        return Linear(m) if isinstance(m, nn.QuantizedLinear) else Embedding(m)
+        return (Linear if isinstance(m, nn.QuantizedLinear) else Embedding)(m, kept.get(id(m)))
 
     replace_layers(net, replace)
     _quiet_blas_threads()

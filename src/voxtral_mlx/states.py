@@ -23,6 +23,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -35,7 +36,7 @@ ENV = "VOXTRAL_MLX_STATES"
 FORMAT = 1  # of the files: a change of layout makes earlier files unread
 # Environment variables that change which kernels, BLAS or threads compute a state.
 ENV_PREFIXES = ("VOXTRAL_MLX_", "MKL_", "OMP_", "OPENBLAS_")
-UNRELATED = (ENV, "VOXTRAL_MLX_API_KEY")
+UNRELATED = (ENV, "VOXTRAL_MLX_PACKS", "VOXTRAL_MLX_API_KEY")
 
 
 def _code_digest() -> str:
@@ -122,25 +123,33 @@ class Store:
         layout = {"format": FORMAT, "model": self.fingerprint, "key": repr(key), "tails": len(snapshot.tails),
                   "encoder": [offset for offset, _, _ in snapshot.encoder],
                   "decoder": [offset for offset, _, _ in snapshot.decoder]}
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(prefix=".writing-", suffix=self.SUFFIX, dir=self.directory)
-            os.close(fd)
-            try:
-                mx.save_safetensors(temporary, arrays, metadata={"layout": json.dumps(layout)})
-                os.replace(temporary, self.path(key))
-            finally:
-                if os.path.exists(temporary):
-                    os.unlink(temporary)
-            self._prune()
-        except (OSError, RuntimeError, ValueError):
-            return
+        metadata = {"layout": json.dumps(layout)}
+        write_kept(self.path(key), lambda file: mx.save_safetensors(file, arrays, metadata=metadata), self.LIMIT)
 
-    def _prune(self):
-        kept = sorted((p for p in self.directory.glob("*" + self.SUFFIX) if not p.name.startswith(".")),
+
+def write_kept(path: Path, write: Callable[[str], None], limit: int) -> bool:
+    """Have `write` write the file `path` (given a temporary file's name, so that no reader
+    finds it half written) and keep at most the `limit` most recently used files of its suffix
+    in its directory. False where the directory cannot be written (or the disk is full): the
+    caller keeps what it has in memory."""
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=".writing-", suffix=path.suffix, dir=directory)
+        os.close(fd)
+        try:
+            write(temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        kept = sorted((p for p in directory.glob("*" + path.suffix) if not p.name.startswith(".")),
                       key=lambda p: p.stat().st_mtime_ns, reverse=True)
-        for path in kept[self.LIMIT:]:
-            path.unlink(missing_ok=True)
+        for old in kept[limit:]:
+            old.unlink(missing_ok=True)
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def store_for(model_dir: Path, weight_files: list[Path] = ()) -> Store | None:

@@ -31,7 +31,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import _blas, cpu_quant, mkl_bf16, states
+from . import _blas, cpu_quant, mkl_bf16, packs, states
 from .config import AudioArgs, ConfigError, ModelArgs
 from .model import VoxtralRealtime
 from .tokenizer import Tekken
@@ -276,9 +276,16 @@ def read_weights(ckpt: Checkpoint, origins: dict | None = None) -> dict[str, mx.
     return weights
 
 
-def stored_bits(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """The bfloat16 tensors `names` of a safetensors file as numpy uint16 views of a read-only
-    mapping of the file (those it holds whole, as bfloat16; {} if it cannot be mapped)."""
+# numpy's dtype for a safetensors dtype (bfloat16 as its bits)
+MAPPED_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "U8": np.uint8, "U16": np.uint16,
+                 "U32": np.uint32}
+
+
+def mapped_tensors(path: Path, names: Iterable[str], dtypes: Iterable[str] = tuple(MAPPED_DTYPES)
+                   ) -> dict[str, np.ndarray]:
+    """The tensors `names` of a safetensors file as numpy views of a read-only mapping of the
+    file (bfloat16 as its bits, uint16): those it holds whole in one of `dtypes`; {} if it
+    cannot be mapped."""
     try:
         with open(path, "rb") as f:
             size = struct.unpack("<Q", f.read(8))[0]
@@ -286,16 +293,22 @@ def stored_bits(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
         data = np.memmap(path, np.uint8, mode="r")
     except (OSError, ValueError, struct.error):
         return {}
-    start, out = 8 + size, {}
+    start, out, dtypes = 8 + size, {}, set(dtypes) & set(MAPPED_DTYPES)
     for name in names:
         info = header.get(name)
-        if not isinstance(info, dict) or info.get("dtype") != "BF16":
+        if not isinstance(info, dict) or info.get("dtype") not in dtypes:
             continue
-        (a, b), shape = info["data_offsets"], info["shape"]
-        if b - a != 2 * int(np.prod(shape)) or a % 2 or start + b > data.size:
+        (a, b), shape, dtype = info["data_offsets"], info["shape"], np.dtype(MAPPED_DTYPES[info["dtype"]])
+        if b - a != dtype.itemsize * int(np.prod(shape)) or a % dtype.itemsize or start + b > data.size:
             continue
-        out[name] = data[start + a : start + b].view(np.uint16).reshape(shape)
+        out[name] = data[start + a : start + b].view(dtype).reshape(shape)
     return out
+
+
+def stored_bits(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The bfloat16 tensors `names` of a safetensors file as numpy uint16 views of a read-only
+    mapping of the file (those it holds whole, as bfloat16; {} if it cannot be mapped)."""
+    return mapped_tensors(path, names, ("BF16",))
 
 
 def mapped_products(net: VoxtralRealtime, weights: dict[str, mx.array], origins: dict) -> dict[str, np.ndarray]:
@@ -447,7 +460,9 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
             AVX-512, 4- and 8-bit layers multiply through a kernel, the rest in float32 whatever
             the dtype (see `cpu_quant`). Where these CPU paths multiply a bfloat16 weight as
             stored, they read it in a mapping of its file (`mapped_products`): it is not read
-            at load, and its memory is the system's file cache.
+            at load, and its memory is the system's file cache. So are quantized layers
+            stored for the AMX or VNNI kernel from a model's second load on: the first keeps
+            them on disk (`packs`; `VOXTRAL_MLX_PACKS=off` stores them in memory each time).
     """
     path = resolve_model(path_or_repo)
     dtype = parse_dtype(dtype)
@@ -466,11 +481,16 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
     mkl = over_bf16 or (dtype == mx.bfloat16 and cpu and not quantized and mkl_bf16.available())
     mapped = mapped_products(net, weights, origins) if mkl else {}
     origins.clear()
+    # The quantized layers as the CPU kernel stores them, kept on disk by an earlier load (`packs`).
+    store = packs.store_for(ckpt.path, ckpt.weight_files) if quantized and cpu_quant.available() else None
+    packable = cpu_quant.packable(net) if store is not None else {}
+    kept = store.read(packable) if packable else {}
+    unread = {f"{path}.{part}" for path in kept for part in ("weight", "scales", "biases")}
     # Cast one tensor at a time so the stored and compute copies never coexist in full.
     loaded = []
     for name in list(weights):
         w = weights.pop(name)
-        if name not in mapped:
+        if name not in mapped and name not in unread:
             if mx.issubdtype(w.dtype, mx.floating) and not over_bf16:
                 w = w.astype(dtype)
             read_tensor(ckpt, name, w)
@@ -482,6 +502,8 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
         mkl_bf16.adopt(net, float32=over_bf16,
                        mapped={id(modules[n.removesuffix(".weight")]): bits for n, bits in mapped.items()})
     elif quantized and cpu_quant.available():
-        cpu_quant.adopt(net)  # so is its CPU quantized matmul; the kernel's runs at memory speed
+        cpu_quant.adopt(net, kept)  # so is its CPU quantized matmul; the kernel's runs at memory speed
+        if packable and not kept:
+            store.write(packable, dict(net.named_modules()))
     net.snapshots.store = states.store_for(ckpt.path, ckpt.weight_files)  # the left pad's state, on disk
     return Voxtral(net, tokenizer, audio, path.absolute())
