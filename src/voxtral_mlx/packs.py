@@ -2,13 +2,13 @@
 
 Where the packed kernel multiplies a quantized model (`cpu_quant`: AMX or AVX-512 VNNI), each
 layer is reordered for it at load (`cpu_kernels.q_pack`). Reading an 8-bit 4B model into new
-memory and reordering it took 7-17 s of each load on a 2-core Linux VM, most of it the first
+memory and reordering it took 7-27 s of each load on a 2-core Linux VM, most of it the first
 touch of 4.7 GB of fresh memory. `Store` writes a model's packed layers into one safetensors
-file on its first load (as long to write as the model's file is to read), named by a digest of
-what the packing depends on (`states.fingerprint`: the model's files, the code, the libraries,
-the CPU); later loads multiply them in a read-only mapping of that file: nothing is read at
-load, and their memory is the system's file cache, which the processes that use the model share
-and the next one finds filled. The `LIMIT` most recently used files stay in
+file on its first load (4-6 s longer, for the 4B model there), named by a digest of what the
+packing depends on (`states.fingerprint`: the model's files, the code, the libraries, the CPU);
+later loads multiply them in a read-only mapping of that file: nothing is read at load, and
+their memory is the system's file cache, which the processes that use the model share and the
+next one finds filled. The `LIMIT` most recently used files stay in
 `$XDG_CACHE_HOME/voxtral-mlx/packed` (else ~/.cache/voxtral-mlx/packed), each about the size of
 its model; `VOXTRAL_MLX_PACKS=off` packs in memory at every load, and a directory there keeps
 them there. A layer read back multiplies as the one packed, bit for bit.
