@@ -189,6 +189,20 @@ def test_off_or_an_unwritable_directory_packs_in_memory(quantized, tmp_path, mon
     assert blocked.read_text() == ""
 
 
+def test_a_directory_that_is_only_read_is_still_read(quantized, tmp_path, monkeypatch):
+    directory = tmp_path / "packed"
+    load(quantized[4], directory, monkeypatch)
+    (path,) = files(directory)
+    before = path.stat().st_mtime_ns
+
+    def refused(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "utime", refused)
+    model = load(quantized[4], directory, monkeypatch)
+    assert all(m._mapped for m in layers(model).values()) and path.stat().st_mtime_ns == before
+
+
 def test_the_default_directory_is_the_user_cache(quantized, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(packs.ENV, "")

@@ -67,6 +67,19 @@ def test_a_later_load_reads_the_state_bit_for_bit(tiny_dir, tmp_path, monkeypatc
     assert len(set(expected)) > 3
 
 
+def test_a_state_in_a_directory_that_is_only_read_is_still_read(tiny_dir, tmp_path, monkeypatch):
+    directory = tmp_path / "states"
+    load(tiny_dir, directory, monkeypatch).prepare()
+
+    def refused(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "utime", refused)
+    model = load(tiny_dir, directory, monkeypatch)
+    model.prepare()
+    assert model.net.snapshots.read == 1 and len(files(directory)) == 1
+
+
 def test_each_delay_has_its_own_state(tiny_dir, tmp_path, monkeypatch):
     directory = tmp_path / "states"
     model = load(tiny_dir, directory, monkeypatch)

@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cpu_kernels import cache_dir
-from .states import fingerprint, write_kept
+from .states import fingerprint, used, write_kept
 
 ENV = "VOXTRAL_MLX_PACKS"
 FORMAT = 1  # of the files: a change of layout makes earlier files unread
@@ -74,7 +74,7 @@ class Store:
                     return {}
                 kept[path] = Kept(w, mapped[f"{path}.weight"], s, b)
             mx.eval([(k.scales, k.biases) for k in kept.values()])
-            os.utime(self.path)  # recently used
+            used(self.path)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             return {}
         return kept

@@ -108,7 +108,7 @@ class Store:
                             for i, offset in enumerate(layout[part])] for part in ("encoder", "decoder")}
             snapshot = CachesSnapshot([arrays[f"tails.{i}"] for i in range(layout["tails"])], **parts)
             mx.eval(snapshot.tails, [a for _, k, v in snapshot.encoder + snapshot.decoder for a in (k, v)])
-            os.utime(path)  # recently used
+            used(path)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             return None
         return snapshot
@@ -125,6 +125,15 @@ class Store:
                   "decoder": [offset for offset, _, _ in snapshot.decoder]}
         metadata = {"layout": json.dumps(layout)}
         write_kept(self.path(key), lambda file: mx.save_safetensors(file, arrays, metadata=metadata), self.LIMIT)
+
+
+def used(path: Path):
+    """Mark a kept file recently used (the most recent stay), where it may be changed: one in a
+    directory that is only read is still read."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def write_kept(path: Path, write: Callable[[str], None], limit: int) -> bool:
