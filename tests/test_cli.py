@@ -220,8 +220,10 @@ def test_ctrl_c_ends_a_file_transcription_with_its_line_and_a_message(tmp_path, 
 
     long = tmp_path / "long.wav"  # 20 minutes of noise: far from done when Ctrl+C comes
     sf.write(long, np.random.default_rng(0).standard_normal(20 * 60 * 16000).astype(np.float32) * 0.1, 16000)
+    # As from a terminal: a shell's background job (a CI script run with &) ignores SIGINT, and its children would.
     proc = subprocess.Popen([str(SCRIPT), "transcribe", str(long), "--model", str(model_dir)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.set_blocking(proc.stdout.fileno(), False)
     out, deadline = b"", time.time() + 60
     while not out and time.time() < deadline:  # decoding has begun: text is on stdout

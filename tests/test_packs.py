@@ -20,8 +20,8 @@ from voxtral_mlx import cpu_kernels, cpu_quant, packs
 from voxtral_mlx.convert import convert
 from voxtral_mlx.weights import mapped_tensors
 
-pytestmark = pytest.mark.skipif(cpu_kernels.packed_kernel() is None,
-                                reason=f"the packed quantized kernel is not available: {cpu_kernels.packed_reason}")
+needs_packed = pytest.mark.skipif(cpu_kernels.packed_kernel() is None,
+                                  reason=f"the packed quantized kernel is not available: {cpu_kernels.packed_reason}")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def files(directory):
     return sorted(directory.glob("*.safetensors"))
 
 
+@needs_packed
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_later_load_multiplies_the_kept_layers_in_the_files_mapping_bit_for_bit(quantized, bits, tmp_path,
                                                                                    monkeypatch):
@@ -88,6 +89,7 @@ def test_a_later_load_multiplies_the_kept_layers_in_the_files_mapping_bit_for_bi
     assert np.array_equal(forced_logits(second, audio, tokens), forced_logits(fresh, audio, tokens))
 
 
+@needs_packed
 def test_a_load_from_the_file_reads_no_weight(quantized, tmp_path, monkeypatch):
     directory = tmp_path / "packed"
     load(quantized[8], directory, monkeypatch)
@@ -102,6 +104,7 @@ def test_a_load_from_the_file_reads_no_weight(quantized, tmp_path, monkeypatch):
     assert peak < held - weights / 2, (peak, held, weights)  # (reading the weights would take more)
 
 
+@needs_packed
 def test_the_file_holds_the_packed_layers_and_their_shapes(quantized, tmp_path, monkeypatch):
     directory = tmp_path / "packed"
     model = load(quantized[4], directory, monkeypatch)
@@ -138,6 +141,7 @@ def rewrite_layout(path, change):
         f.write(text + b" " * (size - len(text)))
 
 
+@needs_packed
 @pytest.mark.parametrize("damage", ["cut short", "other layers", "other format", "not safetensors"])
 def test_a_kept_file_that_does_not_fit_is_packed_again_and_replaced(quantized, damage, tmp_path, monkeypatch):
     directory = tmp_path / "packed"
@@ -158,6 +162,7 @@ def test_a_kept_file_that_does_not_fit_is_packed_again_and_replaced(quantized, d
     assert all(m._mapped for m in layers(load(quantized[4], directory, monkeypatch)).values())
 
 
+@needs_packed
 def test_a_changed_model_gets_a_file_of_its_own_and_the_two_latest_stay(quantized, tiny_dir, tmp_path, monkeypatch):
     directory = tmp_path / "packed"
     load(quantized[4], directory, monkeypatch)
@@ -173,6 +178,7 @@ def test_a_changed_model_gets_a_file_of_its_own_and_the_two_latest_stay(quantize
     assert files(directory) == names
 
 
+@needs_packed
 def test_off_or_an_unwritable_directory_packs_in_memory(quantized, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(packs.ENV, "off")
@@ -189,6 +195,7 @@ def test_off_or_an_unwritable_directory_packs_in_memory(quantized, tmp_path, mon
     assert blocked.read_text() == ""
 
 
+@needs_packed
 def test_a_directory_that_is_only_read_is_still_read(quantized, tmp_path, monkeypatch):
     directory = tmp_path / "packed"
     load(quantized[4], directory, monkeypatch)
@@ -203,6 +210,7 @@ def test_a_directory_that_is_only_read_is_still_read(quantized, tmp_path, monkey
     assert all(m._mapped for m in layers(model).values()) and path.stat().st_mtime_ns == before
 
 
+@needs_packed
 def test_the_default_directory_is_the_user_cache(quantized, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(packs.ENV, "")
@@ -226,6 +234,7 @@ def test_mapped_tensors_are_views_of_the_file_in_their_dtype(tmp_path):
     assert mapped_tensors(tmp_path / "none.safetensors", ["a"]) == {}
 
 
+@needs_packed
 def test_the_command_line_multiplies_the_layers_its_first_run_kept(quantized, tmp_path):
     script = Path(sys.executable).parent / "voxtral-mlx"
     env = dict(os.environ, HF_HUB_OFFLINE="1", **{packs.ENV: str(tmp_path)})
@@ -243,3 +252,11 @@ def test_the_command_line_multiplies_the_layers_its_first_run_kept(quantized, tm
     again, said = run()
     assert again == text and "(its layers in the mapping of the copy kept on disk)" in said
     assert path.stat().st_ino == written.st_ino and files(tmp_path) == [path]  # read, not written again
+
+
+@pytest.mark.skipif(not cpu_quant.available(), reason=f"no kernel library: {cpu_kernels.reason}")
+def test_where_no_packed_kernel_multiplies_nothing_is_kept(quantized, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "q_packed_fits", lambda *a: False)  # CPUs without AMX or VNNI
+    model = load(quantized[4], tmp_path / "packed", monkeypatch)
+    assert layers(model) and not any(m._packed or m._mapped for m in layers(model).values())
+    assert not (tmp_path / "packed").exists()
