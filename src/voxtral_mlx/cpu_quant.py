@@ -193,7 +193,8 @@ def describe(net: nn.Module) -> str | None:
     bits = " and ".join(map(str, sorted({m.bits for m in layers})))
     packed = "AMX" if cpu_kernels.packed_kernel() == "AMX" else "AVX-512 VNNI"
     kinds = sorted({packed if m._packed else "AVX-512" for m in layers})
-    kept = " (its layers in the mapping of the copy kept on disk)" * any(m._mapped for m in layers)
+    kept = (" (its layers in the mapping of the copy kept on disk)" if any(m._mapped for m in layers) else
+            " (its layers kept on disk for later loads)" if getattr(net, "_packs_written", False) else "")
     return (f"{bits}-bit products through the {' and '.join(kinds)} kernel{'s' * (len(kinds) > 1)}{kept}, "
             "float32 elsewhere")
 

@@ -503,7 +503,7 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, dtype: str | mx.Dtype | None 
                        mapped={id(modules[n.removesuffix(".weight")]): bits for n, bits in mapped.items()})
     elif quantized and cpu_quant.available():
         cpu_quant.adopt(net, kept)  # so is its CPU quantized matmul; the kernel's runs at memory speed
-        if packable and not kept:
-            store.write(packable, dict(net.named_modules()))
+        if packable and not kept:  # (`describe` says so)
+            object.__setattr__(net, "_packs_written", store.write(packable, dict(net.named_modules())))
     net.snapshots.store = states.store_for(ckpt.path, ckpt.weight_files)  # the left pad's state, on disk
     return Voxtral(net, tokenizer, audio, path.absolute())
