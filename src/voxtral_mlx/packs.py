@@ -57,13 +57,12 @@ class Store:
         (path -> [rows, columns, bits, group size]) as packed for the kernel; else {}."""
         from .weights import mapped_tensors  # (weights imports this module)
 
-        names = [f"{path}.{part}" for path in layers for part in ("weight", "scales", "biases")]
         try:
             arrays, metadata = mx.load(str(self.path), return_metadata=True)
             layout = json.loads(metadata["layout"])
             if layout["format"] != FORMAT or layout["model"] != self.fingerprint or layout["layers"] != layers:
                 return {}
-            mapped = mapped_tensors(self.path, names, ("U8",))
+            mapped = mapped_tensors(self.path, [f"{path}.weight" for path in layers], ("U8",))
             kept = {}
             for path, (n, k, bits, group) in layers.items():
                 w, s, b = (arrays[f"{path}.{part}"] for part in ("weight", "scales", "biases"))
