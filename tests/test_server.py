@@ -746,8 +746,9 @@ def test_serve_command(model, jfk, ckpt_root):
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
         assert [m["id"] for m in models["data"]] == [path.name]
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
-        assert proc.stdout.read() == b"" and b"Traceback" not in proc.stderr.read()
+        code, err = proc.wait(timeout=20), proc.stderr.read()
+        assert code == 0, err.decode(errors="replace")[-4000:]  # (what the server said, should it fail)
+        assert proc.stdout.read() == b"" and b"Traceback" not in err
     finally:
         if proc.poll() is None:
             proc.kill()
