@@ -765,6 +765,46 @@ def test_serve_command(model, jfk, ckpt_root):
     taken.close()
 
 
+# A thread that ran the model, ending while the interpreter finalizes (as the server's worker can
+# after Ctrl+C): its sleep wakes during the last collection, which a finalizer in a cycle holds
+# open. With MLX's compiled activations (`mlx.nn.gelu`, `silu`), the thread's end freed what it
+# compiled, which takes the GIL, and the process aborted ("terminate called without an active
+# exception", exit 134) every time.
+THREAD_ENDING_AT_EXIT = """
+import sys, threading, time
+import numpy as np
+import voxtral_mlx
+
+model = voxtral_mlx.load(sys.argv[1])
+done = threading.Event()
+
+def work():
+    model.transcribe(np.zeros(16000, np.float32))
+    done.set()
+    time.sleep(0.5)
+
+threading.Thread(target=work, daemon=True).start()
+done.wait()
+
+class SlowToFree:
+    def __del__(self, sleep=time.sleep):
+        sleep(1.5)
+
+kept = SlowToFree()
+kept.cycle = kept
+del kept
+"""
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_a_thread_that_ran_the_model_may_end_as_the_process_exits(tiny_dir, tmp_path, kernels):
+    script = tmp_path / "thread_at_exit.py"
+    script.write_text(THREAD_ENDING_AT_EXIT)
+    env = dict(os.environ, VOXTRAL_MLX_CPU_KERNELS="auto" if kernels == "on" else "off")
+    done = subprocess.run([sys.executable, str(script), str(tiny_dir)], env=env, capture_output=True, timeout=120)
+    assert (done.returncode, done.stderr.decode()) == (0, "")
+
+
 def test_server_libraries_are_optional():
     code = ("import sys; sys.modules['starlette'] = sys.modules['python_multipart'] = None\n"
             "import voxtral_mlx, voxtral_mlx.cli\n"

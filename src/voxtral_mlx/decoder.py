@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from .cache import RingKVCache
 from .config import DecoderArgs
-from .encoder import Attention, FeedForward
+from .encoder import GELU, Attention, FeedForward
 
 
 class DecoderBlock(nn.Module):
@@ -21,7 +21,7 @@ class DecoderBlock(nn.Module):
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         cond = args.ada_rms_norm_t_cond_dim
-        self.ada_rms_norm_t_cond = [nn.Linear(args.dim, cond, bias=False), nn.GELU(),
+        self.ada_rms_norm_t_cond = [nn.Linear(args.dim, cond, bias=False), GELU(),
                                     nn.Linear(cond, args.dim, bias=False)]
 
     def ffn_scale(self, t_cond: mx.array) -> mx.array:

@@ -116,6 +116,27 @@ def kernel_attention(q: mx.array, cache: RingKVCache, mask: mx.array | None, sca
     return mx.array(out).astype(q.dtype)
 
 
+def silu(x: mx.array) -> mx.array:
+    """`x * sigmoid(x)`, uncompiled: not `mlx.nn.silu` (nor `mlx.nn.gelu`, `mlx.nn.GELU`), which
+    `mx.compile` wraps. MLX keeps what a thread compiled in that thread's storage, freed (taking
+    the GIL) as the thread ends; a thread that had run the model and ended while the interpreter
+    was finalizing (the server's worker after Ctrl+C) aborted the process ("terminate called
+    without an active exception")."""
+    return x * mx.sigmoid(x)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """The exact GELU, `x * Phi(x)` (see `silu` for why not `mlx.nn.gelu`)."""
+    return x * (1 + mx.erf(x / math.sqrt(2))) / 2
+
+
+class GELU(nn.Module):
+    """`gelu` as a layer, for the adapter and the delay conditioning (not `mlx.nn.GELU`: see `silu`)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return gelu(x)
+
+
 def numpy_swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """`silu(gate) * up` in float32 numpy: MLX's CPU sigmoid is scalar, 6x slower on the
     encoder's chunks (376 frames x 5120: 50 ms against 8.5 ms, every layer)."""
@@ -136,7 +157,7 @@ class FeedForward(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if through_numpy(x.size // x.shape[-1]):
             return self.w2(numpy_swiglu(self.w1(x), self.w3(x)))
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu(self.w1(x)) * self.w3(x))
 
 
 class EncoderBlock(nn.Module):
@@ -181,7 +202,7 @@ class CausalConv(nn.Module):
         return self.conv.weight.shape[1] - self.conv.stride
 
     def __call__(self, x: mx.array) -> mx.array:
-        return nn.gelu(self.conv(x))
+        return gelu(self.conv(x))
 
 
 class StemState:

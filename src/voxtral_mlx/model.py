@@ -13,7 +13,7 @@ from . import host
 from .cache import RingKVCache
 from .config import AudioArgs, ModelArgs
 from .decoder import DecoderBlock, delay_embedding
-from .encoder import StemState, WhisperEncoder
+from .encoder import GELU, StemState, WhisperEncoder
 
 # Official name prefixes of the audio side: the adapter and embedding (P), the encoder (E).
 P = "mm_streams_embeddings.embedding_module."
@@ -29,7 +29,7 @@ class EmbeddingModule(nn.Module):
         self.whisper_encoder = WhisperEncoder(enc, audio)
         self.audio_language_projection = [
             nn.Linear(enc.dim * args.downsample_factor, dec.dim, bias=False),
-            nn.GELU(),
+            GELU(),
             nn.Linear(dec.dim, dec.dim, bias=False),
         ]
         self.tok_embeddings = nn.Embedding(dec.vocab_size, dec.dim)
