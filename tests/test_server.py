@@ -805,6 +805,46 @@ def test_a_thread_that_ran_the_model_may_end_as_the_process_exits(tiny_dir, tmp_
     assert (done.returncode, done.stderr.decode()) == (0, "")
 
 
+# Every path through the model, counting calls of `mx.compile`d functions (patched in before
+# `mlx.nn` defines its activations): a thread that called one aborts at exit as above.
+COMPILED_CALLS = """
+import sys
+import mlx.core as mx
+calls = []
+compile = mx.compile
+
+def counted(fun=None, **kw):
+    def wrap(f):
+        compiled = compile(f, **kw)
+        return lambda *a, **k: calls.append(f.__name__) or compiled(*a, **k)
+    return wrap if fun is None else wrap(fun)
+
+mx.compile = counted
+import numpy as np
+import voxtral_mlx
+
+x = np.sin(np.arange(24000) / 7).astype(np.float32)
+for dtype in ("float32", "bfloat16"):
+    model = voxtral_mlx.load(sys.argv[1], dtype=dtype)
+    model.transcribe(x)
+    model.transcribe([x, x[:9000]])
+    with model.stream() as s:
+        s.feed(x[:5000]); s.flush(); s.feed(x[5000:])
+    s.finish()
+print(len(calls), sorted(set(calls)))
+"""
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_nothing_the_model_runs_is_compiled(tiny_dir, tmp_path, kernels):
+    script = tmp_path / "compiled_calls.py"
+    script.write_text(COMPILED_CALLS)
+    env = dict(os.environ, VOXTRAL_MLX_CPU_KERNELS="auto" if kernels == "on" else "off")
+    done = subprocess.run([sys.executable, str(script), str(tiny_dir)], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert done.stdout.decode() == "0 []\n"
+
+
 def test_server_libraries_are_optional():
     code = ("import sys; sys.modules['starlette'] = sys.modules['python_multipart'] = None\n"
             "import voxtral_mlx, voxtral_mlx.cli\n"
