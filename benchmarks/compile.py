@@ -5,11 +5,12 @@
 The model's products, attention, norms and RoPE are single MLX operations (matmuls, `mx.fast`
 kernels) or, on the CPU, kernels of the library; what `mx.compile` could fuse is the glue
 between them: SwiGLU (`silu(w1 x) * w3 x`; the model's `silu` is not `mlx.nn.silu`, which is
-compiled: see `encoder.silu`), and a decoder layer's residual adds with the delay-scaled FFN norm (`x + a`, `rms_norm(x) * scale`). This
-times each eager, compiled (shapeless, as the model's shapes vary) and, on the CPU, through
-the path the model takes there (`host`), for a decoder step (1 row of 9216 or 3072 values), a
-batch of four, and an offline encoder chunk (376 x 5120), in float32 and bfloat16; checks that
-compiled and eager results are equal; prints one JSON record per case, then a table.
+compiled: see `encoder.silu`), and a decoder layer's residual adds with the delay-scaled FFN
+norm (`x + a`, `rms_norm(x) * scale`). This times each eager, compiled (shapeless, as the
+model's shapes vary) and, on the CPU, through the path the model takes there (`host`), for a
+decoder step (1 row of 9216 or 3072 values), a batch of four, and an offline encoder chunk
+(376 x 5120), in float32 and bfloat16; checks that compiled and eager results are equal; prints
+one JSON record per case, then a table.
 """
 
 from __future__ import annotations
