@@ -573,6 +573,44 @@ def test_ctrl_c_answers_the_requests_in_flight_at_once(model, tmp_path):
     assert not server.thread.is_alive() and engine.sessions == 0
 
 
+def test_ctrl_c_closes_a_websocket_that_is_still_sending_with_an_error_and_1012(model):
+    # A live client sends audio up to the moment the server stops: the error is its session's last
+    # event (deltas of the turn being decoded came after it in about half the runs), then 1012.
+    server = Running(model)
+    engine = server.server.config.app.state.engine
+    chunk = append(pcm16(speech("jfk")[:1600]))
+    with connect(server.ws_url) as ws:
+        assert json.loads(ws.recv())["type"] == "session.created"
+        stop, sent = threading.Event(), []
+
+        def keep_sending():
+            with contextlib.suppress(ConnectionClosed):
+                while not stop.is_set():
+                    ws.send(chunk)
+                    sent.append(time.monotonic())
+                    time.sleep(0.01)
+
+        sender = threading.Thread(target=keep_sending)
+        sender.start()
+        deadline = time.monotonic() + 20
+        while engine.sessions == 0 or len(sent) < 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        stopped = time.monotonic()
+        server.server.handle_exit(signal.SIGINT, None)
+        events = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                events.append(json.loads(ws.recv(timeout=10)))
+        stop.set()
+        sender.join(10)
+        assert sent[-1] > stopped  # it was sending as the server stopped
+        assert events[-1] == {"type": "error", "error": "the server is shutting down", "code": "server_shutting_down"}
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    server.thread.join(10)
+    assert not server.thread.is_alive() and engine.sessions == 0
+
+
 def test_upload_and_duration_limits(model):
     with running(model, limits=ServerLimits(max_upload_mb=0.2, max_audio_s=5.0)) as server:
         r = post(server)  # jfk.wav is 352 kB

@@ -142,6 +142,8 @@ class Job:
         self.backlog = 0  # samples queued, not yet fed
         self.scheduled = False  # in the ready queue or being run
         self.cancelled = False
+        self.ended = False  # its last event is sent
+        self._emitting = threading.Lock()
         self.session: StreamingSession | None = None
         self.delay_ms: int | None = None
         self._utterance = ""
@@ -149,9 +151,13 @@ class Job:
         self._audio_done = 0.0
         self._first_utterance = True
 
-    def _send(self, event: dict):
-        if not self.cancelled:
-            self.emit(event)
+    def _send(self, event: dict, last: bool = False):
+        """Emit `event`, unless the job is closed or has had its `last` event (the shutdown's
+        error: the turn being computed then adds nothing after it)."""
+        with self._emitting:
+            if not (self.cancelled or self.ended):
+                self.ended = last
+                self.emit(event)
 
 
 class Engine:
@@ -209,7 +215,7 @@ class Engine:
                 job.ops = collections.deque(o for o in job.ops if o[0] == "close")
                 job.backlog = 0
         for job in ended:
-            job._send({"type": "error", "error": message, "code": "server_shutting_down"})
+            job._send({"type": "error", "error": message, "code": "server_shutting_down"}, last=True)
         return len(ended)
 
     def open(self, emit: Callable[[dict], None], keep_result: bool = False) -> Job:
