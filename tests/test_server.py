@@ -834,12 +834,17 @@ del kept
 """
 
 
+def run_script(source: str, model_dir: Path, tmp_path: Path, kernels: str) -> subprocess.CompletedProcess:
+    """`source` run by Python with the model's path as its argument, the CPU kernels on or off."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    env = dict(os.environ, VOXTRAL_MLX_CPU_KERNELS="auto" if kernels == "on" else "off")
+    return subprocess.run([sys.executable, str(script), str(model_dir)], env=env, capture_output=True, timeout=300)
+
+
 @pytest.mark.parametrize("kernels", ["on", "off"])
 def test_a_thread_that_ran_the_model_may_end_as_the_process_exits(tiny_dir, tmp_path, kernels):
-    script = tmp_path / "thread_at_exit.py"
-    script.write_text(THREAD_ENDING_AT_EXIT)
-    env = dict(os.environ, VOXTRAL_MLX_CPU_KERNELS="auto" if kernels == "on" else "off")
-    done = subprocess.run([sys.executable, str(script), str(tiny_dir)], env=env, capture_output=True, timeout=120)
+    done = run_script(THREAD_ENDING_AT_EXIT, tiny_dir, tmp_path, kernels)
     assert (done.returncode, done.stderr.decode()) == (0, "")
 
 
@@ -875,10 +880,7 @@ print(len(calls), sorted(set(calls)))
 
 @pytest.mark.parametrize("kernels", ["on", "off"])
 def test_nothing_the_model_runs_is_compiled(tiny_dir, tmp_path, kernels):
-    script = tmp_path / "compiled_calls.py"
-    script.write_text(COMPILED_CALLS)
-    env = dict(os.environ, VOXTRAL_MLX_CPU_KERNELS="auto" if kernels == "on" else "off")
-    done = subprocess.run([sys.executable, str(script), str(tiny_dir)], env=env, capture_output=True, timeout=300)
+    done = run_script(COMPILED_CALLS, tiny_dir, tmp_path, kernels)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert done.stdout.decode() == "0 []\n"
 
